@@ -1,0 +1,276 @@
+"""Settings: where they come from, and checks that fail fast before anything is written.
+
+Settings live where Airflow keeps them (connections and variables), so the same names work in a
+deployment, in `AIRFLOW_CONN_*` / `AIRFLOW_VAR_*` environment variables, and in the `certsync`
+command line. This module reads them through a small `SettingsSource` so it needs no Airflow import;
+the Airflow adapter supplies a source backed by Airflow's own secrets backends.
+
+Connections
+    certsync_ldap      ldap[s]://<bind DN>:<password>@host:port  extra: base_dn, search_filter,
+                       start_tls, ca_file, page_size
+    certsync_exchange  https://<client id>:<client secret>@outlook.office365.com  extra: tenant_id,
+                       authority_host, ca_file, certificate_file, private_key_file
+    certsync_postgres  postgresql://...  (optional: without it an embedded PostgreSQL is started)
+Variable
+    certsync_config    JSON: trust_anchors, intermediates, crls, profile, removal_threshold,
+                       publish_batch_size, validation_processes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, quote, unquote, urlparse
+
+from certsync.directory import USER_FILTER, DirectorySettings
+
+LDAP_CONN_ID = "certsync_ldap"
+EXCHANGE_CONN_ID = "certsync_exchange"
+POSTGRES_CONN_ID = "certsync_postgres"
+CONFIG_VARIABLE = "certsync_config"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names the setting, never a secret value."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """The parts of an Airflow connection certsync uses."""
+
+    conn_id: str
+    conn_type: str
+    host: str = ""
+    port: int | None = None
+    login: str = ""
+    password: str = field(default="", repr=False)
+    schema: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class SettingsSource(Protocol):
+    def connection(self, conn_id: str) -> Connection | None: ...
+
+    def variable(self, key: str) -> str | None: ...
+
+
+class EnvSource:
+    """Reads AIRFLOW_CONN_<ID> (URI or JSON form) and AIRFLOW_VAR_<KEY> like Airflow does."""
+
+    def __init__(self, *, environ: Mapping[str, str] | None = None) -> None:
+        self._env = os.environ if environ is None else environ
+
+    def connection(self, conn_id: str) -> Connection | None:
+        raw = self._env.get(f"AIRFLOW_CONN_{conn_id.upper()}")
+        if not raw:
+            return None
+        try:
+            return (
+                _parse_json_conn(conn_id, raw)
+                if raw.lstrip().startswith("{")
+                else _parse_uri_conn(conn_id, raw)
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"connection {conn_id!r} cannot be parsed: {exc}") from None
+
+    def variable(self, key: str) -> str | None:
+        return self._env.get(f"AIRFLOW_VAR_{key.upper()}")
+
+
+def _parse_json_conn(conn_id: str, raw: str) -> Connection:
+    data = json.loads(raw)
+    extra = data.get("extra") or {}
+    if isinstance(extra, str):
+        extra = json.loads(extra)
+    return Connection(
+        conn_id=conn_id,
+        conn_type=data.get("conn_type", ""),
+        host=data.get("host") or "",
+        port=int(data["port"]) if data.get("port") else None,
+        login=data.get("login") or "",
+        password=data.get("password") or "",
+        schema=data.get("schema") or "",
+        extra=extra,
+    )
+
+
+def _parse_uri_conn(conn_id: str, raw: str) -> Connection:
+    url = urlparse(raw)
+    extra: dict[str, Any] = dict(parse_qsl(url.query))
+    if "__extra__" in extra:
+        extra = json.loads(extra["__extra__"])
+    return Connection(
+        conn_id=conn_id,
+        conn_type=url.scheme.replace("-", "_"),
+        host=unquote(url.hostname or ""),
+        port=url.port,
+        login=unquote(url.username or ""),
+        password=unquote(url.password or ""),
+        schema=unquote(url.path.lstrip("/")),
+        extra=extra,
+    )
+
+
+def connection_uri(conn: Connection) -> str:
+    """The Airflow URI form of a connection (used to hand settings to child processes)."""
+    auth = f"{quote(conn.login, safe='')}:{quote(conn.password, safe='')}@" if conn.login else ""
+    port = f":{conn.port}" if conn.port else ""
+    query = "?__extra__=" + quote(json.dumps(dict(conn.extra)), safe="") if conn.extra else ""
+    return f"{conn.conn_type.replace('_', '-')}://{auth}{quote(conn.host, safe='')}{port}/{quote(conn.schema)}{query}"
+
+
+@dataclass(frozen=True)
+class ExchangeSettings:
+    base_url: str
+    tenant_id: str
+    client_id: str
+    authority_host: str = "https://login.microsoftonline.com"
+    client_secret: str | None = field(default=None, repr=False)
+    certificate_file: str | None = None
+    private_key_file: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    page_size: int = 1000
+    timeout_s: float = 30.0
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class TrustSettings:
+    anchors: Path
+    intermediates: tuple[Path, ...] = ()
+    crls: tuple[Path, ...] = ()
+    profile: str = "enterprise"
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    directory: DirectorySettings
+    exchange: ExchangeSettings
+    trust: TrustSettings
+    database_dsn: str | None = field(default=None, repr=False)
+    removal_threshold: int = 500
+    publish_batch_size: int = 200
+    validation_processes: int = 2
+
+
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _require(conn: Connection | None, conn_id: str) -> Connection:
+    if conn is None:
+        raise ConfigError(
+            f"connection {conn_id!r} is not configured (set it in Airflow or as AIRFLOW_CONN_{conn_id.upper()})"
+        )
+    return conn
+
+
+def directory_settings(conn: Connection) -> DirectorySettings:
+    extra = conn.extra
+    scheme = "ldaps" if conn.conn_type == "ldaps" or _flag(extra.get("use_ssl", "")) else "ldap"
+    if not conn.host:
+        raise ConfigError(f"connection {conn.conn_id!r}: host is required")
+    if not conn.login:
+        raise ConfigError(f"connection {conn.conn_id!r}: login (bind DN) is required")
+    port = f":{conn.port}" if conn.port else ""
+    try:
+        return DirectorySettings(
+            url=f"{scheme}://{conn.host}{port}",
+            bind_dn=conn.login,
+            password=conn.password,
+            base_dn=str(extra.get("base_dn", "")),
+            search_filter=str(extra.get("search_filter") or USER_FILTER),
+            page_size=int(extra.get("page_size", 500)),
+            ca_file=extra.get("ca_file"),
+            start_tls=_flag(extra.get("start_tls", "")),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"connection {conn.conn_id!r}: {exc}") from None
+
+
+def exchange_settings(conn: Connection) -> ExchangeSettings:
+    extra = conn.extra
+    if not extra.get("tenant_id"):
+        raise ConfigError(f"connection {conn.conn_id!r}: extra.tenant_id is required")
+    if not conn.login:
+        raise ConfigError(f"connection {conn.conn_id!r}: login (application client id) is required")
+    has_cert = bool(extra.get("certificate_file") and extra.get("private_key_file"))
+    if not conn.password and not has_cert:
+        raise ConfigError(
+            f"connection {conn.conn_id!r}: give a client secret (password) or "
+            "extra.certificate_file and extra.private_key_file"
+        )
+    port = f":{conn.port}" if conn.port else ""
+    return ExchangeSettings(
+        base_url=f"https://{conn.host or 'outlook.office365.com'}{port}",
+        tenant_id=str(extra["tenant_id"]),
+        client_id=conn.login,
+        authority_host=str(extra.get("authority_host") or "https://login.microsoftonline.com"),
+        client_secret=conn.password or None,
+        certificate_file=extra.get("certificate_file"),
+        private_key_file=extra.get("private_key_file"),
+        ca_file=extra.get("ca_file"),
+        page_size=int(extra.get("page_size", 1000)),
+    )
+
+
+def database_dsn(conn: Connection | None) -> str | None:
+    if conn is None:
+        return None
+    auth = f"{quote(conn.login, safe='')}:{quote(conn.password, safe='')}@" if conn.login else ""
+    port = f":{conn.port}" if conn.port else ""
+    query = "&".join(f"{k}={quote(str(v))}" for k, v in conn.extra.items())
+    return f"postgresql://{auth}{conn.host}{port}/{conn.schema or 'postgres'}" + (
+        f"?{query}" if query else ""
+    )
+
+
+def trust_settings(config: Mapping[str, Any]) -> TrustSettings:
+    anchors = config.get("trust_anchors")
+    if not anchors:
+        raise ConfigError(
+            f"variable {CONFIG_VARIABLE!r}: trust_anchors (PEM file of trusted roots) is required"
+        )
+    paths = [
+        Path(anchors),
+        *map(Path, config.get("intermediates", [])),
+        *map(Path, config.get("crls", [])),
+    ]
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"variable {CONFIG_VARIABLE!r}: file {str(path)!r} does not exist")
+    profile = config.get("profile", "enterprise")
+    if profile not in ("enterprise", "strict"):
+        raise ConfigError(
+            f"variable {CONFIG_VARIABLE!r}: profile must be 'enterprise' or 'strict', not {profile!r}"
+        )
+    return TrustSettings(
+        anchors=Path(anchors),
+        intermediates=tuple(map(Path, config.get("intermediates", []))),
+        crls=tuple(map(Path, config.get("crls", []))),
+        profile=profile,
+    )
+
+
+def load_settings(source: SettingsSource) -> SyncSettings:
+    """Read and check every setting; raises ConfigError naming the first bad one."""
+    raw = source.variable(CONFIG_VARIABLE)
+    if raw is None:
+        raise ConfigError(f"variable {CONFIG_VARIABLE!r} is not set (JSON with at least trust_anchors)")
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"variable {CONFIG_VARIABLE!r} is not valid JSON: {exc.msg}") from None
+    return SyncSettings(
+        directory=directory_settings(_require(source.connection(LDAP_CONN_ID), LDAP_CONN_ID)),
+        exchange=exchange_settings(_require(source.connection(EXCHANGE_CONN_ID), EXCHANGE_CONN_ID)),
+        trust=trust_settings(config),
+        database_dsn=database_dsn(source.connection(POSTGRES_CONN_ID)),
+        removal_threshold=int(config.get("removal_threshold", 500)),
+        publish_batch_size=int(config.get("publish_batch_size", 200)),
+        validation_processes=int(config.get("validation_processes", 2)),
+    )
