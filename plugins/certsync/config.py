@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlparse
 
+from certsync.certificates.trust import PROFILES, TrustSpec
 from certsync.directory import USER_FILTER, DirectorySettings
 
 LDAP_CONN_ID = "certsync_ldap"
@@ -139,18 +140,10 @@ class ExchangeSettings:
 
 
 @dataclass(frozen=True)
-class TrustSettings:
-    anchors: Path
-    intermediates: tuple[Path, ...] = ()
-    crls: tuple[Path, ...] = ()
-    profile: str = "enterprise"
-
-
-@dataclass(frozen=True)
 class SyncSettings:
     directory: DirectorySettings
     exchange: ExchangeSettings
-    trust: TrustSettings
+    trust: TrustSpec
     database_dsn: str | None = field(default=None, repr=False)
     removal_threshold: int = 500
     publish_batch_size: int = 200
@@ -229,26 +222,16 @@ def database_dsn(conn: Connection | None) -> str | None:
     )
 
 
-def trust_settings(config: Mapping[str, Any]) -> TrustSettings:
+def trust_settings(config: Mapping[str, Any]) -> TrustSpec:
     anchors = config.get("trust_anchors")
     if not anchors:
         raise ConfigError(
             f"variable {CONFIG_VARIABLE!r}: trust_anchors (PEM file of trusted roots) is required"
         )
-    paths = [
-        Path(anchors),
-        *map(Path, config.get("intermediates", [])),
-        *map(Path, config.get("crls", [])),
-    ]
-    for path in paths:
-        if not path.is_file():
-            raise ConfigError(f"variable {CONFIG_VARIABLE!r}: file {str(path)!r} does not exist")
     profile = config.get("profile", "enterprise")
-    if profile not in ("enterprise", "strict"):
-        raise ConfigError(
-            f"variable {CONFIG_VARIABLE!r}: profile must be 'enterprise' or 'strict', not {profile!r}"
-        )
-    return TrustSettings(
+    if profile not in PROFILES:
+        raise ConfigError(f"variable {CONFIG_VARIABLE!r}: profile must be one of {PROFILES}, not {profile!r}")
+    return TrustSpec(
         anchors=Path(anchors),
         intermediates=tuple(map(Path, config.get("intermediates", []))),
         crls=tuple(map(Path, config.get("crls", []))),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import ssl
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -78,13 +78,17 @@ class DirectoryUser:
         return bool(self.user_account_control & 0x2)
 
     def addresses(self) -> tuple[str, ...]:
-        """Every SMTP address the user owns, lower-cased, without the smtp: prefix."""
-        found = {self.mail.lower()} if self.mail else set()
-        for proxy in self.proxy_addresses:
-            kind, _, address = proxy.partition(":")
-            if kind.lower() == "smtp" and address:
-                found.add(address.lower())
-        return tuple(sorted(found))
+        return smtp_addresses(self.mail, self.proxy_addresses)
+
+
+def smtp_addresses(mail: str | None, proxy_addresses: Iterable[str]) -> tuple[str, ...]:
+    """Every SMTP address a user owns, lower-cased, without the smtp:/SMTP: prefix."""
+    found = {mail.lower()} if mail else set()
+    for proxy in proxy_addresses:
+        kind, _, address = proxy.partition(":")
+        if kind.lower() == "smtp" and address:
+            found.add(address.lower())
+    return tuple(sorted(found))
 
 
 class DirectoryReader:

@@ -58,14 +58,18 @@ class TokenProvider:
         # Against Microsoft the resource is always outlook.office365.com, whatever host we call.
         if settings.base_url.startswith("https://outlook.office365.com"):
             self._scope = "https://outlook.office365.com" + SCOPE_SUFFIX
-        self._app = msal.ConfidentialClientApplication(
-            settings.client_id,
-            authority=f"{settings.authority_host.rstrip('/')}/{settings.tenant_id}",
-            client_credential=_credential(settings),
-            http_client=session,
-            # Without this msal asks login.microsoftonline.com about any authority it does not know.
-            instance_discovery=settings.authority_host.startswith("https://login.microsoftonline.com"),
-        )
+        authority = f"{settings.authority_host.rstrip('/')}/{settings.tenant_id}"
+        try:
+            self._app = msal.ConfidentialClientApplication(
+                settings.client_id,
+                authority=authority,
+                client_credential=_credential(settings),
+                http_client=session,
+                # Without this msal asks login.microsoftonline.com about any authority it does not know.
+                instance_discovery=settings.authority_host.startswith("https://login.microsoftonline.com"),
+            )
+        except (requests.RequestException, ValueError) as exc:
+            raise AuthError(f"authority {authority} is not usable: {type(exc).__name__}: {exc}") from None
 
     def token(self) -> str:
         result = self._app.acquire_token_for_client(scopes=[self._scope])

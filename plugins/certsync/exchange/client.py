@@ -174,6 +174,12 @@ class ExchangeClient:
             yield from page.get("value", [])
             url = page.get("@odata.nextLink")
 
+    def check(self) -> None:
+        """Get a token and read one recipient, so bad credentials or endpoints fail before any write."""
+        self._tokens.token()
+        page = self._read_page(self._url, "Get-Recipient", {"ResultSize": 1})
+        log.info("Exchange Online reachable (%d recipient read)", len(page.get("value", [])))
+
     def recipients(self) -> Iterator[dict]:
         return self.read("Get-Recipient", {"ResultSize": "Unlimited"}, select=RECIPIENT_FIELDS)
 

@@ -1,0 +1,124 @@
+"""
+### certsync: S/MIME certificates from Active Directory to Exchange Online
+
+Keeps the `UserCertificate` / `UserSMimeCertificate` of Exchange Online recipients equal to the
+**valid** certificates of their Active Directory users, and records every publish attempt in a
+hash-chained, append-only audit log in Postgres.
+
+| stage | what it does |
+|---|---|
+| `begin` | checks every setting against the real systems, then registers the run |
+| `extract` | pages users out of AD, COPYs them into staging, merges into the source view |
+| `read_recipients` | snapshots Exchange Online's recipients (type, directory-sync state) |
+| `validate` | validates each new or expiring certificate once, in parallel shards |
+| `plan` | desired (valid, at most 15, newest first) vs last published -> actions |
+| `publish` | sends each batch of actions with Set-Mailbox / Set-MailUser / Set-MailContact |
+| `finish` | writes the run summary and emits the `certsync://published` asset event |
+
+**Params**: `dry_run` plans without publishing; `allow_mass_removal` overrides the removal
+threshold for one run. Settings: connections `certsync_ldap`, `certsync_exchange`,
+`certsync_postgres` (optional) and the variable `certsync_config` (see the README).
+Re-running any task or the whole run is safe: every stage is keyed by the run.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+
+PUBLISHED = Asset("certsync://published")
+VALIDATION_SHARDS = 2
+
+
+@dag(
+    schedule="@hourly",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["certsync", "smime"],
+    doc_md=__doc__,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "identity"},
+    params={
+        "dry_run": Param(False, type="boolean", description="Plan, but publish nothing."),
+        "allow_mass_removal": Param(False, type="boolean", description="Ignore the removal threshold once."),
+    },
+)
+def certsync():
+    @task
+    def begin() -> int:
+        """Check settings against the real systems and register this run."""
+        from certsync.airflow_adapter import services
+        from certsync.pipeline import begin as begin_run
+
+        ctx = get_current_context()
+        return begin_run(
+            services(),
+            dag_id=ctx["dag"].dag_id,
+            airflow_run_id=ctx["run_id"],
+            logical_date=ctx["logical_date"] or ctx["dag_run"].run_after,
+            mode="full",
+            dry_run=bool(ctx["params"]["dry_run"]),
+        )
+
+    @task
+    def extract(run_id: int) -> dict:
+        """Read the directory into staging and merge it into the source view."""
+        from certsync.airflow_adapter import services
+        from certsync.pipeline import extract as extract_users
+
+        return extract_users(services(), run_id=run_id)
+
+    @task
+    def read_recipients(run_id: int) -> dict:
+        """Snapshot Exchange Online's recipients for matching and conflict checks."""
+        from certsync.airflow_adapter import services
+        from certsync.pipeline import read_recipients as read
+
+        return read(services(), run_id=run_id)
+
+    @task
+    def validate(run_id: int, shard: int) -> dict:
+        """Validate one shard of the certificates that need a (new) verdict."""
+        from certsync.airflow_adapter import services
+        from certsync.pipeline import validate as validate_shard
+
+        return validate_shard(services(), run_id=run_id, shard=shard, shards=VALIDATION_SHARDS)
+
+    @task
+    def plan(run_id: int) -> list[int]:
+        """Compute the actions (desired vs published) and return the publish batches."""
+        from certsync.airflow_adapter import services
+        from certsync.pipeline import plan as plan_run
+
+        allow = bool(get_current_context()["params"]["allow_mass_removal"])
+        return plan_run(services(), run_id=run_id, allow_mass_removal=allow)
+
+    @task(max_active_tis_per_dagrun=4)
+    def publish(run_id: int, batch: int) -> dict:
+        """Publish one batch of actions to Exchange Online, auditing every attempt."""
+        from certsync.airflow_adapter import services
+        from certsync.pipeline import publish as publish_batch
+
+        return publish_batch(services(), run_id=run_id, batch=batch)
+
+    @task(trigger_rule="none_failed", outlets=[PUBLISHED])
+    def finish(run_id: int) -> dict:
+        """Write the run summary (counts per outcome and reason)."""
+        from certsync.airflow_adapter import services
+        from certsync.pipeline import finish as finish_run
+
+        return finish_run(services(), run_id=run_id)
+
+    run_id = begin()
+    extracted = extract(run_id)
+    recipients = read_recipients(run_id)
+    validated = validate.partial(run_id=run_id).expand(shard=list(range(VALIDATION_SHARDS)))
+    [extracted, recipients] >> validated
+    batches = plan(run_id)
+    validated >> batches
+    published = publish.partial(run_id=run_id).expand(batch=batches)
+    published >> finish(run_id)
+
+
+certsync()

@@ -1,0 +1,235 @@
+"""The stages of one sync run. Each stage is a plain function over (settings, run id) that reads
+its input from Postgres and writes its output there, so DAG tasks stay thin, XCom carries only
+ids and counts, and any stage can be re-run (retry, clear, backfill) without doubling anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from certsync.certificates.parallel import validate_many
+from certsync.config import SyncSettings
+from certsync.directory import DirectoryReader
+from certsync.exchange.auth import TokenProvider, http_session
+from certsync.exchange.client import ExchangeClient, Outcome
+from certsync.exchange.recipients import Recipient
+from certsync.plan import build_plan
+from certsync.store import db, planning, publishing, runs, source, validation
+
+log = logging.getLogger(__name__)
+
+
+class RemovalThresholdExceeded(RuntimeError):
+    """The plan would remove more certificates than allowed; nothing was published."""
+
+
+@dataclass
+class Services:
+    """What the stages talk to, built lazily once per process (one msal app, one engine)."""
+
+    settings: SyncSettings
+    _dsn: str | None = field(default=None, repr=False)
+
+    @property
+    def dsn(self) -> str:
+        if self._dsn is None:
+            self._dsn = self.settings.database_dsn or db.embedded_dsn()
+        return self._dsn
+
+    @cached_property
+    def engine(self) -> Engine:
+        return db.create_engine(self.dsn)
+
+    @cached_property
+    def exchange(self) -> ExchangeClient:
+        session = http_session(self.settings.exchange)
+        tokens = TokenProvider(settings=self.settings.exchange, session=session)
+        return ExchangeClient(settings=self.settings.exchange, tokens=tokens, session=session)
+
+    def directory(self) -> DirectoryReader:
+        return DirectoryReader(settings=self.settings.directory)
+
+
+def preflight(services: Services) -> str:
+    """Check every setting against the real systems before anything is written; returns the
+    trust fingerprint. Each failure raises an error that names the setting."""
+    trust = services.settings.trust.load()
+    db.check(services.dsn)
+    services.directory().check()
+    services.exchange.check()
+    db.migrate(services.dsn)
+    return trust.fingerprint
+
+
+def begin(
+    services: Services, *, dag_id: str, airflow_run_id: str, logical_date: datetime, mode: str, dry_run: bool
+) -> int:
+    fingerprint = preflight(services)
+    with services.engine.begin() as conn:
+        run_id = runs.begin_run(
+            conn,
+            dag_id=dag_id,
+            airflow_run_id=airflow_run_id,
+            logical_date=logical_date,
+            mode=mode,
+            dry_run=dry_run,
+            trust_fingerprint=fingerprint,
+        )
+    log.info("run %s registered for %s/%s (%s, dry_run=%s)", run_id, dag_id, airflow_run_id, mode, dry_run)
+    return run_id
+
+
+def extract(services: Services, *, run_id: int) -> dict[str, int]:
+    """Read the directory into staging and merge it into the source view, in one transaction."""
+    started = time.monotonic()
+    with services.engine.begin() as conn:
+        users, values = source.stage_users(conn, run_id=run_id, users=services.directory().iter_users())
+        gone = source.merge_source(conn, run_id=run_id, full=True)
+    log.info(
+        "extracted %d users with %d values (%d gone) in %.1fs",
+        users,
+        values,
+        gone,
+        time.monotonic() - started,
+    )
+    return {"users": users, "values": values, "gone": gone}
+
+
+def read_recipients(services: Services, *, run_id: int) -> dict[str, int]:
+    """Snapshot the recipients Exchange Online holds (type, sync state) for the plan."""
+    found = [Recipient.from_exchange(obj) for obj in services.exchange.recipients()]
+    with services.engine.begin() as conn:
+        count = planning.save_recipients(conn, run_id=run_id, recipients=found)
+    log.info("read %d recipients from Exchange Online", count)
+    return {"recipients": count}
+
+
+def validate(services: Services, *, run_id: int, shard: int = 0, shards: int = 1) -> dict[str, int]:
+    """Validate the values of one shard that have no current verdict for this trust configuration."""
+    with services.engine.connect() as conn:
+        info = runs.run_info(conn, run_id)
+        fingerprint = runs.trust_fingerprint(conn, run_id)
+        pending = validation.pending_values(
+            conn, fingerprint=fingerprint, at=info.logical_date, shard=shard, shards=shards
+        )
+    verdicts = validate_many(
+        [(attribute, value) for _sha, attribute, value in pending],
+        trust=services.settings.trust,
+        at=info.logical_date,
+        processes=services.settings.validation_processes,
+    )
+    with services.engine.begin() as conn:
+        saved = validation.save_verdicts(
+            conn, verdicts=verdicts, fingerprint=fingerprint, run_id=run_id, at=info.logical_date
+        )
+    refused = sum(1 for v in verdicts if not v.ok)
+    log.info("shard %d/%d: validated %d values, %d refused", shard, shards, saved, refused)
+    return {"validated": saved, "refused": refused}
+
+
+def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -> list[int]:
+    """Compute and save the run's actions; returns the publish batch numbers."""
+    settings = services.settings
+    with services.engine.begin() as conn:
+        fingerprint = runs.trust_fingerprint(conn, run_id)
+        result = build_plan(
+            planning.source_users(conn, fingerprint=fingerprint),
+            recipients=planning.recipients(conn),
+            published=planning.published_state(conn),
+        )
+        if result.removals() > settings.removal_threshold and not allow_mass_removal:
+            raise RemovalThresholdExceeded(
+                f"plan removes all certificates of {result.removals()} recipients, more than"
+                f" removal_threshold={settings.removal_threshold}; re-run with allow_mass_removal to proceed"
+            )
+        batches = planning.save_plan(conn, run_id=run_id, plan=result, batch_size=settings.publish_batch_size)
+    log.info("planned %d actions in %d batches", len(result.actions), batches)
+    return list(range(batches))
+
+
+def publish(services: Services, *, run_id: int, batch: int) -> dict[str, int]:
+    """Send one batch of actions to Exchange Online; every attempt is audited."""
+    with services.engine.connect() as conn:
+        info = runs.run_info(conn, run_id)
+        actions = publishing.pending_actions(conn, run_id=run_id, batch=batch)
+    counts: dict[str, int] = {}
+    for action in actions:
+        state = _publish_action(services, info, action)
+        counts[state] = counts.get(state, 0) + 1
+    log.info("batch %d: %s", batch, counts)
+    return counts
+
+
+def _publish_action(services: Services, info: publishing.RunInfo, action: publishing.PendingAction) -> str:
+    if info.dry_run:
+        with services.engine.begin() as conn:
+            publishing.set_action_state(
+                conn, run_id=info.run_id, object_guid=action.object_guid, state="dry_run"
+            )
+        return "dry_run"
+    with services.engine.connect() as conn:
+        blobs = publishing.values_by_hash(conn, [*action.user_certificate, *action.user_smime_certificate])
+    for attempt in range(1, services.settings.exchange.max_attempts + 1):
+        with services.engine.begin() as conn:
+            if publishing.newer_publish(
+                conn, recipient_id=action.recipient_id, logical_date=info.logical_date
+            ):
+                publishing.set_action_state(
+                    conn,
+                    run_id=info.run_id,
+                    object_guid=action.object_guid,
+                    state="skipped",
+                    reason="newer_run_published",
+                )
+                return "skipped"
+        outcome = services.exchange.set_certificates(
+            cmdlet=action.cmdlet,
+            identity=action.recipient_id,
+            user_certificate=[blobs[h] for h in action.user_certificate],
+            user_smime_certificate=[blobs[h] for h in action.user_smime_certificate],
+        )
+        state = _record(services, info, action, attempt, outcome)
+        if state != "retry":
+            return state
+        time.sleep(outcome.retry_after_s or min(2**attempt, 30))
+    with services.engine.begin() as conn:
+        publishing.set_action_state(
+            conn, run_id=info.run_id, object_guid=action.object_guid, state="failed", reason="out_of_attempts"
+        )
+    return "failed"
+
+
+def _record(
+    services: Services,
+    info: publishing.RunInfo,
+    action: publishing.PendingAction,
+    attempt: int,
+    outcome: Outcome,
+) -> str:
+    """Audit the attempt and move state in one transaction, so neither exists without the other."""
+    state = {"accepted": "published", "conflict": "conflict", "rejected": "failed"}.get(outcome.kind, "retry")
+    with services.engine.begin() as conn:
+        publishing.record_attempt(conn, run=info, action=action, attempt=attempt, outcome=outcome)
+        if state == "published":
+            publishing.mark_published(conn, run=info, action=action)
+        if state != "retry":
+            publishing.set_action_state(
+                conn, run_id=info.run_id, object_guid=action.object_guid, state=state, reason=outcome.code
+            )
+    return state
+
+
+def finish(services: Services, *, run_id: int) -> dict[str, Any]:
+    """Summarise the run from its rows and close it."""
+    with services.engine.begin() as conn:
+        summary = runs.summarize(conn, run_id)
+        failed = sum(n for key, n in summary["actions"].items() if key.endswith(":failed"))
+        runs.finish_run(conn, run_id=run_id, state="failed" if failed else "succeeded", summary=summary)
+    return summary

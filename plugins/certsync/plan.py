@@ -1,0 +1,175 @@
+"""Desired state per recipient (valid certificates only, at most 15, newest first) against the
+last published state -> the actions to take. Pure logic: the store feeds it, the store saves it.
+
+The plan is state-based: whatever failed to publish last time is simply still different next time.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from certsync.certificates.reasons import Reason
+from certsync.certificates.select import select_values
+from certsync.certificates.validate import Verdict, email_mismatch
+from certsync.exchange.recipients import Recipient
+
+ATTRIBUTES = ("userCertificate", "userSMIMECertificate")
+
+
+@dataclass(frozen=True)
+class SourceUser:
+    object_guid: uuid.UUID
+    mail: str | None
+    addresses: tuple[str, ...]  # lower-case SMTP addresses: mail and smtp: proxyAddresses
+    verdicts: tuple[Verdict, ...]
+
+
+@dataclass(frozen=True)
+class ValueResult:
+    object_guid: uuid.UUID
+    attribute: str
+    sha256: bytes
+    reason: str | None  # None: selected for publishing
+    rule: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class Published:
+    object_guid: uuid.UUID
+    user_certificate: tuple[bytes, ...]
+    user_smime_certificate: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Action:
+    object_guid: uuid.UUID
+    kind: str  # add | replace | remove | conflict | no_recipient
+    recipient: Recipient | None
+    user_certificate: tuple[bytes, ...] = ()
+    user_smime_certificate: tuple[bytes, ...] = ()
+    reason: str | None = None
+
+
+@dataclass
+class Plan:
+    actions: list[Action] = field(default_factory=list)
+    results: list[ValueResult] = field(default_factory=list)
+
+    def removals(self) -> int:
+        return sum(1 for a in self.actions if a.kind == "remove")
+
+
+def desired_values(
+    user: SourceUser, *, limit: int = 15
+) -> tuple[dict[str, tuple[bytes, ...]], list[ValueResult]]:
+    """The values to publish per attribute, and a result (selected or why not) for every value."""
+    desired: dict[str, tuple[bytes, ...]] = {}
+    results: list[ValueResult] = []
+    for attribute in ATTRIBUTES:
+        candidates: list[Verdict] = []
+        for verdict in (v for v in user.verdicts if v.attribute == attribute):
+            if not verdict.ok:
+                results.append(_result(user, verdict, verdict.reason, verdict.rule, verdict.detail))
+            elif email_mismatch(verdict, user.addresses):
+                reason = Reason.EMAIL_MISMATCH
+                results.append(_result(user, verdict, reason.value, "email_match", reason.sentence))
+            else:
+                candidates.append(verdict)
+        selection = select_values(candidates, limit=limit)
+        desired[attribute] = tuple(v.sha256 for v in selection.kept)
+        results.extend(_result(user, v, None, None, "selected") for v in selection.kept)
+        results.extend(_result(user, v, r.value, "selection", r.sentence) for v, r in selection.dropped)
+    return desired, results
+
+
+def _result(user: SourceUser, v: Verdict, reason: str | None, rule: str | None, detail: str) -> ValueResult:
+    return ValueResult(user.object_guid, v.attribute, v.sha256, reason, rule, detail)
+
+
+def match_recipient(user: SourceUser, by_smtp: Mapping[str, Recipient]) -> Recipient | None:
+    """The recipient whose primary SMTP address is the user's mail, else one of its proxy addresses."""
+    if user.mail and (found := by_smtp.get(user.mail.lower())):
+        return found
+    return next((by_smtp[a] for a in user.addresses if a in by_smtp), None)
+
+
+def _kind(desired: dict[str, tuple[bytes, ...]], published: Published | None) -> str | None:
+    before = (published.user_certificate, published.user_smime_certificate) if published else ((), ())
+    after = (desired["userCertificate"], desired["userSMIMECertificate"])
+    if after == before:
+        return None
+    if not any(before):
+        return "add"
+    return "remove" if not any(after) else "replace"
+
+
+def plan_user(
+    user: SourceUser, recipient: Recipient | None, published: Published | None, *, limit: int = 15
+) -> tuple[Action | None, list[ValueResult]]:
+    desired, results = desired_values(user, limit=limit)
+    wanted = {
+        "user_certificate": desired["userCertificate"],
+        "user_smime_certificate": desired["userSMIMECertificate"],
+    }
+    if recipient is None:
+        if not any(desired.values()):
+            return None, results
+        reason = "no_mail" if not user.addresses else "recipient_not_found"
+        return Action(user.object_guid, "no_recipient", None, reason=reason, **wanted), results
+    kind = _kind(desired, published)
+    if kind is None:
+        return None, results
+    if recipient.cmdlet is None:
+        return Action(
+            user.object_guid, "no_recipient", recipient, reason="unsupported_recipient_type", **wanted
+        ), results
+    if not recipient.writable:
+        return Action(
+            user.object_guid, "conflict", recipient, reason="managed_by_directory_sync", **wanted
+        ), results
+    return Action(user.object_guid, kind, recipient, **wanted), results
+
+
+def build_plan(
+    users: Iterable[SourceUser],
+    *,
+    recipients: Sequence[Recipient],
+    published: Mapping[str, Published],
+    limit: int = 15,
+) -> Plan:
+    """Plan every user, then remove what certsync published for recipients no user claims any more."""
+    by_smtp = {r.primary_smtp.lower(): r for r in recipients}
+    plan = Plan()
+    claimed: set[str] = set()
+    for user in users:
+        recipient = match_recipient(user, by_smtp)
+        if recipient is not None and recipient.recipient_id in claimed:
+            recipient = None  # two users, one recipient: the first claim wins, the second is reported
+        if recipient is not None:
+            claimed.add(recipient.recipient_id)
+        action, results = plan_user(
+            user, recipient, published.get(recipient.recipient_id) if recipient else None, limit=limit
+        )
+        plan.results.extend(results)
+        if action is not None:
+            plan.actions.append(action)
+    plan.actions.extend(_orphan_removals(published, claimed, {r.recipient_id: r for r in recipients}))
+    return plan
+
+
+def _orphan_removals(
+    published: Mapping[str, Published], claimed: set[str], by_id: Mapping[str, Recipient]
+) -> Iterator[Action]:
+    for recipient_id, state in published.items():
+        recipient = by_id.get(recipient_id)
+        if (
+            recipient_id in claimed
+            or recipient is None
+            or not any((state.user_certificate, state.user_smime_certificate))
+        ):
+            continue
+        kind = "remove" if recipient.writable else "conflict"
+        yield Action(state.object_guid, kind, recipient, reason="user_left_scope")

@@ -1,0 +1,135 @@
+"""Reads the plan's inputs (source view, verdicts, recipients, published state) and saves the plan."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from certsync.certificates.validate import Verdict
+from certsync.directory import smtp_addresses
+from certsync.exchange.recipients import Recipient
+from certsync.plan import Plan, Published, SourceUser
+from certsync.store.source import _copy
+
+USERS_WITH_VERDICTS = """
+SELECT u.object_guid, u.mail, u.proxy_addresses,
+       v.attribute, v.sha256, c.ok, c.reason, c.rule, c.detail, c.subject, c.issuer, c.serial,
+       c.not_before, c.not_after, c.valid_until, c.emails
+FROM certsync.source_user u
+LEFT JOIN certsync.source_value v ON v.object_guid = u.object_guid
+LEFT JOIN certsync.cert_verdict c
+       ON c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
+ORDER BY u.object_guid, v.attribute, v.ordinal
+"""
+
+
+def _verdict(row: sa.Row) -> Verdict:
+    if row.ok is None:  # validation did not run for this value: never publish it unchecked
+        raise RuntimeError(f"value {bytes(row.sha256).hex()} has no verdict; run validation first")
+    return Verdict(
+        sha256=bytes(row.sha256),
+        attribute=row.attribute,
+        ok=row.ok,
+        reason=row.reason,
+        rule=row.rule,
+        detail=row.detail,
+        subject=row.subject or "",
+        issuer=row.issuer or "",
+        serial=row.serial or "",
+        not_before=row.not_before,
+        not_after=row.not_after,
+        valid_until=row.valid_until,
+        emails=tuple(row.emails or ()),
+    )
+
+
+def source_users(conn: Connection, *, fingerprint: str) -> Iterator[SourceUser]:
+    """Every user of the source view with the verdicts of its values, streamed."""
+    rows = conn.execution_options(stream_results=True, yield_per=5000).execute(
+        sa.text(USERS_WITH_VERDICTS), {"fp": fingerprint}
+    )
+    for guid, group in itertools.groupby(rows, key=lambda r: r.object_guid):
+        first, *rest = list(group)
+        verdicts = tuple(_verdict(r) for r in (first, *rest) if r.sha256 is not None)
+        yield SourceUser(guid, first.mail, smtp_addresses(first.mail, first.proxy_addresses), verdicts)
+
+
+def save_recipients(conn: Connection, *, run_id: int, recipients: Iterable[Recipient]) -> int:
+    params = [{**r.__dict__, "run_id": run_id} for r in recipients]
+    conn.execute(sa.text("DELETE FROM certsync.exo_recipient"))
+    if params:
+        conn.execute(
+            sa.text(
+                "INSERT INTO certsync.exo_recipient (recipient_id, primary_smtp, recipient_type,"
+                " is_dir_synced, is_cloud_managed, seen_run_id) VALUES (:recipient_id, :primary_smtp,"
+                " :recipient_type, :is_dir_synced, :is_cloud_managed, :run_id)"
+            ),
+            params,
+        )
+    return len(params)
+
+
+def recipients(conn: Connection) -> list[Recipient]:
+    rows = conn.execute(
+        sa.text(
+            "SELECT recipient_id, primary_smtp, recipient_type, is_dir_synced, is_cloud_managed"
+            " FROM certsync.exo_recipient"
+        )
+    )
+    return [Recipient(**r._mapping) for r in rows]
+
+
+def published_state(conn: Connection) -> dict[str, Published]:
+    rows = conn.execute(
+        sa.text(
+            "SELECT recipient_id, object_guid, user_certificate, user_smime_certificate"
+            " FROM certsync.published_state"
+        )
+    )
+    return {
+        r.recipient_id: Published(
+            r.object_guid,
+            tuple(bytes(h) for h in r.user_certificate),
+            tuple(bytes(h) for h in r.user_smime_certificate),
+        )
+        for r in rows
+    }
+
+
+def save_plan(conn: Connection, *, run_id: int, plan: Plan, batch_size: int) -> int:
+    """Replace this run's plan (idempotent under retries); returns the number of publish batches."""
+    conn.execute(sa.text("DELETE FROM certsync.value_result WHERE run_id = :r"), {"r": run_id})
+    conn.execute(sa.text("DELETE FROM certsync.planned_action WHERE run_id = :r"), {"r": run_id})
+    _copy(
+        conn,
+        "COPY certsync.value_result (run_id, object_guid, attribute, sha256, selected, reason, rule, detail)"
+        " FROM STDIN",
+        (
+            (run_id, r.object_guid, r.attribute, r.sha256, r.reason is None, r.reason, r.rule, r.detail)
+            for r in plan.results
+        ),
+    )
+    publishable = 0
+    rows = []
+    for action in plan.actions:
+        batch = -1
+        if action.kind in ("add", "replace", "remove"):
+            batch = publishable // batch_size
+            publishable += 1
+        state = "pending" if batch >= 0 else ("conflict" if action.kind == "conflict" else "skipped")
+        r = action.recipient
+        rows.append(
+            (run_id, action.object_guid, r.recipient_id if r else None, r.primary_smtp if r else None,
+             r.cmdlet if r else None, action.kind, list(action.user_certificate),
+             list(action.user_smime_certificate), batch, state, action.reason)
+        )  # fmt: skip
+    _copy(
+        conn,
+        "COPY certsync.planned_action (run_id, object_guid, recipient_id, primary_smtp, cmdlet, kind,"
+        " user_certificate, user_smime_certificate, batch, state, reason) FROM STDIN",
+        rows,
+    )
+    return -(-publishable // batch_size)

@@ -1,0 +1,144 @@
+"""Publish-side persistence: the actions of a batch, the audit log, and the published state."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from certsync.exchange.client import Outcome
+
+
+@dataclass(frozen=True)
+class PendingAction:
+    object_guid: uuid.UUID
+    recipient_id: str
+    primary_smtp: str
+    cmdlet: str
+    kind: str
+    user_certificate: tuple[bytes, ...]  # sha256 of each value, newest first
+    user_smime_certificate: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: int
+    dag_id: str
+    airflow_run_id: str
+    logical_date: datetime
+    dry_run: bool
+
+
+def pending_actions(conn: Connection, *, run_id: int, batch: int) -> list[PendingAction]:
+    rows = conn.execute(
+        sa.text(
+            "SELECT object_guid, recipient_id, primary_smtp, cmdlet, kind, user_certificate,"
+            " user_smime_certificate FROM certsync.planned_action"
+            " WHERE run_id = :r AND batch = :b AND state = 'pending' ORDER BY object_guid"
+        ),
+        {"r": run_id, "b": batch},
+    )
+    return [
+        PendingAction(
+            r.object_guid,
+            r.recipient_id,
+            r.primary_smtp,
+            r.cmdlet,
+            r.kind,
+            tuple(map(bytes, r.user_certificate)),
+            tuple(map(bytes, r.user_smime_certificate)),
+        )
+        for r in rows
+    ]
+
+
+def values_by_hash(conn: Connection, hashes: list[bytes]) -> dict[bytes, bytes]:
+    rows = conn.execute(
+        sa.text("SELECT sha256, value FROM certsync.cert_blob WHERE sha256 = ANY(:h)"), {"h": hashes}
+    )
+    return {bytes(r.sha256): bytes(r.value) for r in rows}
+
+
+def newer_publish(conn: Connection, *, recipient_id: str, logical_date: datetime) -> bool:
+    """True when a run with a later logical date already published this recipient (no stale overwrite)."""
+    return bool(
+        conn.execute(
+            sa.text(
+                "SELECT 1 FROM certsync.published_state WHERE recipient_id = :id AND logical_date > :d"
+                " FOR UPDATE"
+            ),
+            {"id": recipient_id, "d": logical_date},
+        ).first()
+    )
+
+
+def record_attempt(
+    conn: Connection, *, run: RunInfo, action: PendingAction, attempt: int, outcome: Outcome
+) -> None:
+    conn.execute(
+        sa.text(
+            "INSERT INTO certsync.audit_log (run_id, dag_id, airflow_run_id, object_guid, recipient_id,"
+            " primary_smtp, cmdlet, action, user_certificate, user_smime_certificate, attempt, outcome,"
+            " http_status, error_code, detail, client_request_id, seq, prev_hash, row_hash)"
+            " VALUES (:run_id, :dag_id, :airflow_run_id, :object_guid, :recipient_id, :primary_smtp,"
+            " :cmdlet, :action, :uc, :us, :attempt, :outcome, :status, :code, :detail, :crid,"
+            " 0, '', '')"  # seq and hashes are set by the chaining trigger
+        ),
+        {
+            "run_id": run.run_id,
+            "dag_id": run.dag_id,
+            "airflow_run_id": run.airflow_run_id,
+            "object_guid": action.object_guid,
+            "recipient_id": action.recipient_id,
+            "primary_smtp": action.primary_smtp,
+            "cmdlet": action.cmdlet,
+            "action": action.kind,
+            "uc": list(action.user_certificate),
+            "us": list(action.user_smime_certificate),
+            "attempt": attempt,
+            "outcome": "failed" if outcome.kind == "retry" else outcome.kind,
+            "status": outcome.status,
+            "code": outcome.code,
+            "detail": (outcome.detail or "")[:2000] or None,
+            "crid": outcome.client_request_id,
+        },
+    )
+
+
+def mark_published(conn: Connection, *, run: RunInfo, action: PendingAction) -> None:
+    """Exchange accepted: move the published state, but never back to an older run's view."""
+    conn.execute(
+        sa.text(
+            "INSERT INTO certsync.published_state AS p (recipient_id, object_guid, user_certificate,"
+            " user_smime_certificate, run_id, logical_date, published_at)"
+            " VALUES (:id, :guid, :uc, :us, :run_id, :d, now())"
+            " ON CONFLICT (recipient_id) DO UPDATE SET object_guid = EXCLUDED.object_guid,"
+            " user_certificate = EXCLUDED.user_certificate,"
+            " user_smime_certificate = EXCLUDED.user_smime_certificate, run_id = EXCLUDED.run_id,"
+            " logical_date = EXCLUDED.logical_date, published_at = EXCLUDED.published_at"
+            " WHERE p.logical_date <= EXCLUDED.logical_date"
+        ),
+        {
+            "id": action.recipient_id,
+            "guid": action.object_guid,
+            "uc": list(action.user_certificate),
+            "us": list(action.user_smime_certificate),
+            "run_id": run.run_id,
+            "d": run.logical_date,
+        },
+    )
+
+
+def set_action_state(
+    conn: Connection, *, run_id: int, object_guid: uuid.UUID, state: str, reason: str | None = None
+) -> None:
+    conn.execute(
+        sa.text(
+            "UPDATE certsync.planned_action SET state = :s, reason = coalesce(:reason, reason)"
+            " WHERE run_id = :r AND object_guid = :g"
+        ),
+        {"s": state, "reason": reason, "r": run_id, "g": object_guid},
+    )

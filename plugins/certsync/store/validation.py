@@ -1,0 +1,74 @@
+"""Cached verdicts per distinct value and trust configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from certsync.certificates.validate import Verdict
+
+# Values in the source view with no verdict for this trust configuration, or whose verdict has
+# run out (valid_until passed): only what time or configuration can have changed is re-checked.
+PENDING = """
+SELECT DISTINCT b.sha256, v.attribute, b.value
+FROM certsync.source_value v
+JOIN certsync.cert_blob b ON b.sha256 = v.sha256
+LEFT JOIN certsync.cert_verdict c
+       ON c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
+WHERE (c.sha256 IS NULL OR c.valid_until <= :at OR (NOT c.ok AND c.reason = 'not_yet_valid'))
+  AND get_byte(b.sha256, 0) % :shards = :shard
+"""
+
+UPSERT = """
+INSERT INTO certsync.cert_verdict (sha256, attribute, trust_fingerprint, ok, reason, rule, detail,
+    subject, issuer, serial, not_before, not_after, valid_until, emails, checked_run_id, checked_at)
+VALUES (:sha256, :attribute, :fp, :ok, :reason, :rule, :detail, :subject, :issuer, :serial,
+    :not_before, :not_after, :valid_until, :emails, :run_id, :at)
+ON CONFLICT (sha256, attribute, trust_fingerprint) DO UPDATE SET
+    ok = EXCLUDED.ok, reason = EXCLUDED.reason, rule = EXCLUDED.rule, detail = EXCLUDED.detail,
+    subject = EXCLUDED.subject, issuer = EXCLUDED.issuer, serial = EXCLUDED.serial,
+    not_before = EXCLUDED.not_before, not_after = EXCLUDED.not_after,
+    valid_until = EXCLUDED.valid_until, emails = EXCLUDED.emails,
+    checked_run_id = EXCLUDED.checked_run_id, checked_at = EXCLUDED.checked_at
+"""
+
+
+def pending_values(
+    conn: Connection, *, fingerprint: str, at: datetime, shard: int, shards: int
+) -> list[tuple[bytes, str, bytes]]:
+    rows = conn.execute(
+        sa.text(PENDING), {"fp": fingerprint, "at": at, "shard": shard, "shards": shards}
+    ).all()
+    return [(bytes(r.sha256), r.attribute, bytes(r.value)) for r in rows]
+
+
+def save_verdicts(
+    conn: Connection, *, verdicts: Iterable[Verdict], fingerprint: str, run_id: int, at: datetime
+) -> int:
+    params: Sequence[dict] = [
+        {
+            "sha256": v.sha256,
+            "attribute": v.attribute,
+            "fp": fingerprint,
+            "ok": v.ok,
+            "reason": None if v.ok else v.reason,
+            "rule": v.rule,
+            "detail": v.detail,
+            "subject": v.subject,
+            "issuer": v.issuer,
+            "serial": v.serial,
+            "not_before": v.not_before,
+            "not_after": v.not_after,
+            "valid_until": v.valid_until,
+            "emails": list(v.emails),
+            "run_id": run_id,
+            "at": at,
+        }
+        for v in verdicts
+    ]
+    if params:
+        conn.execute(sa.text(UPSERT), params)
+    return len(params)
