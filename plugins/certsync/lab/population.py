@@ -304,13 +304,14 @@ class _UserBuilder:
             self._add(leaf, VALID)
 
     def _plant_pkcs7_signed(self) -> None:
-        # RSA signers keep the blobs byte-for-byte reproducible (ECDSA signatures are randomised).
+        # Outlook-style blobs (signing time from the PKI's clock, RSA signer) are reproducible;
+        # cryptography's own builder stamps the wall-clock time, so it is not used here.
         signer = self._add(self._current(key="rsa2048"), VALID)
-        if self.rng.random() < 0.5:
-            encryption = self._current(key="rsa2048")
-            blob = self.pki.pkcs7_signed(signer=signer, encryption_cert=encryption)
-        else:
-            blob = self.pki.pkcs7_signed(signer=signer, extra=[self.pki.ca_der("intermediate")])
+        encryption = self._current(key="rsa2048")
+        extra = [self.pki.ca_der("intermediate")] if self.rng.random() < 0.5 else []
+        blob = self.pki.pkcs7_signed(
+            signer=signer, encryption_cert=encryption, extra=extra, ber=self.rng.random() < 0.3
+        )
         self._add(blob, VALID, smime=True)
 
     def _plant_no_mail(self) -> None:

@@ -132,9 +132,7 @@ class EmbeddedPostgres:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if any(self.data_dir.iterdir()):
-            raise EmbeddedPostgresError(
-                f"{self.data_dir} is neither empty nor a PostgreSQL cluster"
-            )
+            raise EmbeddedPostgresError(f"{self.data_dir} is not empty and not a cluster")
         self._hand_over_to_system_user()
         self._run(
             [

@@ -1,0 +1,161 @@
+"""The seeded population: deterministic, every planted scenario present and true, loadable into AD."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import ldap3
+import pytest
+from certsync.lab.pki import Pki
+from certsync.lab.population import (
+    DEFECT_TAGS,
+    SCENARIO_SHARES,
+    SeedUser,
+    generate_population,
+    load_population,
+)
+from certsync.lab.samba import SambaDC
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+# Same instant as the lab_at fixture (lab_population is planted for it).
+LAB_AT = datetime(2026, 6, 1, tzinfo=UTC)
+READ_BACK = [
+    "sAMAccountName",
+    "mail",
+    "proxyAddresses",
+    "userCertificate",
+    "userSMIMECertificate",
+    "userAccountControl",
+    "displayName",
+]
+
+
+def _certs(user: SeedUser, tag: str) -> list[x509.Certificate]:
+    values = user.user_certificate + user.user_smime_certificate
+    wanted = [v for v in values if user.expected[hashlib.sha256(v).hexdigest()] == tag]
+    return [x509.load_der_x509_certificate(v) for v in wanted]
+
+
+def _with(users: list[SeedUser], tag: str) -> list[SeedUser]:
+    return [u for u in users if tag in u.defects]
+
+
+def test_same_seed_gives_the_same_population(lab_cache_dir: Path) -> None:
+    keys = lab_cache_dir / "pki-keys"
+    first = generate_population(count=60, pki=Pki(seed=3, key_cache=keys), seed=7, at=LAB_AT)
+    time.sleep(1.1)  # cross a second boundary, so any wall-clock stamp would show as a difference
+    second = generate_population(count=60, pki=Pki(seed=3, key_cache=keys), seed=7, at=LAB_AT)
+    assert first == second
+    other = generate_population(count=60, pki=Pki(seed=3, key_cache=keys), seed=8, at=LAB_AT)
+    assert [u.sam_account_name for u in other] != [u.sam_account_name for u in first]
+
+
+def test_every_defect_tag_is_planted(lab_population: list[SeedUser]) -> None:
+    planted = Counter(tag for user in lab_population for tag in user.defects)
+    assert set(planted) == set(DEFECT_TAGS)
+    assert len({u.sam_account_name for u in lab_population}) == len(lab_population)
+    assert len({u.mail for u in lab_population if u.mail}) == sum(1 for u in lab_population if u.mail)
+
+
+def test_scenario_shares_hold_at_demo_size(lab_pki: Pki) -> None:
+    users = generate_population(count=400, pki=lab_pki, seed=1, at=LAB_AT)
+    planted = Counter(tag for user in users for tag in user.defects)
+    assert planted == {tag: max(1, round(share * 400)) for tag, share in SCENARIO_SHARES.items()}
+    healthy = [u for u in users if not u.defects]
+    counts = Counter(len(u.user_certificate) for u in healthy)
+    assert set(counts) == {1, 2, 3}
+    assert all(u.valid_count == 1 for u in healthy)
+    keys = [c.public_key() for u in healthy for c in _certs(u, None)]
+    assert any(isinstance(k, rsa.RSAPublicKey) for k in keys)
+    assert any(isinstance(k, ec.EllipticCurvePublicKey) for k in keys)
+
+
+def test_planted_certificates_really_have_their_defect(
+    lab_population: list[SeedUser], lab_at: datetime
+) -> None:
+    assert lab_at == LAB_AT
+    for user in _with(lab_population, "expired"):
+        assert all(c.not_valid_after_utc < LAB_AT for c in _certs(user, "expired"))
+    for user in _with(lab_population, "not_yet_valid"):
+        assert all(c.not_valid_before_utc > LAB_AT for c in _certs(user, "not_yet_valid"))
+    for user in _with(lab_population, "weak_key"):
+        (cert,) = _certs(user, "weak_key")
+        assert isinstance(cert.public_key(), rsa.RSAPublicKey) and cert.public_key().key_size == 1024
+    for user in _with(lab_population, "weak_signature"):
+        (cert,) = _certs(user, "weak_signature")
+        assert cert.signature_hash_algorithm is not None
+        assert cert.signature_hash_algorithm.name == "sha1"
+    for user in _with(lab_population, "email_mismatch"):
+        (cert,) = _certs(user, "email_mismatch")
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        addresses = {p.split(":", 1)[1].lower() for p in user.proxy_addresses}
+        assert not set(san.get_values_for_type(x509.RFC822Name)) & addresses
+
+
+def test_planted_values_of_other_kinds(lab_population: list[SeedUser]) -> None:
+    for tag in ("malformed_truncated", "malformed_garbage"):
+        for user in _with(lab_population, tag):
+            bad = [v for v in user.user_certificate if user.expected[_sha(v)] == tag]
+            assert len(bad) == 1
+            with pytest.raises(ValueError):
+                x509.load_der_x509_certificate(bad[0])
+    (big,) = _with(lab_population, "too_many_values")
+    assert len(big.user_certificate) == 18 and big.valid_count == 3
+    for tag in ("pkcs7_certs_only", "pkcs7_signed"):
+        for user in _with(lab_population, tag):
+            (blob,) = user.user_smime_certificate
+            assert pkcs7.load_der_pkcs7_certificates(blob)
+    assert all(u.mail is None and not u.proxy_addresses for u in _with(lab_population, "no_mail"))
+    assert all(u.disabled for u in _with(lab_population, "disabled"))
+    assert not any(u.disabled for u in lab_population if "disabled" not in u.defects)
+
+
+def test_load_reads_back_with_certificates(samba_dc: SambaDC, lab_population: list[SeedUser]) -> None:
+    ou = f"OU=lab-load-test,{samba_dc.base_dn}"
+    kwargs = {"url": samba_dc.ldap_url, "bind_dn": samba_dc.bind_dn, "password": samba_dc.password}
+    assert load_population(**kwargs, ou_dn=ou, users=lab_population) == len(lab_population)
+    assert load_population(**kwargs, ou_dn=ou, users=lab_population) == 0
+
+    found = _paged_read(samba_dc, ou)
+    assert set(found) == {u.sam_account_name for u in lab_population}
+    for user in lab_population:
+        attrs = found[user.sam_account_name]
+        assert sorted(attrs.get("userCertificate", [])) == sorted(user.user_certificate)
+        assert sorted(attrs.get("userSMIMECertificate", [])) == sorted(user.user_smime_certificate)
+        assert _text(attrs, "mail") == user.mail
+        assert sorted(v.decode() for v in attrs.get("proxyAddresses", [])) == sorted(user.proxy_addresses)
+        assert _text(attrs, "userAccountControl") == ("514" if user.disabled else "512")
+        assert _text(attrs, "displayName") == user.display_name
+
+
+def _paged_read(dc: SambaDC, ou: str) -> dict[str, dict[str, list[bytes]]]:
+    conn = dc.connect()
+    entries = conn.extend.standard.paged_search(
+        ou,
+        "(&(objectClass=user)(!(objectClass=computer)))",
+        ldap3.SUBTREE,
+        attributes=READ_BACK,
+        paged_size=20,
+        generator=True,
+    )
+    found = {}
+    for entry in entries:
+        raw = entry["raw_attributes"]
+        found[raw["sAMAccountName"][0].decode()] = dict(raw)
+    conn.unbind()
+    return found
+
+
+def _text(attrs: dict[str, list[bytes]], name: str) -> str | None:
+    values = attrs.get(name) or []
+    return values[0].decode() if values else None
+
+
+def _sha(value: bytes) -> str:
+    return hashlib.sha256(value).hexdigest()

@@ -1,0 +1,69 @@
+"""The embedded PostgreSQL: starts, answers, keeps its data and reuses a running server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+from certsync.lab.postgres import EmbeddedPostgres, EmbeddedPostgresError
+
+
+def test_session_server_answers_and_creates_databases(embedded_pg: EmbeddedPostgres) -> None:
+    assert embedded_pg.dsn.startswith("postgresql://postgres@127.0.0.1:")
+    with psycopg.connect(embedded_pg.dsn) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    dsn = embedded_pg.ensure_database("lab_check")
+    assert embedded_pg.ensure_database("lab_check") == dsn
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("lab_check",)
+
+
+def test_restart_keeps_data_and_port(tmp_path: Path) -> None:
+    data_dir = tmp_path / "pg"
+    with EmbeddedPostgres(data_dir=data_dir) as first:
+        assert first.started_here
+        port = first.port
+        dsn = first.ensure_database("keep")
+        with psycopg.connect(dsn) as conn:
+            conn.execute("CREATE TABLE t (v int)")
+            conn.execute("INSERT INTO t VALUES (42)")
+    assert not (data_dir / "postmaster.pid").exists()
+
+    with EmbeddedPostgres(data_dir=data_dir) as second:
+        assert second.started_here
+        assert second.port == port
+        with psycopg.connect(second.dsn_for("keep")) as conn:
+            assert conn.execute("SELECT v FROM t").fetchone() == (42,)
+
+
+def test_second_handle_reuses_running_server_and_leaves_it_up(tmp_path: Path) -> None:
+    owner = EmbeddedPostgres(data_dir=tmp_path / "pg").start()
+    port = owner.port
+    try:
+        with EmbeddedPostgres(data_dir=tmp_path / "pg") as guest:
+            assert not guest.started_here
+            assert guest.port == owner.port
+        # The guest's exit must not have stopped the owner's server.
+        with psycopg.connect(owner.dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        owner.stop()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=2)
+
+
+def test_explicit_port_is_used(tmp_path: Path) -> None:
+    # A port that just served (and was released by) another cluster is known to be usable.
+    with EmbeddedPostgres(data_dir=tmp_path / "pg") as pg:
+        free = pg.port
+    with EmbeddedPostgres(data_dir=tmp_path / "other", port=free) as other:
+        assert other.port == free
+        assert other.dsn.endswith(f":{free}/postgres")
+
+
+def test_refuses_a_foreign_non_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "pg").mkdir()
+    (tmp_path / "pg" / "notes.txt").write_text("not a cluster")
+    with pytest.raises(EmbeddedPostgresError, match="not empty"):
+        EmbeddedPostgres(data_dir=tmp_path / "pg").start()
