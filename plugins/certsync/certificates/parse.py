@@ -1,0 +1,163 @@
+"""Turn one raw attribute value into a leaf certificate plus untrusted helper certificates.
+
+userCertificate holds one DER X.509 certificate; userSMIMECertificate holds a PKCS#7 SignedData
+(certs-only or signed, DER or BER). From a PKCS#7 blob the end-entity (encryption) certificate is the
+leaf; the other certificates are only candidates for path building, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+from asn1crypto import cms
+from cryptography import x509
+
+from certsync.certificates.reasons import Reason
+
+log = logging.getLogger(__name__)
+
+USER_CERTIFICATE = "userCertificate"
+USER_SMIME_CERTIFICATE = "userSMIMECertificate"
+ATTRIBUTES = (USER_CERTIFICATE, USER_SMIME_CERTIFICATE)
+# Real blobs (a leaf plus a chain or two) stay far below this; anything bigger is hostile or junk.
+MAX_VALUE_BYTES = 64 * 1024
+MS_ENCRYPTION_KEY_PREFERENCE = "1.3.6.1.4.1.311.16.4"
+
+
+@dataclass(frozen=True)
+class Parsed:
+    attribute: str
+    sha256: bytes
+    leaf: bytes | None = None
+    extra: tuple[bytes, ...] = ()
+    error: Reason | None = None
+    detail: str = ""
+    certificate: x509.Certificate | None = field(default=None, repr=False, compare=False)
+    serial_number: int | None = field(default=None, repr=False, compare=False)
+    extra_certificates: tuple[x509.Certificate, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def load_certificate(der: bytes) -> x509.Certificate:
+    return load_with_serial(der)[0]
+
+
+def load_with_serial(der: bytes) -> tuple[x509.Certificate, int]:
+    """Load DER quietly: negative serials warn on every access, and the verdict reports them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cert = x509.load_der_x509_certificate(der)
+        return cert, cert.serial_number
+
+
+def parse_value(*, attribute: str, value: bytes, max_bytes: int = MAX_VALUE_BYTES) -> Parsed:
+    """Parse one attribute value; never raises (errors come back as a reason)."""
+    digest = hashlib.sha256(value).digest()
+    if len(value) > max_bytes:
+        detail = f"value of {len(value)} bytes exceeds the {max_bytes} byte limit"
+        return Parsed(attribute=attribute, sha256=digest, error=Reason.TOO_LARGE, detail=detail)
+    try:
+        if attribute == USER_SMIME_CERTIFICATE:
+            return _parse_pkcs7(attribute, digest, bytes(value))
+        if attribute == USER_CERTIFICATE:
+            cert, serial = load_with_serial(bytes(value))
+            return Parsed(
+                attribute=attribute,
+                sha256=digest,
+                leaf=bytes(value),
+                certificate=cert,
+                serial_number=serial,
+            )
+        detail = f"unsupported attribute {attribute[:64]!r}"
+    except Exception as exc:  # hostile input must never escape as an exception
+        message = " ".join(str(exc).split())[:200]
+        detail = f"cannot parse {attribute[:64]}: {type(exc).__name__}: {message}"
+    return Parsed(attribute=attribute, sha256=digest, error=Reason.MALFORMED, detail=detail)
+
+
+def _parse_pkcs7(attribute: str, digest: bytes, value: bytes) -> Parsed:
+    info = cms.ContentInfo.load(value, strict=True)
+    if info["content_type"].native != "signed_data":
+        detail = f"PKCS#7 content type {info['content_type'].dotted} is not SignedData"
+        return Parsed(attribute=attribute, sha256=digest, error=Reason.MALFORMED, detail=detail)
+    signed = info["content"]
+    choices = signed["certificates"]
+    asn1_certs = [c.chosen for c in choices if c.name == "certificate"] if choices else []
+    if not asn1_certs:
+        detail = "PKCS#7 SignedData without certificates"
+        return Parsed(attribute=attribute, sha256=digest, error=Reason.NO_CERTIFICATE, detail=detail)
+    ders = [c.dump() for c in asn1_certs]
+    certs = [load_certificate(d) for d in ders]
+    index = _pick_leaf(asn1_certs, certs, _preferred_keys(signed))
+    extra = tuple(d for i, d in enumerate(ders) if i != index)
+    extra_certs = tuple(c for i, c in enumerate(certs) if i != index)
+    return Parsed(
+        attribute=attribute,
+        sha256=digest,
+        leaf=ders[index],
+        extra=extra,
+        certificate=certs[index],
+        serial_number=load_with_serial(ders[index])[1],
+        extra_certificates=extra_certs,
+    )
+
+
+def _preferred_keys(signed: cms.SignedData) -> list[tuple[bytes, int]]:
+    """(issuer DER, serial) of the encryption certificates the signers named.
+
+    SMIMEEncryptionKeyPreference and Microsoft's attribute name the encryption certificate, which
+    may differ from the signing certificate when a user has separate keys.
+    """
+    preferred: list[tuple[bytes, int]] = []
+    for info in signed["signer_infos"]:
+        for attr in info["signed_attrs"] or []:
+            preferred.extend(_preference_from(attr))
+    return preferred
+
+
+def _preference_from(attr: cms.CMSAttribute) -> list[tuple[bytes, int]]:
+    kind = attr["type"].dotted
+    keys = []
+    for value in attr["values"]:
+        if attr["type"].native == "encrypt_key_pref" and value.name == "issuer_and_serial_number":
+            keys.append(_ias_key(value.chosen))
+        elif kind == MS_ENCRYPTION_KEY_PREFERENCE:
+            keys.append(_ias_key(cms.IssuerAndSerialNumber.load(value.dump())))
+    return keys
+
+
+def _ias_key(ias: cms.IssuerAndSerialNumber) -> tuple[bytes, int]:
+    return ias["issuer"].dump(), ias["serial_number"].native
+
+
+def _pick_leaf(asn1_certs: list, certs: list[x509.Certificate], wanted: list) -> int:
+    keys = [(c["tbs_certificate"]["issuer"].dump(), c.serial_number) for c in asn1_certs]
+    for key in wanted:
+        if key in keys and not _is_ca(certs[keys.index(key)]):
+            return keys.index(key)
+    end_entities = [i for i, c in enumerate(certs) if not _is_ca(c)]
+    for i in end_entities:
+        if _can_encrypt(certs[i]):
+            return i
+    return end_entities[0] if end_entities else 0
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except Exception:  # absent or unreadable: the validator decides later
+        return False
+
+
+def _can_encrypt(cert: x509.Certificate) -> bool:
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except Exception:  # absent means unrestricted
+        return True
+    return usage.key_encipherment or usage.key_agreement

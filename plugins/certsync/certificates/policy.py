@@ -1,0 +1,195 @@
+"""Profile rules checked on the leaf itself, before and beside path validation.
+
+Two profiles: "enterprise" accepts what AD CS user templates issue (emailProtection next to clientAuth
+and EFS, no key usage restrictions beyond fitness); "strict" follows the CA/Browser Forum S/MIME
+Baseline Requirements. Every refusal names its rule as "<profile>.<rule>".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from certsync.certificates.reasons import Reason
+
+EMAIL_PROTECTION = ExtendedKeyUsageOID.EMAIL_PROTECTION
+ANY_EKU = ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE
+STRICT_FORBIDDEN_EKUS = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+    ANY_EKU: "anyExtendedKeyUsage",
+}
+STRONG_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+MIN_RSA_BITS = 2048
+WEAK_SIGNATURE_OIDS = {
+    "1.2.840.113549.1.1.2": "MD2",
+    "1.2.840.113549.1.1.4": "MD5",
+    "1.2.840.113549.1.1.5": "SHA-1",
+    "1.3.14.3.2.29": "SHA-1",
+    "1.2.840.10045.4.1": "SHA-1",
+    "1.2.840.10040.4.3": "SHA-1",
+}
+_KU_BITS = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+)
+# Bits each key family may carry under the S/MIME BR (7.1.2.3), and the ones of which it needs one.
+_STRICT_KU = {
+    "rsa": ({"digital_signature", "content_commitment", "key_encipherment", "data_encipherment"},
+            {"digital_signature", "key_encipherment"}),
+    "ec": ({"digital_signature", "content_commitment", "key_agreement", "encipher_only",
+            "decipher_only"}, {"digital_signature", "key_agreement"}),
+    "edwards": ({"digital_signature", "content_commitment"}, {"digital_signature"}),
+}  # fmt: skip
+
+
+class Refusal(Exception):
+    def __init__(self, reason: Reason, rule: str, detail: str, *, until: datetime | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.rule = rule
+        self.detail = detail
+        self.until = until
+
+
+@dataclass(frozen=True)
+class LeafPolicy:
+    profile: str
+
+    def rule(self, name: str) -> str:
+        return f"{self.profile}.{name}"
+
+    def check_static(self, cert: x509.Certificate, serial: int) -> None:
+        """Checks that do not depend on time or trust: serial, CA flag, algorithms, EKU, KU."""
+        self.check_serial(serial)
+        self.check_end_entity(cert)
+        self.check_signature_algorithm(cert)
+        family = self.check_key(cert)
+        self.check_eku(cert)
+        self.check_key_usage(cert, family)
+
+    def check_serial(self, serial: int) -> None:
+        if serial <= 0:
+            raise Refusal(
+                Reason.NEGATIVE_SERIAL,
+                self.rule("serial_positive"),
+                "The serial number is negative or zero (RFC 5280 4.1.2.2).",
+            )
+
+    def check_end_entity(self, cert: x509.Certificate) -> None:
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            return
+        if constraints.ca:
+            raise Refusal(
+                Reason.NOT_END_ENTITY,
+                self.rule("end_entity"),
+                "The certificate is a CA certificate (basicConstraints cA=TRUE).",
+            )
+
+    def check_signature_algorithm(self, cert: x509.Certificate) -> None:
+        weak = WEAK_SIGNATURE_OIDS.get(cert.signature_algorithm_oid.dotted_string)
+        if weak:
+            raise Refusal(
+                Reason.WEAK_SIGNATURE,
+                self.rule("signature_hash"),
+                f"The issuer signed this certificate with {weak}, which is broken.",
+            )
+
+    def check_key(self, cert: x509.Certificate) -> str:
+        try:
+            key = cert.public_key()
+        except Exception as exc:  # unsupported curve or algorithm
+            detail = f"The public key cannot be used: {type(exc).__name__}."
+            raise Refusal(Reason.WEAK_KEY, self.rule("key_algorithm"), detail) from None
+        if isinstance(key, rsa.RSAPublicKey):
+            if key.key_size < MIN_RSA_BITS:
+                detail = f"RSA key of {key.key_size} bits; at least {MIN_RSA_BITS} are required."
+                raise Refusal(Reason.WEAK_KEY, self.rule("rsa_key_size"), detail)
+            return "rsa"
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if key.curve.name not in STRONG_CURVES:
+                detail = f"Elliptic curve {key.curve.name} is not P-256, P-384 or P-521."
+                raise Refusal(Reason.WEAK_KEY, self.rule("ec_curve"), detail)
+            return "ec"
+        if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            return "edwards"
+        detail = f"Key type {type(key).__name__} is not allowed for S/MIME."
+        raise Refusal(Reason.WEAK_KEY, self.rule("key_algorithm"), detail)
+
+    def check_eku(self, cert: x509.Certificate) -> None:
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            detail = "The certificate has no extended key usage; emailProtection is required."
+            raise Refusal(Reason.NO_EMAIL_PROTECTION_EKU, self.rule("eku_email"), detail) from None
+        if EMAIL_PROTECTION not in eku:
+            detail = "The extended key usage does not include emailProtection."
+            raise Refusal(Reason.NO_EMAIL_PROTECTION_EKU, self.rule("eku_email"), detail)
+        if self.profile == "strict":
+            forbidden = forbidden_ekus(eku)
+            if forbidden:
+                detail = f"The leaf's extended key usage includes {', '.join(forbidden)}."
+                raise Refusal(Reason.PROFILE_EKU_FORBIDDEN, self.rule("leaf_eku_forbidden"), detail)
+
+    def check_key_usage(self, cert: x509.Certificate, family: str) -> None:
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            if self.profile == "strict":
+                detail = "The certificate has no key usage extension; the profile requires one."
+                raise Refusal(Reason.KEY_USAGE_UNFIT, self.rule("key_usage"), detail) from None
+            return  # RFC 5280: absent means unrestricted
+        bits = _usage_bits(usage)
+        allowed, needs_one = _STRICT_KU[family]
+        if self.profile != "strict":
+            allowed = allowed | {"key_agreement", "data_encipherment", "key_encipherment"}
+            allowed |= {"encipher_only", "decipher_only", "content_commitment"}
+        extra = bits - allowed
+        if extra or not bits & needs_one:
+            shown = ", ".join(sorted(bits)) or "nothing"
+            detail = f"Key usage ({shown}) does not fit S/MIME with a {family} key."
+            raise Refusal(Reason.KEY_USAGE_UNFIT, self.rule("key_usage"), detail)
+
+    def check_emails(self, emails: tuple[str, ...], from_san: bool) -> None:
+        if not emails:
+            detail = "Neither subjectAltName nor the subject carries an e-mail address."
+            raise Refusal(Reason.NO_EMAIL_ADDRESS, self.rule("email_present"), detail)
+        if self.profile == "strict" and not from_san:
+            detail = "The e-mail address is only in the subject DN; the profile requires a SAN."
+            raise Refusal(Reason.NO_EMAIL_ADDRESS, self.rule("san_rfc822"), detail)
+
+
+def forbidden_ekus(eku: x509.ExtendedKeyUsage) -> list[str]:
+    return sorted(name for oid, name in STRICT_FORBIDDEN_EKUS.items() if oid in eku)
+
+
+def _usage_bits(usage: x509.KeyUsage) -> set[str]:
+    bits = {name for name in _KU_BITS if getattr(usage, name)}
+    if usage.key_agreement:
+        if usage.encipher_only:
+            bits.add("encipher_only")
+        if usage.decipher_only:
+            bits.add("decipher_only")
+    return bits
+
+
+def check_validity(cert: x509.Certificate, at: datetime, profile: str) -> None:
+    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if at < not_before:
+        detail = f"Valid from {not_before.isoformat()} only."
+        raise Refusal(Reason.NOT_YET_VALID, f"{profile}.validity", detail, until=not_before)
+    if at > not_after:
+        detail = f"Expired at {not_after.isoformat()}."
+        raise Refusal(Reason.EXPIRED, f"{profile}.validity", detail)
