@@ -1,0 +1,267 @@
+"""The cmdlets the emulator understands: Get-Recipient/Mailbox/MailUser/MailContact and Set-*."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from certsync.emulator import errors
+from certsync.emulator.errors import CmdletError
+from certsync.emulator.rules import write_refusal
+from certsync.emulator.state import Recipient, StateStore
+
+GET_CMDLETS: dict[str, frozenset[str] | None] = {
+    "Get-Recipient": None,
+    "Get-Mailbox": frozenset({"UserMailbox"}),
+    "Get-MailUser": frozenset({"MailUser"}),
+    "Get-MailContact": frozenset({"MailContact"}),
+}
+SET_CMDLETS = {"Set-Mailbox": "UserMailbox", "Set-MailUser": "MailUser", "Set-MailContact": "MailContact"}
+GET_PARAMETERS = frozenset({"Identity", "ResultSize", "RecipientTypeDetails"})
+CERTIFICATE_PARAMETERS = ("UserCertificate", "UserSMimeCertificate")
+KNOWN_TYPE_DETAILS = frozenset(
+    {
+        "UserMailbox",
+        "SharedMailbox",
+        "RoomMailbox",
+        "EquipmentMailbox",
+        "MailUser",
+        "GuestMailUser",
+        "MailContact",
+        "MailUniversalDistributionGroup",
+        "GroupMailbox",
+    }
+)
+DEFAULT_RESULT_SIZE = 1000
+MAX_PAGE_SIZE = 1000
+HASHTABLE_TYPE = "#Exchange.GenericHashTable"
+RESULT_SIZE_WARNING = (
+    "By default, only the first 1000 items are returned. Use the ResultSize parameter to specify"
+    ' the number of items returned. To return all items, specify "-ResultSize Unlimited".'
+)
+
+
+@dataclass(frozen=True)
+class CmdletResult:
+    value: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+    skip_token: str | None = None
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    page_size: int = MAX_PAGE_SIZE
+    skip_token: str | None = None
+    select: tuple[str, ...] | None = None
+
+
+class CmdletRunner:
+    def __init__(self, *, store: StateStore) -> None:
+        self._store = store
+
+    def run(self, *, name: str, parameters: Mapping[str, Any], page: PageRequest) -> CmdletResult:
+        if name in GET_CMDLETS:
+            return self._get(name=name, parameters=parameters, page=page)
+        if name in SET_CMDLETS:
+            return self._set(name=name, parameters=parameters)
+        raise errors.command_not_found(name)
+
+    def _get(self, *, name: str, parameters: Mapping[str, Any], page: PageRequest) -> CmdletResult:
+        _reject_unknown(parameters, GET_PARAMETERS)
+        kinds = _type_filter(GET_CMDLETS[name], parameters.get("RecipientTypeDetails"))
+        identity = parameters.get("Identity")
+        if identity is not None:
+            recipient = self._resolve(str(identity), kinds=kinds)
+            return CmdletResult(value=[_project(recipient, page.select)])
+        limit = _result_size(parameters.get("ResultSize"))
+        after_seq, returned = _decode_skip(page.skip_token)
+        wanted = min(page.page_size, limit - returned)
+        rows = self._store.page(type_details=kinds, after_seq=after_seq, limit=wanted + 1)
+        more = len(rows) > wanted
+        rows = rows[:wanted]
+        value = [_project(recipient, page.select) for _, recipient in rows]
+        total = returned + len(rows)
+        if more and total < limit:
+            return CmdletResult(value=value, skip_token=_encode_skip(rows[-1][0], total))
+        warnings = [RESULT_SIZE_WARNING] if more and parameters.get("ResultSize") is None else []
+        return CmdletResult(value=value, warnings=warnings)
+
+    def _resolve(self, identity: str, *, kinds: frozenset[str] | None) -> Recipient:
+        # A recipient of the wrong type is "not found" for that cmdlet, as in Exchange Online.
+        matches = [
+            recipient
+            for recipient in self._store.resolve(identity)
+            if kinds is None or recipient.recipient_type_details in kinds
+        ]
+        if not matches:
+            raise errors.not_found(identity)
+        if len(matches) > 1:
+            raise errors.ambiguous(identity)
+        return matches[0]
+
+    def _set(self, *, name: str, parameters: Mapping[str, Any]) -> CmdletResult:
+        allowed = {"Identity", *CERTIFICATE_PARAMETERS}
+        if name == "Set-Mailbox":
+            allowed.add("IsExchangeCloudManaged")
+        _reject_unknown(parameters, frozenset(allowed))
+        if parameters.get("Identity") in (None, ""):
+            raise errors.parameter_binding("Cannot bind argument to parameter 'Identity' because it is null.")
+        recipient = self._resolve(str(parameters["Identity"]), kinds=frozenset({SET_CMDLETS[name]}))
+        changes = _changes(recipient, parameters)
+        refusal = write_refusal(recipient=recipient, cmdlet=name, attributes=changes)
+        if refusal is not None:
+            raise refusal
+        if all(getattr(recipient, _FIELD[key]) == value for key, value in changes.items()):
+            return CmdletResult(
+                value=[],
+                warnings=[
+                    f"The command completed successfully but no settings of '{recipient.name}'"
+                    " have been modified."
+                ],
+            )
+        updated = recipient.changed(**{_FIELD[key]: value for key, value in changes.items()})
+        self._store.save_recipients([updated])
+        return CmdletResult(value=[])
+
+
+_FIELD = {
+    "UserCertificate": "user_certificate",
+    "UserSMimeCertificate": "user_smime_certificate",
+    "IsExchangeCloudManaged": "is_exchange_cloud_managed",
+}
+
+
+def _changes(recipient: Recipient, parameters: Mapping[str, Any]) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for name in CERTIFICATE_PARAMETERS:
+        if name in parameters:
+            current = getattr(recipient, _FIELD[name])
+            changes[name] = _apply_multivalue(name, current, parameters[name])
+    if "IsExchangeCloudManaged" in parameters:
+        flag = parameters["IsExchangeCloudManaged"]
+        if not isinstance(flag, bool):
+            raise errors.parameter_binding(
+                "Cannot process argument transformation on parameter 'IsExchangeCloudManaged'."
+                f' Cannot convert value "{flag}" to type "System.Boolean".'
+            )
+        if flag and not recipient.is_dir_synced:
+            raise errors.parameter_binding(
+                "IsExchangeCloudManaged can only be set on mailboxes synchronized from on-premises."
+            )
+        changes["IsExchangeCloudManaged"] = flag
+    return changes
+
+
+def _apply_multivalue(name: str, current: tuple[str, ...], raw: Any) -> tuple[str, ...]:
+    """Replace (list/null) or edit (hashtable with Add/Remove) a multi-valued byte[] property."""
+    if isinstance(raw, Mapping):
+        if raw.get("@odata.type") != HASHTABLE_TYPE:
+            raise errors.parameter_binding(
+                f"Cannot process argument transformation on parameter '{name}'. The hashtable"
+                f' must carry "@odata.type": "{HASHTABLE_TYPE}".'
+            )
+        added = decode_byte_arrays(name, raw.get("Add"))
+        removed = set(decode_byte_arrays(name, raw.get("Remove")))
+        return _unique(tuple(value for value in (*current, *added) if value not in removed))
+    return _unique(decode_byte_arrays(name, raw))
+
+
+def decode_byte_arrays(name: str, raw: Any) -> tuple[str, ...]:
+    """Byte-array parameter values: base64 strings (how .NET serialises byte[]), normalised."""
+    if raw is None:
+        return ()
+    values = [raw] if isinstance(raw, str) else raw
+    if not isinstance(values, list):
+        raise _not_byte_array(name, raw)
+    decoded: list[str] = []
+    for value in values:
+        if not isinstance(value, str) or not value:
+            raise _not_byte_array(name, value)
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise _not_byte_array(name, value) from None
+        decoded.append(base64.b64encode(data).decode())
+    return tuple(decoded)
+
+
+def _not_byte_array(name: str, value: Any) -> CmdletError:
+    shown = str(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return errors.parameter_binding(
+        f"Cannot process argument transformation on parameter '{name}'. Cannot convert value"
+        f' "{shown}" to type "System.Byte[]".'
+    )
+
+
+def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+def _reject_unknown(parameters: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    for key in parameters:
+        if key not in allowed:
+            raise errors.parameter_binding(
+                f"A parameter cannot be found that matches parameter name '{key}'."
+            )
+
+
+def _type_filter(base: frozenset[str] | None, raw: Any) -> frozenset[str] | None:
+    if raw is None:
+        return base
+    requested = [raw] if isinstance(raw, str) else raw
+    if not isinstance(requested, list) or not all(isinstance(kind, str) for kind in requested):
+        raise errors.parameter_binding("Cannot bind parameter 'RecipientTypeDetails'.")
+    unknown = [kind for kind in requested if kind not in KNOWN_TYPE_DETAILS]
+    if unknown:
+        raise errors.parameter_binding(
+            f"Cannot bind parameter 'RecipientTypeDetails'. Cannot convert value \"{unknown[0]}\""
+            ' to type "Microsoft.Exchange.Data.Directory.Recipient.RecipientTypeDetails".'
+        )
+    chosen = frozenset(requested)
+    return chosen if base is None else base & chosen
+
+
+def _result_size(raw: Any) -> int:
+    if raw is None:
+        return DEFAULT_RESULT_SIZE
+    if isinstance(raw, str) and raw.lower() == "unlimited":
+        return 2**62
+    try:
+        size = int(raw)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1 or isinstance(raw, bool):
+        raise errors.parameter_binding(
+            f"Cannot bind parameter 'ResultSize'. Cannot convert value \"{raw}\" to type"
+            ' "Microsoft.Exchange.Data.Unlimited`1[System.UInt32]".'
+        )
+    return size
+
+
+def _project(recipient: Recipient, select: tuple[str, ...] | None) -> dict[str, Any]:
+    data = recipient.as_exchange()
+    if select is None:
+        return data
+    wanted = {name.lower() for name in select}
+    return {key: value for key, value in data.items() if key.lower() in wanted}
+
+
+def _encode_skip(after_seq: int, returned: int) -> str:
+    raw = json.dumps({"a": after_seq, "n": returned}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_skip(token: str | None) -> tuple[int, int]:
+    if not token:
+        return 0, 0
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded))
+        return int(data["a"]), int(data["n"])
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise errors.parameter_binding("The skip token is not valid.") from None

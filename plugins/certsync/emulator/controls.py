@@ -1,0 +1,152 @@
+"""Runtime knobs tests turn: throttle budget, concurrency cap, latency and fault injection.
+
+Microsoft publishes no budget for InvokeCommand, so every limit here is settable while the
+emulator runs; clients must cope with whatever budget they meet.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+TRANSIENT_STATUSES = (408, 500, 502, 503, 504)
+
+
+@dataclass
+class FaultRule:
+    """Answer the next ``count`` requests for ``cmdlet`` ("*" = any) with a failure."""
+
+    cmdlet: str
+    count: int
+    status: int = 503
+    exception_type: str | None = None
+    text: str | None = None
+    retry_after: int | None = None
+
+    def matches(self, cmdlet: str) -> bool:
+        return self.count > 0 and self.cmdlet in ("*", cmdlet)
+
+
+@dataclass
+class EmulatorConfig:
+    rate_per_s: float | None = None
+    burst: int = 10
+    max_concurrency: int | None = None
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    require_anchor_mailbox: bool = True
+    faults: list[FaultRule] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    remaining: int
+    retry_after_s: int
+    reset_s: int
+
+
+class TokenBucket:
+    def __init__(self, *, rate_per_s: float, burst: int) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = max(1, burst)
+        self._tokens = float(self.burst)
+        self._stamp = time.monotonic()
+
+    def take(self) -> RateDecision:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate_per_s)
+        self._stamp = now
+        allowed = self._tokens >= 1.0
+        if allowed:
+            self._tokens -= 1.0
+        missing = max(0.0, 1.0 - self._tokens)
+        return RateDecision(
+            allowed=allowed,
+            remaining=int(self._tokens),
+            retry_after_s=max(1, math.ceil(missing / self.rate_per_s)) if not allowed else 0,
+            reset_s=math.ceil((self.burst - self._tokens) / self.rate_per_s),
+        )
+
+
+class Controls:
+    """The live configuration plus the state it needs (bucket, in-flight count, fault budget)."""
+
+    def __init__(self, *, config: EmulatorConfig | None = None) -> None:
+        self._lock = threading.Lock()
+        self.config = config or EmulatorConfig()
+        self._bucket = self._new_bucket()
+        self._in_flight: dict[str, int] = {}
+
+    def _new_bucket(self) -> TokenBucket | None:
+        if self.config.rate_per_s is None:
+            return None
+        return TokenBucket(rate_per_s=self.config.rate_per_s, burst=self.config.burst)
+
+    def update(self, changes: dict[str, Any]) -> EmulatorConfig:
+        """Apply a partial update; unknown keys or bad values raise ValueError."""
+        with self._lock:
+            merged = {**self.config.as_dict(), **changes}
+            unknown = set(changes) - set(EmulatorConfig.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+            merged["faults"] = [FaultRule(**rule) for rule in merged.get("faults") or []]
+            config = EmulatorConfig(**merged)
+            _validate(config)
+            self.config = config
+            self._bucket = self._new_bucket()
+            return config
+
+    def take_rate(self) -> RateDecision | None:
+        with self._lock:
+            return None if self._bucket is None else self._bucket.take()
+
+    def enter(self, tenant: str) -> bool:
+        """Count a request in flight; False when the per-tenant cap is already reached."""
+        with self._lock:
+            current = self._in_flight.get(tenant, 0)
+            cap = self.config.max_concurrency
+            if cap is not None and current >= cap:
+                return False
+            self._in_flight[tenant] = current + 1
+            return True
+
+    def leave(self, tenant: str) -> None:
+        with self._lock:
+            self._in_flight[tenant] = max(0, self._in_flight.get(tenant, 0) - 1)
+
+    def take_fault(self, cmdlet: str) -> FaultRule | None:
+        with self._lock:
+            for rule in self.config.faults:
+                if rule.matches(cmdlet):
+                    rule.count -= 1
+                    return FaultRule(**asdict(rule))
+            return None
+
+    def latency_s(self) -> float:
+        config = self.config
+        jitter = random.uniform(0.0, config.jitter_ms) if config.jitter_ms > 0 else 0.0
+        return max(0.0, config.latency_ms + jitter) / 1000.0
+
+
+def _validate(config: EmulatorConfig) -> None:
+    if config.rate_per_s is not None and config.rate_per_s <= 0:
+        raise ValueError("rate_per_s must be positive (or null for no limit)")
+    if config.burst < 1:
+        raise ValueError("burst must be at least 1")
+    if config.max_concurrency is not None and config.max_concurrency < 1:
+        raise ValueError("max_concurrency must be at least 1 (or null for no cap)")
+    if config.latency_ms < 0 or config.jitter_ms < 0:
+        raise ValueError("latency_ms and jitter_ms must not be negative")
+    for rule in config.faults:
+        if not 400 <= rule.status <= 599:
+            raise ValueError(f"fault status must be an HTTP error status, got {rule.status}")
+        if rule.count < 0:
+            raise ValueError("fault count must not be negative")

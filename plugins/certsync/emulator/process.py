@@ -1,0 +1,126 @@
+"""Start and stop the emulator as a child process (tests, the demo, the lab)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from certsync.emulator.control import EmulatorControl
+from certsync.emulator.server import ENDPOINT_FILE, read_endpoint
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class EmulatorError(RuntimeError):
+    """The emulator process failed to start or answer."""
+
+
+class EmulatorProcess:
+    def __init__(self, *, home: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.home = Path(home)
+        self.port = port
+        self.host = host
+        self._process: subprocess.Popen[bytes] | None = None
+        self._endpoint: dict[str, object] | None = None
+        self._control: EmulatorControl | None = None
+
+    @property
+    def url(self) -> str:
+        return str(self._require_endpoint()["url"])
+
+    @property
+    def ca_file(self) -> Path:
+        return Path(str(self._require_endpoint()["ca_file"]))
+
+    @property
+    def tenant_id(self) -> str:
+        return str(self._require_endpoint()["tenant_id"])
+
+    @property
+    def control(self) -> EmulatorControl:
+        if self._control is None:
+            self._control = EmulatorControl(url=self.url, ca_file=self.ca_file)
+        return self._control
+
+    def _require_endpoint(self) -> dict[str, object]:
+        if self._endpoint is None:
+            raise EmulatorError("the emulator is not running")
+        return self._endpoint
+
+    def start(self) -> EmulatorProcess:
+        if self._process is not None:
+            raise EmulatorError("the emulator is already running")
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / ENDPOINT_FILE).unlink(missing_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "certsync.emulator",
+            "serve",
+            "--home",
+            str(self.home),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
+        log_file = open(self.home / "emulator.log", "ab")  # noqa: SIM115 - owned by the child
+        try:
+            self._process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy()
+            )
+        finally:
+            log_file.close()
+        self._endpoint = self._wait_for_endpoint()
+        self.control.health()
+        log.info("emulator started at %s (pid %s)", self.url, self._process.pid)
+        return self
+
+    def _wait_for_endpoint(self) -> dict[str, object]:
+        assert self._process is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise EmulatorError(
+                    f"emulator exited with {self._process.returncode}; see emulator.log in its home"
+                )
+            endpoint = read_endpoint(self.home)
+            if endpoint is not None and endpoint.get("pid") == self._process.pid:
+                return endpoint
+            time.sleep(0.05)
+        self.stop()
+        raise EmulatorError("emulator did not start listening in time")
+
+    def stop(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        process, self._process = self._process, None
+        self._endpoint = None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> EmulatorProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,98 @@
+"""Run the emulator over TLS and announce where it listens (home/endpoint.json)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from certsync.emulator.app import Emulator, create_app
+from certsync.emulator.tls import ensure_tls
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_FILE = "endpoint.json"
+
+
+def serve(*, home: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM); port 0 picks a free port."""
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    hostnames = tuple(dict.fromkeys(("localhost", "127.0.0.1", host)))
+    tls = ensure_tls(directory=home / "tls", hostnames=hostnames)
+    emulator = Emulator.open(home=home)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(emulator),
+        ssl_certfile=str(tls.server_cert),
+        ssl_keyfile=str(tls.server_key),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=30,
+        # Clients keep TLS connections alive; do not let them hold up a stop for long.
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    announcement = {
+        "url": f"https://{host}:{bound_port}",
+        "host": host,
+        "port": bound_port,
+        "pid": os.getpid(),
+        "tenant_id": emulator.store.tenant_id,
+        "tenant_domain": emulator.store.tenant_domain,
+        "ca_file": str(tls.ca_cert.resolve()),
+    }
+    # uvicorn re-raises SIGTERM once it has shut down; turn that into a normal exit so the
+    # endpoint file is removed and the state closed.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        asyncio.run(_serve(server=server, sock=sock, home=home, announcement=announcement))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            (home / ENDPOINT_FILE).unlink()
+        emulator.store.close()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
+async def _serve(
+    *, server: uvicorn.Server, sock: socket.socket, home: Path, announcement: dict[str, Any]
+) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            await task
+            return
+        await asyncio.sleep(0.02)
+    _write_json_atomically(home / ENDPOINT_FILE, announcement)
+    log.info("emulator listening on %s", announcement["url"])
+    await task
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def read_endpoint(home: Path) -> dict[str, Any] | None:
+    """The endpoint a running emulator announced in ``home``, if any."""
+    try:
+        return dict(json.loads((Path(home) / ENDPOINT_FILE).read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,121 @@
+"""Shared helpers for the emulator tests: directory users, client certificates, an HTTP caller."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msal
+import requests
+from certsync.directory import DirectoryUser
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+ANCHOR = "APP:SystemMailbox{bb558c35-97f1-4cb9-8ff7-d53741dc928c}@%s"
+SCOPE = ["https://outlook.office365.com/.default"]
+
+
+def directory_user(name: str, *, certificates: tuple[bytes, ...] = ()) -> DirectoryUser:
+    return DirectoryUser(
+        object_guid=uuid.uuid5(uuid.NAMESPACE_DNS, f"{name}.example.test"),
+        dn=f"CN={name},OU=People,DC=example,DC=test",
+        sam_account_name=name,
+        mail=f"{name}@example.test",
+        proxy_addresses=(f"SMTP:{name}@example.test", f"smtp:{name}.alt@example.test"),
+        user_certificate=certificates,
+        user_smime_certificate=(),
+        user_account_control=512,
+        usn_changed=1000,
+        display_name=f"{name.title()} Person",
+    )
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    key_pem: str
+    certificate_pem: str
+
+    @property
+    def sha1_thumbprint(self) -> str:
+        cert = x509.load_pem_x509_certificate(self.certificate_pem.encode())
+        return hashlib.sha1(cert.public_bytes(serialization.Encoding.DER)).hexdigest()  # noqa: S324
+
+
+def client_certificate(common_name: str) -> ClientCertificate:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return ClientCertificate(
+        key_pem=key_pem, certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode()
+    )
+
+
+def session_for(ca_file: Any) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(ca_file)
+    return session
+
+
+def msal_app(*, url: str, tenant: str, ca_file: Any, client_id: str, credential: Any):
+    return msal.ConfidentialClientApplication(
+        client_id,
+        authority=f"{url}/{tenant}",
+        client_credential=credential,
+        instance_discovery=False,
+        http_client=session_for(ca_file),
+    )
+
+
+class Invoker:
+    """Posts InvokeCommand requests the way the ExchangeOnlineManagement module does."""
+
+    def __init__(self, *, url: str, tenant: str, ca_file: Any, token: str | None) -> None:
+        self.endpoint = f"{url}/adminapi/beta/{tenant}/InvokeCommand"
+        self.tenant = tenant
+        self.token = token
+        self.session = session_for(ca_file)
+
+    def headers(self, cmdlet: str, **extra: str) -> dict[str, str]:
+        headers = {
+            "X-CmdletName": cmdlet,
+            "client-request-id": str(uuid.uuid4()),
+            "X-AnchorMailbox": ANCHOR % self.tenant,
+        }
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        headers.update(extra)
+        return headers
+
+    def post(
+        self,
+        cmdlet: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        url: str | None = None,
+        **headers: str,
+    ) -> requests.Response:
+        body = {"CmdletInput": {"CmdletName": cmdlet, "Parameters": parameters or {}}}
+        return self.session.post(
+            url or self.endpoint, json=body, headers=self.headers(cmdlet, **headers), timeout=30
+        )
