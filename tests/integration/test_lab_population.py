@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections import Counter
@@ -120,7 +121,9 @@ def test_load_reads_back_with_certificates(samba_dc: SambaDC, lab_population: li
     ou = f"OU=lab-load-test,{samba_dc.base_dn}"
     kwargs = {"url": samba_dc.ldap_url, "bind_dn": samba_dc.bind_dn, "password": samba_dc.password}
     assert load_population(**kwargs, ou_dn=ou, users=lab_population) == len(lab_population)
-    assert load_population(**kwargs, ou_dn=ou, users=lab_population) == 0
+    # Existing accounts are recognised by sAMAccountName and left as they are, even if changed.
+    renamed = [dataclasses.replace(u, display_name=f"{u.display_name} X") for u in lab_population]
+    assert load_population(**kwargs, ou_dn=ou, users=renamed) == 0
 
     found = _paged_read(samba_dc, ou)
     assert set(found) == {u.sam_account_name for u in lab_population}

@@ -1,0 +1,27 @@
+"""The lab: real services and synthetic data for tests and the demo.
+
+`SambaDC` (a throwaway Samba AD DC), `EmbeddedPostgres`, the synthetic PKI (`certsync.lab.pki`) and the
+seeded user population. Names are imported lazily so that using one part does not load the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EmbeddedPostgres": "certsync.lab.postgres",
+    "SambaDC": "certsync.lab.samba",
+    "SeedUser": "certsync.lab.population",
+    "generate_population": "certsync.lab.population",
+    "load_population": "certsync.lab.population",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'certsync.lab' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -378,11 +378,11 @@ def _existing_accounts(conn: ldap3.Connection, ou_dn: str) -> set[str]:
         paged_size=1000,
         generator=True,
     )
-    return {
-        str(entry["attributes"]["sAMAccountName"]).lower()
-        for entry in entries
-        if entry.get("type") == "searchResEntry"
-    }
+    names = set()
+    for entry in entries:
+        if entry.get("type") == "searchResEntry":
+            names.update(v.decode().lower() for v in entry["raw_attributes"]["sAMAccountName"])
+    return names
 
 
 def _dns_domain(dn: str) -> str:
