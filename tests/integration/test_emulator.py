@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from certsync.emulator.cli import emulator as emulator_cli
 from certsync.emulator.process import EmulatorProcess
 from certsync.emulator.seed import Shares, seed_from_directory
 from certsync.emulator.state import register_client
+from click.testing import CliRunner
 from emulator_support import (
     SCOPE,
     ClientCertificate,
@@ -371,3 +374,44 @@ def test_state_persists_across_restart(tmp_path: Path) -> None:
         invoker = Invoker(url=second.url, tenant=tenant, ca_file=second.ca_file, token=token)
         item = invoker.post("Get-MailUser", {"Identity": "keeper"}).json()["value"][0]
         assert item["UserCertificate"] == [CERT_A]
+
+
+def test_config_command_changes_the_running_emulator(emulator: EmulatorProcess) -> None:
+    result = CliRunner().invoke(
+        emulator_cli,
+        [
+            "config",
+            "--home",
+            str(emulator.home),
+            "--rate",
+            "3",
+            "--burst",
+            "4",
+            "--max-concurrency",
+            "5",
+            "--latency-ms",
+            "1",
+            "--fault",
+            "Set-Mailbox:2:504",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    config = emulator.control.config()
+    assert (config["rate_per_s"], config["burst"], config["max_concurrency"]) == (3, 4, 5)
+    assert config["faults"][0]["cmdlet"] == "Set-Mailbox" and config["faults"][0]["status"] == 504
+    with pytest.raises(ValueError, match="burst"):
+        emulator.control.set_config(burst=0)
+    cleared = CliRunner().invoke(
+        emulator_cli, ["config", "--home", str(emulator.home), "--rate", "0", "--clear-faults"]
+    )
+    assert cleared.exit_code == 0, cleared.output
+    assert emulator.control.config()["rate_per_s"] is None
+    assert emulator.control.config()["faults"] == []
+
+
+def test_state_endpoint_lists_recipients_without_secrets(emulator: EmulatorProcess) -> None:
+    state = emulator.control.state()
+    assert state["tenant_id"] == emulator.tenant_id
+    assert set(state["clients"]) == {SECRET_CLIENT, CERT_CLIENT}
+    assert len(state["recipients"]) == 29
+    assert CLIENT_SECRET not in json.dumps(state)
