@@ -24,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+pytestmark = pytest.mark.integration
+
 # Same instant as the lab_at fixture (lab_population is planted for it).
 LAB_AT = datetime(2026, 6, 1, tzinfo=UTC)
 READ_BACK = [

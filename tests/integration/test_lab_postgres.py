@@ -8,6 +8,8 @@ import psycopg
 import pytest
 from certsync.lab.postgres import EmbeddedPostgres, EmbeddedPostgresError
 
+pytestmark = pytest.mark.integration
+
 
 def test_session_server_answers_and_creates_databases(embedded_pg: EmbeddedPostgres) -> None:
     assert embedded_pg.dsn.startswith("postgresql://postgres@127.0.0.1:")

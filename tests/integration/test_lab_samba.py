@@ -9,6 +9,8 @@ import ldap3
 import pytest
 from certsync.lab.samba import LdapPortBusyError, SambaDC, SambaLabError
 
+pytestmark = pytest.mark.integration
+
 
 def test_session_dc_binds_as_administrator(samba_dc: SambaDC) -> None:
     conn = samba_dc.connect()
