@@ -38,6 +38,7 @@ class ChainChecker:
         self._profile = trust.profile
         self._anchors = list(trust.anchors)
         self._intermediates = list(trust.intermediates)
+        self._configured = frozenset(trust.intermediates)
         self._crls: dict[bytes, list[LoadedCrl]] = {}
         for loaded in trust.crls:
             self._crls.setdefault(loaded.issuer, []).append(loaded)
@@ -87,7 +88,7 @@ class ChainChecker:
             # Trying is cheaper than reading the leaf's issuer name to see whether it would work.
             try:
                 short = self._fast.verify(leaf, []).chain
-                if len(short) == 2 and short[1] in self._promoted:
+                if len(short) == 2 and self._usable(short[1], extra):
                     return [leaf, *self._promoted[short[1]]]
             except xv.VerificationError:
                 pass  # fall back to the full path for an exact diagnosis
@@ -99,6 +100,11 @@ class ChainChecker:
             raise self._refusal(str(exc)) from None
         self._maybe_promote(chain, at)
         return chain
+
+    def _usable(self, ca: x509.Certificate, extra: Sequence[x509.Certificate]) -> bool:
+        # A verdict depends only on the value and the trust config: an intermediate learned from
+        # another user's PKCS#7 blob must not help a leaf whose own value lacks it.
+        return ca in self._promoted and (ca in self._configured or ca in extra)
 
     def _maybe_promote(self, chain: list[x509.Certificate], at: datetime) -> None:
         if len(chain) < 3 or chain[1] in self._promoted:

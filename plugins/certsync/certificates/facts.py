@@ -25,9 +25,17 @@ class Facts:
     san_emails: bool  # True when the addresses come from subjectAltName, not the subject DN
 
 
-def describe(cert: x509.Certificate, serial: int) -> Facts:
+Extensions = dict[type, x509.ExtensionType]
+
+
+def extension_map(cert: x509.Certificate) -> Extensions:
+    """One pass over the extensions (get_extension_for_class scans them on every call)."""
+    return {type(ext.value): ext.value for ext in cert.extensions}
+
+
+def describe(cert: x509.Certificate, serial: int, extensions: Extensions) -> Facts:
     """Subject, serial, dates and addresses; the issuer is named by the chain (see name_text)."""
-    san = _san_emails(cert)
+    san = _san_emails(extensions)
     emails = san or _subject_emails(cert)
     return Facts(
         subject=name_text(cert, "subject"),
@@ -68,10 +76,9 @@ def _asn1_name_text(cert: x509.Certificate, which: str) -> str:
         return "<undecodable name>"
 
 
-def _san_emails(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
+def _san_emails(extensions: Extensions) -> list[str]:
+    san = extensions.get(x509.SubjectAlternativeName)
+    if not isinstance(san, x509.SubjectAlternativeName):
         return []
     found = [e.lower() for e in san.get_values_for_type(x509.RFC822Name)]
     for other in san.get_values_for_type(x509.OtherName):

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from certsync.certificates.facts import Extensions
 from certsync.certificates.reasons import Reason
 
 EMAIL_PROTECTION = ExtendedKeyUsageOID.EMAIL_PROTECTION
@@ -69,14 +70,14 @@ class LeafPolicy:
     def rule(self, name: str) -> str:
         return f"{self.profile}.{name}"
 
-    def check_static(self, cert: x509.Certificate, serial: int) -> None:
+    def check_static(self, cert: x509.Certificate, serial: int, extensions: Extensions) -> None:
         """Checks that do not depend on time or trust: serial, CA flag, algorithms, EKU, KU."""
         self.check_serial(serial)
-        self.check_end_entity(cert)
+        self.check_end_entity(extensions)
         self.check_signature_algorithm(cert)
         family = self.check_key(cert)
-        self.check_eku(cert)
-        self.check_key_usage(cert, family)
+        self.check_eku(extensions)
+        self.check_key_usage(extensions, family)
 
     def check_serial(self, serial: int) -> None:
         if serial <= 0:
@@ -86,12 +87,9 @@ class LeafPolicy:
                 "The serial number is negative or zero (RFC 5280 4.1.2.2).",
             )
 
-    def check_end_entity(self, cert: x509.Certificate) -> None:
-        try:
-            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            return
-        if constraints.ca:
+    def check_end_entity(self, extensions: Extensions) -> None:
+        constraints = extensions.get(x509.BasicConstraints)
+        if isinstance(constraints, x509.BasicConstraints) and constraints.ca:
             raise Refusal(
                 Reason.NOT_END_ENTITY,
                 self.rule("end_entity"),
@@ -128,12 +126,11 @@ class LeafPolicy:
         detail = f"Key type {type(key).__name__} is not allowed for S/MIME."
         raise Refusal(Reason.WEAK_KEY, self.rule("key_algorithm"), detail)
 
-    def check_eku(self, cert: x509.Certificate) -> None:
-        try:
-            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
+    def check_eku(self, extensions: Extensions) -> None:
+        eku = extensions.get(x509.ExtendedKeyUsage)
+        if not isinstance(eku, x509.ExtendedKeyUsage):
             detail = "The certificate has no extended key usage; emailProtection is required."
-            raise Refusal(Reason.NO_EMAIL_PROTECTION_EKU, self.rule("eku_email"), detail) from None
+            raise Refusal(Reason.NO_EMAIL_PROTECTION_EKU, self.rule("eku_email"), detail)
         if EMAIL_PROTECTION not in eku:
             detail = "The extended key usage does not include emailProtection."
             raise Refusal(Reason.NO_EMAIL_PROTECTION_EKU, self.rule("eku_email"), detail)
@@ -143,13 +140,12 @@ class LeafPolicy:
                 detail = f"The leaf's extended key usage includes {', '.join(forbidden)}."
                 raise Refusal(Reason.PROFILE_EKU_FORBIDDEN, self.rule("leaf_eku_forbidden"), detail)
 
-    def check_key_usage(self, cert: x509.Certificate, family: str) -> None:
-        try:
-            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-        except x509.ExtensionNotFound:
+    def check_key_usage(self, extensions: Extensions, family: str) -> None:
+        usage = extensions.get(x509.KeyUsage)
+        if not isinstance(usage, x509.KeyUsage):
             if self.profile == "strict":
                 detail = "The certificate has no key usage extension; the profile requires one."
-                raise Refusal(Reason.KEY_USAGE_UNFIT, self.rule("key_usage"), detail) from None
+                raise Refusal(Reason.KEY_USAGE_UNFIT, self.rule("key_usage"), detail)
             return  # RFC 5280: absent means unrestricted
         bits = _usage_bits(usage)
         allowed, needs_one = _STRICT_KU[family]

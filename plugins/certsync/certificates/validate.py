@@ -10,7 +10,7 @@ import logging
 from datetime import UTC, datetime
 
 from certsync.certificates.chain import ChainChecker, earliest
-from certsync.certificates.facts import Facts, describe, name_text
+from certsync.certificates.facts import Facts, describe, extension_map, name_text
 from certsync.certificates.parse import Parsed, parse_value
 from certsync.certificates.policy import LeafPolicy, Refusal, check_validity
 from certsync.certificates.reasons import Reason
@@ -58,9 +58,10 @@ class Validator:
     def _check_parsed(self, parsed: Parsed, at: datetime) -> Verdict:
         cert = parsed.certificate
         assert cert is not None
-        facts = describe(cert, parsed.serial_number or 0)
+        extensions = extension_map(cert)
+        facts = describe(cert, parsed.serial_number or 0, extensions)
         try:
-            self._policy.check_static(cert, facts.serial_number)
+            self._policy.check_static(cert, facts.serial_number, extensions)
             check_validity(cert, at, self.trust.profile)
             self._policy.check_emails(facts.emails, facts.san_emails)
             chain_until, issuer = self._chains.check(cert, parsed.extra_certificates, at)

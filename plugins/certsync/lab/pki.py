@@ -611,3 +611,108 @@ def to_indefinite_length(der: bytes, *, depth: int = 3) -> bytes:
         children.append(to_indefinite_length(content[pos:end], depth=depth - 1))
         pos = end
     return bytes([tag, 0x80]) + b"".join(children) + b"\x00\x00"
+
+
+# -- planted certificates: one per outcome, for tests, demos and the openssl comparison --------
+
+
+@dataclass(frozen=True)
+class Planted:
+    """A value with the reason code each profile must give it (None: valid)."""
+
+    name: str
+    attribute: str
+    value: bytes = field(repr=False)
+    enterprise: str | None
+    strict: str | None
+    # The openssl verify purpose that matches the key: EC and EdDSA keys cannot do key transport.
+    purpose: str = "smimeencrypt"
+
+    def expected(self, profile: str) -> str | None:
+        return self.strict if profile == "strict" else self.enterprise
+
+
+def pkcs7_without_certificates() -> bytes:
+    signed = cms.SignedData(
+        {
+            "version": "v1",
+            "digest_algorithms": [],
+            "encap_content_info": {"content_type": "data"},
+            "signer_infos": [],
+        }
+    )
+    return cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
+
+
+def _unknown_critical_extension() -> tuple[x509.ExtensionType, bool]:
+    oid = ObjectIdentifier("1.3.6.1.4.1.99999.1")
+    return x509.UnrecognizedExtension(oid, b"\x05\x00"), True
+
+
+def planted_values(pki: Pki, *, domain: str = "example.org") -> list[Planted]:
+    """Certificates covering every certificate-level reason code and the profile differences."""
+    cert, smime = "userCertificate", "userSMIMECertificate"
+    day = timedelta(days=1)
+
+    def leaf(name: str, enterprise: str | None, strict: str | None, **kw: Any) -> Planted:
+        key = kw.get("key", pki.default_leaf_key)
+        purpose = "smimeencrypt" if key.startswith("rsa") else "smimesign"
+        value = pki.issue(email=kw.pop("email", f"{name}@{domain}"), **kw)
+        return Planted(name, cert, value, enterprise, strict, purpose)
+
+    ok = pki.issue(email=f"good@{domain}")
+    truncated = ok[: len(ok) // 2]
+    bad_signature = bytearray(pki.issue(email=f"badsig@{domain}"))
+    bad_signature[-5] ^= 0xFF
+    hidden = pki.issue(email=f"hidden-in-p7@{domain}", issuer="hidden")
+    signer = pki.issue(email=f"signer@{domain}")
+    encryption = pki.issue(email=f"signer@{domain}")
+    inter = pki.ca_der("intermediate")
+    return [
+        leaf("valid-rsa", None, None, key="rsa2048"),
+        leaf("valid-ec-p256", None, None, key="ec-p256"),
+        leaf("valid-ec-p384", None, None, key="ec-p384"),
+        leaf("valid-ed25519", None, None, key="ed25519"),
+        leaf("valid-root-issued", None, None, issuer="root"),
+        leaf("valid-smtputf8", None, None, san_emails=(), smtputf8_mailbox=f"jörg@{domain}"),
+        leaf("no-key-usage", None, "key_usage_unfit", key_usage=None),
+        leaf("subject-email-only", None, "no_email_address", san_emails=None,
+             subject_email=f"subject-email-only@{domain}"),
+        leaf("tls-intermediate", None, "profile_eku_forbidden", issuer="intermediate-tls"),
+        leaf("eku-root", None, "profile_eku_forbidden", issuer="eku-root-ca"),
+        leaf("leaf-server-auth", None, "profile_eku_forbidden",
+             eku=(EMAIL_PROTECTION, CLIENT_AUTH, SERVER_AUTH)),
+        leaf("expired", "expired", "expired", not_before=pki.now - 400 * day,
+             not_after=pki.now - day),
+        leaf("not-yet-valid", "not_yet_valid", "not_yet_valid", not_before=pki.now + day),
+        leaf("no-eku", "no_email_protection_eku", "no_email_protection_eku", eku=None),
+        leaf("client-auth-only", "no_email_protection_eku", "no_email_protection_eku",
+             eku=(CLIENT_AUTH,)),
+        leaf("key-usage-unfit", "key_usage_unfit", "key_usage_unfit",
+             key_usage={"data_encipherment": True}),
+        leaf("unknown-issuer", "unknown_issuer", "unknown_issuer", issuer="unknown"),
+        leaf("missing-intermediate", "unknown_issuer", "unknown_issuer", issuer="hidden"),
+        leaf("revoked", "revoked", "revoked", revoked=True),
+        leaf("no-email", "no_email_address", "no_email_address", san_emails=None),
+        leaf("rsa1024", "weak_key", "weak_key", key="rsa1024"),
+        leaf("secp256k1", "weak_key", "weak_key", key="ec-secp256k1"),
+        leaf("sha1", "weak_signature", "weak_signature", sig_hash="sha1"),
+        leaf("md5", "weak_signature", "weak_signature", sig_hash="md5"),
+        leaf("negative-serial", "negative_serial", "negative_serial", negative_serial=True),
+        leaf("unknown-critical-extension", "chain_invalid", "chain_invalid",
+             extra_extensions=[_unknown_critical_extension()]),
+        Planted("bad-signature", cert, bytes(bad_signature), "chain_invalid", "chain_invalid"),
+        Planted("ca-as-leaf", cert, inter, "not_end_entity", "not_end_entity"),
+        Planted("truncated", cert, truncated, "malformed", "malformed"),
+        Planted("garbage", cert, b"\x30\x82\x01\x00" + bytes(range(256)), "malformed", "malformed"),
+        Planted("too-large", cert, ok + bytes(70_000), "too_large", "too_large"),
+        Planted("p7-no-certificates", smime, pkcs7_without_certificates(), "no_certificate",
+                "no_certificate"),
+        Planted("p7-certs-only", smime, pki.pkcs7_certs_only([inter, ok]), None, None),
+        Planted("p7-certs-only-ber", smime, pki.pkcs7_certs_only([ok], ber=True), None, None),
+        Planted("p7-hidden-intermediate", smime,
+                pki.pkcs7_certs_only([hidden, pki.ca_der("hidden")]), None, None),
+        Planted("p7-signed", smime, pki.pkcs7_signed(signer=signer, extra=[inter]), None, None),
+        Planted("p7-outlook-ber", smime,
+                pki.pkcs7_signed(signer=signer, encryption_cert=encryption, ber=True), None, None),
+    ]  # fmt: skip
