@@ -415,3 +415,17 @@ def test_state_endpoint_lists_recipients_without_secrets(emulator: EmulatorProce
     assert set(state["clients"]) == {SECRET_CLIENT, CERT_CLIENT}
     assert len(state["recipients"]) == 29
     assert CLIENT_SECRET not in json.dumps(state)
+
+
+def test_token_endpoint_faults_are_remembered_by_msal(emulator: EmulatorProcess) -> None:
+    emulator.control.inject_fault(cmdlet="token", count=1, status=429, retry_after=30)
+    app = _app(emulator, SECRET_CLIENT, CLIENT_SECRET)
+    throttled = app.acquire_token_for_client(scopes=SCOPE)
+    assert throttled["error"] == "temporarily_unavailable" and throttled["error_codes"] == [90033]
+    # msal keeps the 429 until Retry-After passes, without asking the endpoint again.
+    emulator.control.clear_requests()
+    again = app.acquire_token_for_client(scopes=SCOPE)
+    assert "access_token" not in again
+    assert [e for e in emulator.control.requests() if e["endpoint"] == "token"] == []
+    fresh = _app(emulator, SECRET_CLIENT, CLIENT_SECRET).acquire_token_for_client(scopes=SCOPE)
+    assert "access_token" in fresh

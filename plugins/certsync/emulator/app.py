@@ -18,11 +18,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from certsync.emulator.cmdlets import MAX_PAGE_SIZE, CmdletRunner, PageRequest
-from certsync.emulator.controls import Controls, EmulatorConfig
-from certsync.emulator.errors import CmdletError
+from certsync.emulator.controls import AUTH_ENDPOINT_TARGET, Controls, EmulatorConfig
+from certsync.emulator.errors import CmdletError, aadsts
 from certsync.emulator.requestlog import RequestEntry, RequestLog
 from certsync.emulator.state import StateStore
-from certsync.emulator.tokens import TokenRejected, TokenService
+from certsync.emulator.tokens import TokenRejected, TokenResult, TokenService
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _TRANSIENT_TEXT = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Emulator:
     """Everything one running emulator holds; the app's routes close over it."""
 
@@ -97,7 +97,9 @@ def _add_token_routes(app: FastAPI, emulator: Emulator) -> None:
         started = time.monotonic()
         form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
         token_url = f"{str(request.base_url).rstrip('/')}/{tenant}/oauth2/v2.0/token"
-        result = emulator.tokens.issue(tenant=tenant, form=form, token_url=token_url)
+        result = _token_fault(emulator) or emulator.tokens.issue(
+            tenant=tenant, form=form, token_url=token_url
+        )
         emulator.requests.append(
             RequestEntry(
                 timestamp=_now_text(),
@@ -109,14 +111,25 @@ def _add_token_routes(app: FastAPI, emulator: Emulator) -> None:
                 duration_ms=round((time.monotonic() - started) * 1000, 2),
             )
         )
-        return JSONResponse(
-            result.body,
-            status_code=result.status,
-            headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
-        )
+        headers = {"Cache-Control": "no-store", "Pragma": "no-cache", **result.headers}
+        return JSONResponse(result.body, status_code=result.status, headers=headers)
 
 
-@dataclass
+def _token_fault(emulator: Emulator) -> TokenResult | None:
+    fault = emulator.controls.take_fault(AUTH_ENDPOINT_TARGET)
+    if fault is None:
+        return None
+    status, body = aadsts(
+        status=fault.status,
+        error="temporarily_unavailable",
+        code=90033,
+        description=fault.text or "A transient error has occurred. Please try again.",
+    )
+    headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+    return TokenResult(status=status, body=body, headers=headers)
+
+
+@dataclass(kw_only=True)
 class _Call:
     """One InvokeCommand call as received."""
 

@@ -45,14 +45,14 @@ RESULT_SIZE_WARNING = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CmdletResult:
     value: list[dict[str, Any]]
     warnings: list[str] = field(default_factory=list)
     skip_token: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PageRequest:
     page_size: int = MAX_PAGE_SIZE
     skip_token: str | None = None

@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 TRANSIENT_STATUSES = (408, 500, 502, 503, 504)
+# The fault-rule name that targets the token endpoint instead of a cmdlet.
+AUTH_ENDPOINT_TARGET = "token"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FaultRule:
     """Answer the next ``count`` requests for ``cmdlet`` ("*" = any) with a failure."""
 
@@ -28,10 +30,12 @@ class FaultRule:
     retry_after: int | None = None
 
     def matches(self, cmdlet: str) -> bool:
-        return self.count > 0 and self.cmdlet in ("*", cmdlet)
+        # "*" means any cmdlet; the token endpoint is only faulted when named explicitly.
+        wildcard = self.cmdlet == "*" and cmdlet != AUTH_ENDPOINT_TARGET
+        return self.count > 0 and (wildcard or self.cmdlet == cmdlet)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EmulatorConfig:
     rate_per_s: float | None = None
     burst: int = 10
@@ -45,7 +49,7 @@ class EmulatorConfig:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RateDecision:
     allowed: bool
     remaining: int

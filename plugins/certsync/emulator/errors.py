@@ -26,7 +26,7 @@ _ERROR_IDS = {
 }
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class CmdletError(Exception):
     """A cmdlet failure, answered with the InvokeCommand error body."""
 

@@ -10,7 +10,7 @@ from typing import Any
 MAX_ENTRIES = 100_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequestEntry:
     timestamp: str
     endpoint: str

@@ -29,7 +29,7 @@ SYNC_VALUE_CAP = 15
 _ALIAS_INVALID = re.compile(r"[^A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.]")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Shares:
     mailbox: float = 0.7
     mailuser: float = 0.15
@@ -61,7 +61,7 @@ class Shares:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SeedReport:
     created: int
     updated: int
@@ -70,7 +70,7 @@ class SeedReport:
     without_recipient: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Draws:
     kind: float
     dirsynced: float

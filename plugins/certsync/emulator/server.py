@@ -16,7 +16,7 @@ from typing import Any
 import uvicorn
 
 from certsync.emulator.app import Emulator, create_app
-from certsync.emulator.tls import ensure_tls
+from certsync.emulator.tls import TlsFiles, ensure_tls
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +34,7 @@ def serve(*, home: Path, host: str = "127.0.0.1", port: int = 0) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(emulator),
-        ssl_certfile=str(tls.server_cert),
-        ssl_keyfile=str(tls.server_key),
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        timeout_keep_alive=30,
-        # Clients keep TLS connections alive; do not let them hold up a stop for long.
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(_uvicorn_config(emulator=emulator, tls=tls))
     announcement = {
         "url": f"https://{host}:{bound_port}",
         "host": host,
@@ -64,6 +53,20 @@ def serve(*, home: Path, host: str = "127.0.0.1", port: int = 0) -> None:
         with contextlib.suppress(FileNotFoundError):
             (home / ENDPOINT_FILE).unlink()
         emulator.store.close()
+
+
+def _uvicorn_config(*, emulator: Emulator, tls: TlsFiles) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(emulator),
+        ssl_certfile=str(tls.server_cert),
+        ssl_keyfile=str(tls.server_key),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=30,
+        # Clients keep TLS connections alive; do not let them hold up a stop for long.
+        timeout_graceful_shutdown=1,
+    )
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

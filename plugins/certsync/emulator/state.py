@@ -53,7 +53,7 @@ def utc_now_text() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Recipient:
     guid: str
     external_directory_object_id: str
@@ -120,7 +120,7 @@ class Recipient:
         return replace(self, when_changed=utc_now_text(), **changes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RegisteredClient:
     client_id: str
     secret_sha256: str | None = field(default=None, repr=False)

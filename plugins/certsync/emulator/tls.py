@@ -28,7 +28,7 @@ SERVER_LIFETIME = dt.timedelta(days=825)
 RENEW_BEFORE = dt.timedelta(days=30)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TlsFiles:
     ca_cert: Path
     server_cert: Path
