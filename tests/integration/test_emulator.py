@@ -429,3 +429,11 @@ def test_token_endpoint_faults_are_remembered_by_msal(emulator: EmulatorProcess)
     assert [e for e in emulator.control.requests() if e["endpoint"] == "token"] == []
     fresh = _app(emulator, SECRET_CLIENT, CLIENT_SECRET).acquire_token_for_client(scopes=SCOPE)
     assert "access_token" in fresh
+
+
+def test_scope_must_name_exchange_or_the_emulator(emulator: EmulatorProcess) -> None:
+    app = _app(emulator, SECRET_CLIENT, CLIENT_SECRET)
+    own = app.acquire_token_for_client(scopes=[f"{emulator.url}/.default"])
+    assert "access_token" in own
+    graph = app.acquire_token_for_client(scopes=["https://graph.microsoft.com/.default"])
+    assert graph["error"] == "invalid_scope" and graph["error_codes"] == [1002012]

@@ -34,10 +34,16 @@ def emulator() -> None:
 @home_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=0, type=int, show_default=True, help="0 picks a free port.")
-def serve_command(home: Path, host: str, port: int) -> None:
+@click.option(
+    "--tls-hostname",
+    "tls_hostnames",
+    multiple=True,
+    help="Extra name for the server certificate (repeatable).",
+)
+def serve_command(home: Path, host: str, port: int, tls_hostnames: tuple[str, ...]) -> None:
     """Serve over TLS until interrupted; writes HOME/endpoint.json once listening."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(home=home, host=host, port=port)
+    serve(home=home, host=host, port=port, tls_hostnames=tls_hostnames)
 
 
 def _read_secret(*, env_name: str, file: Path | None, what: str) -> str:

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ log = logging.getLogger(__name__)
 ENDPOINT_FILE = "endpoint.json"
 
 
-def serve(*, home: Path, host: str = "127.0.0.1", port: int = 0) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM); port 0 picks a free port."""
+def serve(*, home: Path, host: str = "127.0.0.1", port: int = 0, tls_hostnames: Sequence[str] = ()) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM); port 0 picks a free port.
+
+    ``tls_hostnames`` adds names to the server certificate (e.g. a compose service name).
+    """
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
-    hostnames = tuple(dict.fromkeys(("localhost", "127.0.0.1", host)))
+    hostnames = tuple(dict.fromkeys(("localhost", "127.0.0.1", host, *tls_hostnames)))
     tls = ensure_tls(directory=home / "tls", hostnames=hostnames)
     emulator = Emulator.open(home=home)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

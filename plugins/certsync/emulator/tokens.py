@@ -105,7 +105,7 @@ class TokenService:
         failure = self._authenticate(client=client, form=form, token_url=token_url)
         if failure is not None:
             return failure
-        if EXCHANGE_SCOPE not in form.get("scope", "").split():
+        if not _exchange_scope(form.get("scope", ""), token_url=token_url, tenant=tenant):
             return _error(
                 400,
                 "invalid_scope",
@@ -245,6 +245,12 @@ class TokenService:
         if not self.knows_tenant(tenant) or claims["tid"] != self._store.tenant_id:
             raise TokenRejected("token issued for another tenant")
         return AccessClaims(client_id=claims["appid"], tenant_id=claims["tid"], expires_at=int(claims["exp"]))
+
+
+def _exchange_scope(scope: str, *, token_url: str, tenant: str) -> bool:
+    """Exchange Online's resource scope; the emulator's own URL stands in for it as well."""
+    own_base = token_url[: token_url.index(f"/{tenant}/oauth2/")]
+    return bool({EXCHANGE_SCOPE, f"{own_base}/.default"} & set(scope.split()))
 
 
 def _error(status: int, error: str, code: int, description: str) -> TokenResult:
