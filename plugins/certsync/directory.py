@@ -48,7 +48,7 @@ class DirectorySettings:
     page_size: int = 500
     ca_file: str | None = None
     start_tls: bool = False
-    timeout_s: float = 10.0
+    timeout_s: int = 10
 
     def __post_init__(self) -> None:
         scheme = urlparse(self.url).scheme
@@ -106,7 +106,7 @@ class DirectoryReader:
             tls = ldap3.Tls(ca_certs_file=s.ca_file, validate=ssl.CERT_REQUIRED)
         server = ldap3.Server(
             parsed.hostname or "localhost",
-            port=parsed.port,
+            port=parsed.port or (636 if use_ssl else 389),
             use_ssl=use_ssl,
             tls=tls,
             connect_timeout=s.timeout_s,

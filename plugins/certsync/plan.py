@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from certsync.certificates.reasons import Reason
 from certsync.certificates.select import select_values
-from certsync.certificates.validate import Verdict, email_mismatch
+from certsync.certificates.verdict import Verdict, email_mismatch
 from certsync.exchange.recipients import Recipient
 
 ATTRIBUTES = ("userCertificate", "userSMIMECertificate")

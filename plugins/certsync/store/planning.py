@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from certsync.certificates.validate import Verdict
+from certsync.certificates.verdict import Verdict
 from certsync.directory import smtp_addresses
 from certsync.exchange.recipients import Recipient
 from certsync.plan import Plan, Published, SourceUser

@@ -8,7 +8,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from certsync.certificates.validate import Verdict
+from certsync.certificates.verdict import Verdict
 
 # Values in the source view with no verdict for this trust configuration, or whose verdict has
 # run out (valid_until passed): only what time or configuration can have changed is re-checked.

@@ -1,0 +1,180 @@
+"""The `certsync` command: run the sync without a scheduler, check settings, run the demo stack.
+
+Settings come from the same AIRFLOW_CONN_* / AIRFLOW_VAR_* names the DAG uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from certsync.config import ConfigError, EnvSource, load_settings
+from certsync.emulator.cli import emulator
+from certsync.pipeline import Services
+
+log = logging.getLogger("certsync")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _services() -> Services:
+    try:
+        return Services(settings=load_settings(EnvSource()))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool) -> None:
+    """certsync: S/MIME certificates from Active Directory to Exchange Online."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+main.add_command(emulator)
+
+
+@main.command()
+def check() -> None:
+    """Check every setting against the real systems; writes nothing but the schema."""
+    from certsync.pipeline import preflight
+
+    fingerprint = preflight(_services())
+    click.echo(f"settings OK (trust configuration {fingerprint[:16]})")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Plan, but publish nothing.")
+@click.option("--allow-mass-removal", is_flag=True, help="Ignore the removal threshold for this run.")
+@click.option("--run-id", "airflow_run_id", default=None, help="Run key (re-using one resumes that run).")
+def run(dry_run: bool, allow_mass_removal: bool, airflow_run_id: str | None) -> None:
+    """Run every stage once, in this process (what the DAG does, without a scheduler)."""
+    from certsync import pipeline
+
+    services = _services()
+    now = datetime.now(UTC)
+    run_id = pipeline.begin(
+        services,
+        dag_id="certsync-cli",
+        airflow_run_id=airflow_run_id or f"cli__{now.isoformat()}",
+        logical_date=now,
+        mode="full",
+        dry_run=dry_run,
+    )
+    pipeline.extract(services, run_id=run_id)
+    pipeline.read_recipients(services, run_id=run_id)
+    pipeline.validate(services, run_id=run_id)
+    for batch in pipeline.plan(services, run_id=run_id, allow_mass_removal=allow_mass_removal):
+        pipeline.publish(services, run_id=run_id, batch=batch)
+    pipeline.finish(services, run_id=run_id)
+    _print_report(services)
+
+
+def _print_report(services: Services) -> None:
+    from certsync import report
+
+    with services.engine.connect() as conn:
+        click.echo(report.render_run(conn, report.latest_run(conn)))
+        click.echo("")
+        click.echo(report.render_auditor_example(conn))
+
+
+@main.command()
+def summary() -> None:
+    """Print the latest run's summary and the audit chain check."""
+    _print_report(_services())
+
+
+@main.group()
+def lab() -> None:
+    """The local stack: embedded PostgreSQL, Samba AD DC, Exchange Online emulator."""
+
+
+def _stack(home: Path, users: int):  # type: ignore[no-untyped-def]
+    from certsync.lab.stack import LabStack
+
+    return LabStack(home=home, users=users)
+
+
+@main.command()
+@click.option("--home", type=click.Path(path_type=Path), default=Path(".certsync"), show_default=True)
+@click.option("--users", type=int, default=300, show_default=True, help="Size of the seeded population.")
+def demo(home: Path, users: int) -> None:
+    """Start the lab, run the `certsync` DAG once with Airflow, print what happened, stop the lab."""
+    stack = _stack(home, users)
+    with stack:
+        env = {**os.environ, **stack.environment(), **_airflow_env(stack)}
+        click.echo(
+            f"lab up: {users} users in Samba AD, emulator at {stack.emulator.url}, data in {stack.home}"
+        )
+        subprocess.run(
+            [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "airflow", "dags", "test", "certsync"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        (stack.home / "last-dag-run.log").write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise click.ClickException(f"the DAG run failed; its log is in {stack.home / 'last-dag-run.log'}")
+        os.environ.update(stack.environment())
+        services = _services()
+        _print_report(services)
+        _print_agreement(services, stack)
+
+
+def _airflow_env(stack) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    airflow_home = stack.home / "airflow"
+    airflow_home.mkdir(parents=True, exist_ok=True)
+    metadata = stack.postgres.ensure_database("airflow").replace("postgresql://", "postgresql+psycopg://")
+    return {
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata,
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    }
+
+
+def _print_agreement(services: Services, stack) -> None:  # type: ignore[no-untyped-def]
+    from certsync.report import emulator_disagreements
+
+    state = stack.emulator.control.state()
+    with services.engine.connect() as conn:
+        problems = emulator_disagreements(conn, state)
+    click.echo("")
+    click.echo(
+        f"Exchange emulator check: {len(state['recipients'])} recipients,"
+        f" {len(problems)} differ from what certsync published"
+    )
+    for line in problems[:10]:
+        click.echo(f"  {line}")
+
+
+@lab.command("up")
+@click.option("--home", type=click.Path(path_type=Path), default=Path(".certsync"), show_default=True)
+@click.option("--users", type=int, default=300, show_default=True)
+def lab_up(home: Path, users: int) -> None:
+    """Start the lab and print the environment a sync run needs (contains secrets: keep it private)."""
+    stack = _stack(home, users).up()
+    env_file = stack.home / "lab.env"
+    env_file.touch(mode=0o600, exist_ok=True)
+    env_file.write_text("".join(f"export {k}='{v}'\n" for k, v in stack.environment().items()))
+    click.echo(f"lab up; settings written to {env_file} (source it, then run: certsync run)")
+
+
+@lab.command("down")
+@click.option("--home", type=click.Path(path_type=Path), default=Path(".certsync"), show_default=True)
+def lab_down(home: Path) -> None:
+    """Stop the lab's services (their data stays)."""
+    _stack(home, 0).down()
+    click.echo("lab stopped")

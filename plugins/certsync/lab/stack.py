@@ -1,0 +1,198 @@
+"""The whole local stack for the demo and the integration tests: embedded PostgreSQL, a Samba AD DC
+seeded with a synthetic population, and the Exchange Online emulator holding one recipient per user.
+
+Everything lives under one home folder (default `.certsync/`), survives restarts, and is seeded once:
+a second `up()` reuses the directory, the PKI and the emulator's state as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from certsync.config import Connection, connection_uri
+from certsync.directory import DirectoryReader, DirectorySettings
+from certsync.emulator.process import EmulatorProcess
+from certsync.emulator.seed import Shares, seed_from_directory
+from certsync.emulator.state import register_client
+from certsync.lab.pki import Pki
+from certsync.lab.population import generate_population, load_population
+from certsync.lab.postgres import EmbeddedPostgres
+from certsync.lab.samba import SambaDC
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = "certsync-lab"
+DEMO_SHARES = Shares(mailbox=0.7, mailuser=0.12, contact=0.1, missing=0.08, dirsynced=0.5, cloud_managed=0.6)
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.write_bytes(data)
+
+
+def app_credentials(directory: Path) -> tuple[Path, Path, str]:
+    """The lab application's certificate, private key and client secret (made once, kept 0600)."""
+    cert_file, key_file, secret_file = directory / "app.pem", directory / "app.key", directory / "app.secret"
+    if not cert_file.exists():
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLIENT_ID)])
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder(subject_name=name, issuer_name=name, public_key=key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=3650))
+            .sign(key, hashes.SHA256())
+        )
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write_secret(key_file, pem)
+        _write_secret(secret_file, secrets.token_urlsafe(32).encode())
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_file, key_file, secret_file.read_text()
+
+
+@dataclass
+class LabStack:
+    home: Path
+    users: int = 300
+    seed: int = 7
+    shares: Shares = DEMO_SHARES
+    use_certificate: bool = True
+    postgres: EmbeddedPostgres = field(init=False)
+    samba: SambaDC = field(init=False)
+    emulator: EmulatorProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.home = self.home.resolve()
+        self.postgres = EmbeddedPostgres(data_dir=self.home / "postgres")
+        self.samba = SambaDC(home=self.home / "samba", cache_dir=self.home / "cache")
+        self.emulator = EmulatorProcess(home=self.home / "emulator")
+
+    @property
+    def trust_dir(self) -> Path:
+        return self.home / "trust"
+
+    def up(self) -> LabStack:
+        self.postgres.start()
+        self.samba.start()
+        self._seed_directory()
+        cert, _key, secret = app_credentials(self.home / "app")
+        register_client(self.emulator.home, CLIENT_ID, secret=secret, certificate_pem=cert.read_text())
+        report = seed_from_directory(
+            home=self.emulator.home, users=self._reader().iter_users(), shares=self.shares, seed=self.seed
+        )
+        log.info("emulator recipients: %s", report)
+        self.emulator.start()
+        return self
+
+    def down(self) -> None:
+        self.emulator.stop()
+        self.samba.stop()
+        self.postgres.stop()
+
+    def __enter__(self) -> LabStack:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def _seed_directory(self) -> None:
+        marker = self.home / "seeded.json"
+        if marker.exists():
+            return
+        at = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        pki = Pki(algorithm="rsa", seed=self.seed, now=at - timedelta(days=800), key_cache=self.home / "keys")
+        population = generate_population(count=self.users, pki=pki, seed=self.seed, at=at)
+        pki.write_trust_files(
+            self.trust_dir, crl_this_update=at - timedelta(days=1), crl_next_update=at + timedelta(days=3650)
+        )
+        added = load_population(
+            url=self.samba.ldap_url,
+            bind_dn=self.samba.bind_dn,
+            password=self.samba.password,
+            ou_dn=self.samba.users_ou,
+            users=population,
+        )
+        marker.write_text(
+            json.dumps({"users": self.users, "seed": self.seed, "at": at.isoformat(), "added": added})
+        )
+
+    def directory_settings(self) -> DirectorySettings:
+        return DirectorySettings(
+            url=self.samba.ldap_url,
+            bind_dn=self.samba.bind_dn,
+            password=self.samba.password,
+            base_dn=self.samba.users_ou,
+        )
+
+    def _reader(self) -> DirectoryReader:
+        return DirectoryReader(settings=self.directory_settings())
+
+    def connections(self) -> dict[str, Connection]:
+        cert, key, secret = app_credentials(self.home / "app")
+        host, port = self.emulator.url.removeprefix("https://").rsplit(":", 1)
+        exchange_extra = {
+            "tenant_id": self.emulator.tenant_id,
+            "authority_host": self.emulator.url,
+            "ca_file": str(self.emulator.ca_file),
+        }
+        if self.use_certificate:
+            exchange_extra |= {"certificate_file": str(cert), "private_key_file": str(key)}
+        return {
+            "certsync_ldap": Connection(
+                conn_id="certsync_ldap",
+                conn_type="ldap",
+                host="127.0.0.1",
+                port=389,
+                login=self.samba.bind_dn,
+                password=self.samba.password,
+                extra={"base_dn": self.samba.users_ou},
+            ),
+            "certsync_exchange": Connection(
+                conn_id="certsync_exchange",
+                conn_type="https",
+                host=host,
+                port=int(port),
+                login=CLIENT_ID,
+                password="" if self.use_certificate else secret,
+                extra=exchange_extra,
+            ),
+            "certsync_postgres": Connection(
+                conn_id="certsync_postgres",
+                conn_type="postgres",
+                host="127.0.0.1",
+                port=self.postgres.port,
+                login="postgres",
+                schema="postgres",
+            ),
+        }
+
+    def config(self) -> dict:
+        trust = self.trust_dir
+        return {
+            "trust_anchors": str(trust / "anchors.pem"),
+            "intermediates": [str(trust / "intermediates.pem")],
+            "crls": sorted(str(p) for p in trust.glob("*.crl")),
+            "profile": "enterprise",
+        }
+
+    def environment(self) -> dict[str, str]:
+        """AIRFLOW_CONN_* / AIRFLOW_VAR_* for a process (Airflow or the CLI) that runs the sync."""
+        env = {
+            f"AIRFLOW_CONN_{cid.upper()}": connection_uri(conn) for cid, conn in self.connections().items()
+        }
+        env["AIRFLOW_VAR_CERTSYNC_CONFIG"] = json.dumps(self.config())
+        return env

@@ -1,0 +1,107 @@
+"""Human-readable reports over the run tables: the run summary, an auditor's query, the chain check."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from tabulate import tabulate
+
+# What an auditor asks: what did each recipient get, from which run, and did Exchange accept it?
+AUDITOR_QUERY = """
+SELECT a.seq, a.at::timestamp(0) AS at_utc, a.primary_smtp, a.cmdlet, a.action,
+       cardinality(a.user_certificate) AS user_certs, cardinality(a.user_smime_certificate) AS smime_blobs,
+       a.outcome, a.airflow_run_id
+FROM certsync.audit_log a
+ORDER BY a.seq DESC
+LIMIT 5
+"""
+
+REFUSALS_QUERY = """
+SELECT r.reason, count(*) AS values, min(u.mail) AS example_user
+FROM certsync.value_result r JOIN certsync.source_user u USING (object_guid)
+WHERE r.run_id = :r AND NOT r.selected
+GROUP BY r.reason ORDER BY 2 DESC
+"""
+
+
+def latest_run(conn: Connection) -> sa.Row:
+    return conn.execute(
+        sa.text(
+            "SELECT run_id, dag_id, airflow_run_id, logical_date, dry_run, state, summary"
+            " FROM certsync.sync_run ORDER BY run_id DESC LIMIT 1"
+        )
+    ).one()
+
+
+def _table(rows: Iterable[Any], headers: list[str] | str = "keys") -> str:
+    return tabulate(list(rows), headers=headers, tablefmt="simple")
+
+
+def render_run(conn: Connection, run: sa.Row) -> str:
+    s: dict[str, Any] = run.summary or {}
+    actions = s.get("actions", {})
+    published = sum(n for k, n in actions.items() if k.endswith(":published"))
+    conflicts = sum(n for k, n in actions.items() if k.startswith("conflict:"))
+    lines = [
+        f"certsync run {run.run_id} ({run.dag_id} / {run.airflow_run_id}) - {run.state}"
+        + (" [dry run]" if run.dry_run else ""),
+        f"  users seen:                 {s.get('users', 0)}",
+        f"  certificate values:         {s.get('values', {}).get('selected', 0)} valid and selected,"
+        f" {s.get('values', {}).get('refused', 0)} refused",
+        f"  recipients updated:         {published}",
+        f"  conflicts (directory sync): {conflicts}",
+        f"  publish attempts:           {s.get('publish_attempts', {}) or 'none (nothing changed)'}",
+        "",
+        "Refused certificates by reason:",
+        _table(conn.execute(sa.text(REFUSALS_QUERY), {"r": run.run_id}).mappings()),
+        "",
+        "Actions not published, by reason:",
+        _table(sorted(s.get("not_published_by_reason", {}).items()), ["reason", "recipients"]),
+    ]
+    return "\n".join(lines)
+
+
+def render_auditor_example(conn: Connection) -> str:
+    rows = conn.execute(sa.text(AUDITOR_QUERY)).mappings().all()
+    breaks = conn.execute(sa.text("SELECT count(*) FROM certsync.audit_chain_breaks")).scalar_one()
+    total = conn.execute(sa.text("SELECT count(*) FROM certsync.audit_log")).scalar_one()
+    return "\n".join(
+        [
+            "Auditor query (the five latest publish attempts):",
+            AUDITOR_QUERY.strip(),
+            "",
+            _table(rows) if rows else "(no publish attempts yet)",
+            "",
+            f"Audit chain: {total} rows, {breaks} breaks (SELECT * FROM certsync.audit_chain_breaks)",
+        ]
+    )
+
+
+def emulator_disagreements(conn: Connection, state: dict[str, Any]) -> list[str]:
+    """Recipients whose certificates in Exchange differ from what certsync published for them."""
+    published = {
+        r.recipient_id: (list(r.uc), list(r.us))
+        for r in conn.execute(
+            sa.text(
+                "SELECT recipient_id, user_certificate AS uc, user_smime_certificate AS us FROM certsync.published_state"
+            )
+        )
+    }
+    problems = []
+    for recipient in state.get("recipients", []):
+        rid = recipient.get("ExternalDirectoryObjectId") or recipient.get("Guid")
+        if rid not in published:
+            continue
+        held = tuple(
+            [hashlib.sha256(base64.b64decode(v)).digest() for v in recipient.get(attr, [])]
+            for attr in ("UserCertificate", "UserSMimeCertificate")
+        )
+        want = tuple([bytes(h) for h in hashes] for hashes in published[rid])
+        if held != want:
+            problems.append(f"{recipient.get('PrimarySmtpAddress')}: Exchange holds different certificates")
+    return problems
