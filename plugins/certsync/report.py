@@ -77,7 +77,7 @@ def render_auditor_example(conn: Connection) -> str:
             "",
             _table(rows) if rows else "(no publish attempts yet)",
             "",
-            f"Audit chain: {total} rows, {breaks} breaks (SELECT * FROM certsync.audit_chain_breaks)",
+            f"Audit chain: {total} rows, {breaks} breaks (see the view certsync.audit_chain_breaks)",
         ]
     )
 
