@@ -203,3 +203,37 @@ def test_get_recipient_defaults_to_1000_results_with_a_warning(tmp_path: Path) -
     assert "ResultSize" in default.warnings[0]
     assert len(unlimited.value) == 1000 and unlimited.skip_token is not None
     assert unlimited.warnings == []
+
+
+def test_seed_from_ad_command_reads_the_directory(populated_dc, tmp_path: Path) -> None:
+    password_file = tmp_path / "bind-password"
+    password_file.write_text(populated_dc.password)
+    home = tmp_path / "emulator"
+    args = [
+        "seed-from-ad",
+        "--home",
+        str(home),
+        "--url",
+        populated_dc.ldap_url,
+        "--bind-dn",
+        populated_dc.bind_dn,
+        "--base-dn",
+        populated_dc.users_ou,
+        "--password-file",
+        str(password_file),
+        "--seed",
+        "3",
+    ]
+    result = CliRunner().invoke(emulator_cli, args, env={"CERTSYNC_LDAP_PASSWORD": ""})
+    assert result.exit_code == 0, result.output
+    assert populated_dc.password not in result.output
+    report = json.loads(result.output)
+    items = _recipients(home)
+    assert report["created"] == len(items) > 0
+    assert all(item["PrimarySmtpAddress"] for item in items.values())
+    rerun = CliRunner().invoke(emulator_cli, args)
+    assert json.loads(rerun.output)["created"] == 0
+    missing = CliRunner().invoke(
+        emulator_cli, [*args[:-4], "--seed", "3"], env={"CERTSYNC_LDAP_PASSWORD": ""}
+    )
+    assert missing.exit_code != 0 and "CERTSYNC_LDAP_PASSWORD" in missing.output
