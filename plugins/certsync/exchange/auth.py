@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from certsync.config import ExchangeSettings
 
 log = logging.getLogger(__name__)
-SCOPE_SUFFIX = "/.default"
+EXCHANGE_SCOPE = "https://outlook.office365.com/.default"
 
 
 class AuthError(RuntimeError):
@@ -54,10 +54,8 @@ class TokenProvider:
     """One msal application per process: it caches tokens and remembers token-endpoint throttling."""
 
     def __init__(self, *, settings: ExchangeSettings, session: requests.Session) -> None:
-        self._scope = settings.base_url.rstrip("/") + SCOPE_SUFFIX
-        # Against Microsoft the resource is always outlook.office365.com, whatever host we call.
-        if settings.base_url.startswith("https://outlook.office365.com"):
-            self._scope = "https://outlook.office365.com" + SCOPE_SUFFIX
+        # The resource is Exchange Online's, whatever host the calls go to.
+        self._scope = EXCHANGE_SCOPE
         authority = f"{settings.authority_host.rstrip('/')}/{settings.tenant_id}"
         try:
             self._app = msal.ConfidentialClientApplication(

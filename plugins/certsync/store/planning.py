@@ -48,8 +48,10 @@ def _verdict(row: sa.Row) -> Verdict:
 
 def source_users(conn: Connection, *, fingerprint: str) -> Iterator[SourceUser]:
     """Every user of the source view with the verdicts of its values, streamed."""
-    rows = conn.execution_options(stream_results=True, yield_per=5000).execute(
-        sa.text(USERS_WITH_VERDICTS), {"fp": fingerprint}
+    rows = conn.execute(
+        sa.text(USERS_WITH_VERDICTS),
+        {"fp": fingerprint},
+        execution_options={"stream_results": True, "yield_per": 5000},
     )
     for guid, group in itertools.groupby(rows, key=lambda r: r.object_guid):
         first, *rest = list(group)
