@@ -9,8 +9,10 @@ shortcut would skip the constraints of the CAs above them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
@@ -24,12 +26,24 @@ from certsync.certificates.trust import LoadedCrl, TrustConfig, crl_signed_by
 log = logging.getLogger(__name__)
 
 MARKER = "certsync-refusal="
-_CaCheck = tuple[Refusal | None, datetime | None]
 
 
 def earliest(values: Iterable[datetime | None]) -> datetime | None:
     present = [v for v in values if v is not None]
     return min(present) if present else None
+
+
+@dataclass(frozen=True)
+class IssuerState:
+    """Everything about a leaf's issuing CA that is the same for all its leaves at one time."""
+
+    ca: x509.Certificate
+    name: str
+    refusal: Refusal | None  # the CA chain itself fails the profile or is revoked
+    until: datetime | None  # earliest CA expiry or CA-level CRL deadline
+    crl: LoadedCrl | None  # the freshest CRL of this CA that it really signed
+    crl_deadline: datetime | None  # next update plus grace
+    configured: bool = False  # the CA is in the trust config, not only in some value's blob
 
 
 class ChainChecker:
@@ -48,66 +62,60 @@ class ChainChecker:
     def _reset(self) -> None:
         self._full: xv.ClientVerifier | None = None
         self._fast: xv.ClientVerifier | None = None
-        self._promoted: dict[x509.Certificate, list[x509.Certificate]] = {}
-        self._ca_checks: dict[tuple[x509.Certificate, ...], _CaCheck] = {}
-        self._crl_ok: dict[tuple[int, x509.Certificate], bool] = {}
-        self._names: dict[x509.Certificate, tuple[bytes, str]] = {}
+        self._promoted: dict[x509.Certificate, IssuerState] = {}
+        # Keyed by id(): the fast verifier hands back the very objects held in its Store.
+        self._promoted_by_id: dict[int, IssuerState] = {}
+        self._states: dict[tuple[x509.Certificate, ...], IssuerState] = {}
 
     def check(
-        self, leaf: x509.Certificate, extra: Sequence[x509.Certificate], at: datetime
+        self, leaf: x509.Certificate, serial: int, extra: Sequence[x509.Certificate], at: datetime
     ) -> tuple[datetime | None, str]:
-        """Verify the leaf's chain and revocation at `at`.
-
-        Returns until when that holds and the issuer's name.
-        """
+        """Verify the leaf's chain and revocation at `at`; return until when that holds and the
+        issuer's name."""
         if at != self._at:
             self._at = at
             self._reset()
-        chain = self._build(leaf, extra, at)
-        cas = tuple(chain[1:])
-        refusal, ca_until = self._ca_checks.get(cas) or self._check_cas(cas, at)
-        if refusal is not None:
-            raise refusal
-        issuer_key, issuer_text = self._name_of(cas[0])
-        leaf_until = self._revocation(leaf, issuer_key, cas[0], at, what="certificate")
-        return earliest([leaf_until, ca_until]), issuer_text
-
-    def _name_of(self, ca: x509.Certificate) -> tuple[bytes, str]:
-        known = self._names.get(ca)
-        if known is None:
-            known = (ca.subject.public_bytes(), name_text(ca, "subject"))
-            self._names[ca] = known
-        return known
+        state = self._fast_path(leaf, extra)
+        if state is None:
+            chain = self._full_path(leaf, extra, at)
+            cas = tuple(chain[1:])
+            state = self._states.get(cas) or self._issuer_state(cas, at)
+            self._maybe_promote(chain, state, at)
+        if state.refusal is not None:
+            raise state.refusal
+        return self._leaf_revocation(serial, state, at), state.name
 
     # -- path building ----------------------------------------------------------------------
 
-    def _build(
+    def _fast_path(self, leaf: x509.Certificate, extra: Sequence[x509.Certificate]) -> IssuerState | None:
+        if self._fast is None:
+            return None
+        # Trying is cheaper than reading the leaf's issuer name to see whether it would work.
+        try:
+            short = self._fast.verify(leaf, []).chain
+        except xv.VerificationError:
+            return None  # the full path gives the exact diagnosis
+        state = self._promoted_by_id.get(id(short[-1])) if len(short) == 2 else None
+        if state is None or state.ca is not short[-1]:
+            return None
+        # A verdict depends only on the value and the trust config: an intermediate learned from
+        # another user's PKCS#7 blob must not help a leaf whose own value lacks it.
+        if state.configured or state.ca in extra:
+            return state
+        return None
+
+    def _full_path(
         self, leaf: x509.Certificate, extra: Sequence[x509.Certificate], at: datetime
     ) -> list[x509.Certificate]:
-        if self._fast is not None:
-            # Trying is cheaper than reading the leaf's issuer name to see whether it would work.
-            try:
-                short = self._fast.verify(leaf, []).chain
-                if len(short) == 2 and self._usable(short[1], extra):
-                    return [leaf, *self._promoted[short[1]]]
-            except xv.VerificationError:
-                pass  # fall back to the full path for an exact diagnosis
         if self._full is None:
             self._full = self._verifier(self._anchors, at)
         try:
-            chain = self._full.verify(leaf, [*self._intermediates, *extra]).chain
+            return self._full.verify(leaf, [*self._intermediates, *extra]).chain
         except xv.VerificationError as exc:
             raise self._refusal(str(exc)) from None
-        self._maybe_promote(chain, at)
-        return chain
 
-    def _usable(self, ca: x509.Certificate, extra: Sequence[x509.Certificate]) -> bool:
-        # A verdict depends only on the value and the trust config: an intermediate learned from
-        # another user's PKCS#7 blob must not help a leaf whose own value lacks it.
-        return ca in self._promoted and (ca in self._configured or ca in extra)
-
-    def _maybe_promote(self, chain: list[x509.Certificate], at: datetime) -> None:
-        if len(chain) < 3 or chain[1] in self._promoted:
+    def _maybe_promote(self, chain: list[x509.Certificate], state: IssuerState, at: datetime) -> None:
+        if len(chain) < 3 or state.refusal is not None or chain[1] in self._promoted:
             return
         for ca in chain[1:]:
             try:
@@ -115,11 +123,20 @@ class ChainChecker:
                 return
             except x509.ExtensionNotFound:
                 continue
-        self._promoted[chain[1]] = chain[1:]
-        self._fast = self._verifier([*self._anchors, *self._promoted], at)
-        log.debug("promoted intermediate %s", chain[1].subject.rfc4514_string())
+        self._promoted[chain[1]] = state
+        # Promoted CAs passed the CA EKU rule on the full path; skip the Python callback here.
+        self._fast = self._verifier([*self._anchors, *self._promoted], at, ca_eku_rule=False)
+        try:
+            probe = self._fast.verify(chain[0], []).chain[-1]  # the Store's object for chain[1]
+        except xv.VerificationError:
+            return  # stays promoted in the Store but is never trusted by the shortcut
+        state = dataclasses.replace(state, ca=probe, configured=probe in self._configured)
+        self._promoted_by_id[id(probe)] = state
+        log.debug("promoted intermediate %s", state.name)
 
-    def _verifier(self, store: list[x509.Certificate], at: datetime) -> xv.ClientVerifier:
+    def _verifier(
+        self, store: list[x509.Certificate], at: datetime, *, ca_eku_rule: bool = True
+    ) -> xv.ClientVerifier:
         # The leaf's EKU was checked before path building, with a precise reason.
         ee = xv.ExtensionPolicy.webpki_defaults_ee().may_be_present(
             x509.ExtendedKeyUsage, xv.Criticality.AGNOSTIC, None
@@ -128,7 +145,7 @@ class ChainChecker:
             # Legacy AD CS leaves may carry the address only in the subject DN.
             ee = ee.may_be_present(x509.SubjectAlternativeName, xv.Criticality.AGNOSTIC, None)
         ca = xv.ExtensionPolicy.webpki_defaults_ca().may_be_present(
-            x509.ExtendedKeyUsage, xv.Criticality.AGNOSTIC, self._ca_eku
+            x509.ExtendedKeyUsage, xv.Criticality.AGNOSTIC, self._ca_eku if ca_eku_rule else None
         )
         builder = xv.PolicyBuilder().store(xv.Store(store)).time(at)
         return builder.extension_policies(ca_policy=ca, ee_policy=ee).build_client_verifier()
@@ -142,7 +159,6 @@ class ChainChecker:
             raise ValueError(f"{MARKER}{Reason.NO_EMAIL_PROTECTION_EKU.value}|{rule}|{text}")
 
     def _refusal(self, message: str) -> Refusal:
-        rule = f"{self._profile}.chain"
         if MARKER in message:
             reason, rule, text = message.split(MARKER, 1)[1].split("|", 2)
             return Refusal(Reason(reason), rule, text.split(" (encountered", 1)[0])
@@ -153,25 +169,34 @@ class ChainChecker:
             text = "No path to a configured trust anchor (unknown issuer or missing intermediate)."
             return Refusal(Reason.UNKNOWN_ISSUER, f"{self._profile}.anchor", text)
         text = message.split(" (encountered", 1)[0].removeprefix("validation failed: ")
+        rule = f"{self._profile}.chain"
         return Refusal(Reason.CHAIN_INVALID, rule, f"Chain validation failed: {text[:300]}")
 
     # -- CA rules and revocation --------------------------------------------------------------
 
-    def _check_cas(self, cas: tuple[x509.Certificate, ...], at: datetime) -> _CaCheck:
-        result: _CaCheck
+    def _issuer_state(self, cas: tuple[x509.Certificate, ...], at: datetime) -> IssuerState:
+        issuer = cas[0]
+        refusal, until = None, earliest(c.not_valid_after_utc for c in cas)
         try:
-            until = earliest(c.not_valid_after_utc for c in cas)
             for index, ca in enumerate(cas[:-1]):
                 self._strict_ca_eku(ca, is_root=False)
-                issuer_key = self._name_of(cas[index + 1])[0]
-                revoked_until = self._revocation(ca, issuer_key, cas[index + 1], at, what="CA")
-                until = earliest([until, revoked_until])
+                crl, deadline = self._crl_for(cas[index + 1], at, what="CA")
+                self._not_revoked(crl, ca.serial_number, what="CA")
+                until = earliest([until, deadline])
             self._strict_ca_eku(cas[-1], is_root=True)
-            result = (None, until)
-        except Refusal as refusal:
-            result = (refusal, None)
-        self._ca_checks[cas] = result
-        return result
+            crl, deadline = self._crl_for(issuer, at, what="certificate")
+        except Refusal as exc:
+            refusal, crl, deadline = exc, None, None
+        state = IssuerState(
+            ca=issuer,
+            name=name_text(issuer, "subject"),
+            refusal=refusal,
+            until=until,
+            crl=crl,
+            crl_deadline=deadline,
+        )
+        self._states[cas] = state
+        return state
 
     def _strict_ca_eku(self, ca: x509.Certificate, *, is_root: bool) -> None:
         if self._profile != "strict":
@@ -191,32 +216,31 @@ class ChainChecker:
             text = f"An intermediate CA's extended key usage includes {', '.join(forbidden)}."
             raise Refusal(Reason.PROFILE_EKU_FORBIDDEN, "strict.ca_eku_forbidden", text)
 
-    def _revocation(
-        self, cert: x509.Certificate, issuer_key: bytes, issuer: x509.Certificate, at: datetime,
-        *, what: str,
-    ) -> datetime | None:  # fmt: skip
-        crls = [c for c in self._crls.get(issuer_key, ()) if self._signed(c, issuer)]
+    def _crl_for(
+        self, issuer: x509.Certificate, at: datetime, *, what: str
+    ) -> tuple[LoadedCrl | None, datetime | None]:
+        """The freshest CRL that `issuer` signed, and its deadline; refuses stale or missing ones."""
+        key = issuer.subject.public_bytes()
+        crls = [c for c in self._crls.get(key, ()) if crl_signed_by(c, issuer)]
         if not crls:
             if self._profile == "strict":
                 text = f"No configured CRL covers the issuer of this {what}."
                 raise Refusal(Reason.REVOCATION_UNKNOWN, "strict.crl_required", text)
-            return None
+            return None, None
         crl = max(crls, key=lambda c: c.this_update)
-        deadline = None
-        if crl.next_update is not None:
-            deadline = crl.next_update + self._trust.spec.crl_max_age_after_next_update
-            if at > deadline:
-                text = f"The issuer's CRL expired at {crl.next_update.isoformat()} ({what} check)."
-                raise Refusal(Reason.CRL_STALE, f"{self._profile}.crl_fresh", text)
-        if cert.serial_number in crl.revoked:
+        if crl.next_update is None:
+            return crl, None
+        deadline = crl.next_update + self._trust.spec.crl_max_age_after_next_update
+        if at > deadline:
+            text = f"The issuer's CRL expired at {crl.next_update.isoformat()} ({what} check)."
+            raise Refusal(Reason.CRL_STALE, f"{self._profile}.crl_fresh", text)
+        return crl, deadline
+
+    def _not_revoked(self, crl: LoadedCrl | None, serial: int, *, what: str) -> None:
+        if crl is not None and serial in crl.revoked:
             text = f"The {what} is listed on its issuer's CRL."
             raise Refusal(Reason.REVOKED, f"{self._profile}.not_revoked", text)
-        return deadline
 
-    def _signed(self, loaded: LoadedCrl, issuer: x509.Certificate) -> bool:
-        key = (id(loaded), issuer)
-        known = self._crl_ok.get(key)
-        if known is None:
-            known = crl_signed_by(loaded, issuer)
-            self._crl_ok[key] = known
-        return known
+    def _leaf_revocation(self, serial: int, state: IssuerState, at: datetime) -> datetime | None:
+        self._not_revoked(state.crl, serial, what="certificate")
+        return earliest([state.until, state.crl_deadline])

@@ -64,7 +64,7 @@ class Validator:
             self._policy.check_static(cert, facts.serial_number, extensions)
             check_validity(cert, at, self.trust.profile)
             self._policy.check_emails(facts.emails, facts.san_emails)
-            chain_until, issuer = self._chains.check(cert, parsed.extra_certificates, at)
+            chain_until, issuer = self._chains.check(cert, facts.serial_number, parsed.extra_certificates, at)
         except Refusal as refusal:
             issuer = name_text(cert, "issuer")
             return _verdict(parsed, facts, issuer, refusal=refusal)

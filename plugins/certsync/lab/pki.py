@@ -235,7 +235,9 @@ class Pki:
         now: datetime = DEFAULT_EPOCH,
         key_cache: Path | None = None,
         leaf_pool_size: int = 4,
+        serial_stream: int = 0,
     ) -> None:
+        """`serial_stream` lets several processes issue from the same PKI without serial clashes."""
         if algorithm not in ("rsa", "ec"):
             raise ValueError("algorithm must be 'rsa' or 'ec'")
         self.algorithm = algorithm
@@ -247,7 +249,9 @@ class Pki:
         self._leaf_keys: dict[int, PrivateKey] = {}
         self._ski_cache: dict[int, x509.SubjectKeyIdentifier] = {}
         self.cas: dict[str, CertificateAuthority] = {}
+        self._stream = 0  # CA certificates are identical in every stream
         self._build_hierarchies()
+        self._stream = serial_stream
 
     # -- CA hierarchy -------------------------------------------------------------------------
 
@@ -307,7 +311,8 @@ class Pki:
 
     def _next_serial(self) -> int:
         self._counter += 1
-        digest = hashlib.sha256(f"{self.seed}:{self._counter}".encode()).digest()
+        stream = f"/{self._stream}" if self._stream else ""
+        digest = hashlib.sha256(f"{self.seed}{stream}:{self._counter}".encode()).digest()
         # 127 bits, never zero, always positive: what CAs are told to use.
         return (int.from_bytes(digest[:16], "big") >> 1) | 1
 
