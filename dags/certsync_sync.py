@@ -62,63 +62,63 @@ def certsync():
         )
 
     @task
-    def extract(run_id: int) -> dict:
+    def extract(sync_run_id: int) -> dict:
         """Read the directory into staging and merge it into the source view."""
         from certsync.airflow_adapter import services
         from certsync.pipeline import extract as extract_users
 
-        return extract_users(services(), run_id=run_id)
+        return extract_users(services(), run_id=sync_run_id)
 
     @task
-    def read_recipients(run_id: int) -> dict:
+    def read_recipients(sync_run_id: int) -> dict:
         """Snapshot Exchange Online's recipients for matching and conflict checks."""
         from certsync.airflow_adapter import services
         from certsync.pipeline import read_recipients as read
 
-        return read(services(), run_id=run_id)
+        return read(services(), run_id=sync_run_id)
 
     @task
-    def validate(run_id: int, shard: int) -> dict:
+    def validate(sync_run_id: int, shard: int) -> dict:
         """Validate one shard of the certificates that need a (new) verdict."""
         from certsync.airflow_adapter import services
         from certsync.pipeline import validate as validate_shard
 
-        return validate_shard(services(), run_id=run_id, shard=shard, shards=VALIDATION_SHARDS)
+        return validate_shard(services(), run_id=sync_run_id, shard=shard, shards=VALIDATION_SHARDS)
 
     @task
-    def plan(run_id: int) -> list[int]:
+    def plan(sync_run_id: int) -> list[int]:
         """Compute the actions (desired vs published) and return the publish batches."""
         from certsync.airflow_adapter import services
         from certsync.pipeline import plan as plan_run
 
         allow = bool(get_current_context()["params"]["allow_mass_removal"])
-        return plan_run(services(), run_id=run_id, allow_mass_removal=allow)
+        return plan_run(services(), run_id=sync_run_id, allow_mass_removal=allow)
 
     @task(max_active_tis_per_dagrun=4)
-    def publish(run_id: int, batch: int) -> dict:
+    def publish(sync_run_id: int, batch: int) -> dict:
         """Publish one batch of actions to Exchange Online, auditing every attempt."""
         from certsync.airflow_adapter import services
         from certsync.pipeline import publish as publish_batch
 
-        return publish_batch(services(), run_id=run_id, batch=batch)
+        return publish_batch(services(), run_id=sync_run_id, batch=batch)
 
     @task(trigger_rule="none_failed", outlets=[PUBLISHED])
-    def finish(run_id: int) -> dict:
+    def finish(sync_run_id: int) -> dict:
         """Write the run summary (counts per outcome and reason)."""
         from certsync.airflow_adapter import services
         from certsync.pipeline import finish as finish_run
 
-        return finish_run(services(), run_id=run_id)
+        return finish_run(services(), run_id=sync_run_id)
 
-    run_id = begin()
-    extracted = extract(run_id)
-    recipients = read_recipients(run_id)
-    validated = validate.partial(run_id=run_id).expand(shard=list(range(VALIDATION_SHARDS)))
+    sync_run = begin()
+    extracted = extract(sync_run)
+    recipients = read_recipients(sync_run)
+    validated = validate.partial(sync_run_id=sync_run).expand(shard=list(range(VALIDATION_SHARDS)))
     [extracted, recipients] >> validated
-    batches = plan(run_id)
+    batches = plan(sync_run)
     validated >> batches
-    published = publish.partial(run_id=run_id).expand(batch=batches)
-    published >> finish(run_id)
+    published = publish.partial(sync_run_id=sync_run).expand(batch=batches)
+    published >> finish(sync_run)
 
 
 certsync()

@@ -96,13 +96,16 @@ CREATE TABLE certsync.cert_verdict (
     CHECK (ok = (reason IS NULL))
 );
 
--- The recipients Exchange Online holds, as last read by a run.
+-- The recipients Exchange Online holds, and their certificates (as hashes), as last read by a run.
+-- The plan diffs against these, so values put there by anyone else are corrected too.
 CREATE TABLE certsync.exo_recipient (
     recipient_id        text    PRIMARY KEY,   -- ExternalDirectoryObjectId, else Guid
     primary_smtp        text    NOT NULL,
     recipient_type      text    NOT NULL,      -- RecipientTypeDetails
     is_dir_synced       boolean NOT NULL,
     is_cloud_managed    boolean NOT NULL,
+    user_certificate       bytea[] NOT NULL DEFAULT '{}',  -- sha256 of each value Exchange holds
+    user_smime_certificate bytea[] NOT NULL DEFAULT '{}',
     seen_run_id         bigint  NOT NULL REFERENCES certsync.sync_run
 );
 CREATE INDEX exo_recipient_smtp ON certsync.exo_recipient (lower(primary_smtp));

@@ -146,15 +146,16 @@ def _airflow_env(stack) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 
 def _print_agreement(services: Services, stack) -> None:  # type: ignore[no-untyped-def]
-    from certsync.report import emulator_disagreements
+    from certsync.report import emulator_disagreements, latest_run
 
     state = stack.emulator.control.state()
+    writes = [r for r in stack.emulator.control.requests() if str(r.get("cmdlet", "")).startswith("Set-")]
     with services.engine.connect() as conn:
-        problems = emulator_disagreements(conn, state)
+        problems = emulator_disagreements(conn, state, run_id=latest_run(conn).run_id)
     click.echo("")
     click.echo(
-        f"Exchange emulator check: {len(state['recipients'])} recipients,"
-        f" {len(problems)} differ from what certsync published"
+        f"Exchange emulator: {len(state['recipients'])} recipients, {len(writes)} Set-* calls in this demo,"
+        f" {len(problems)} writable recipients differ from their users' valid certificates"
     )
     for line in problems[:10]:
         click.echo(f"  {line}")

@@ -1,7 +1,10 @@
-"""Desired state per recipient (valid certificates only, at most 15, newest first) against the
-last published state -> the actions to take. Pure logic: the store feeds it, the store saves it.
+"""Desired state per recipient (valid certificates only, at most 15, newest first) against what
+the recipient holds in Exchange Online -> the actions to take. Pure logic: the store feeds it, the
+store saves it.
 
-The plan is state-based: whatever failed to publish last time is simply still different next time.
+The plan is state-based: whatever failed to publish last time is simply still different next time,
+and values that got there any other way (directory sync before the switch to cloud-managed Exchange
+attributes, an admin, drift) are corrected too.
 """
 
 from __future__ import annotations
@@ -96,8 +99,8 @@ def match_recipient(user: SourceUser, by_smtp: Mapping[str, Recipient]) -> Recip
     return next((by_smtp[a] for a in user.addresses if a in by_smtp), None)
 
 
-def _kind(desired: dict[str, tuple[bytes, ...]], published: Published | None) -> str | None:
-    before = (published.user_certificate, published.user_smime_certificate) if published else ((), ())
+def _kind(desired: dict[str, tuple[bytes, ...]], recipient: Recipient) -> str | None:
+    before = (recipient.user_certificate, recipient.user_smime_certificate)
     after = (desired["userCertificate"], desired["userSMIMECertificate"])
     if after == before:
         return None
@@ -107,7 +110,7 @@ def _kind(desired: dict[str, tuple[bytes, ...]], published: Published | None) ->
 
 
 def plan_user(
-    user: SourceUser, recipient: Recipient | None, published: Published | None, *, limit: int = 15
+    user: SourceUser, recipient: Recipient | None, *, limit: int = 15
 ) -> tuple[Action | None, list[ValueResult]]:
     desired, results = desired_values(user, limit=limit)
     wanted = {
@@ -119,7 +122,7 @@ def plan_user(
             return None, results
         reason = "no_mail" if not user.addresses else "recipient_not_found"
         return Action(user.object_guid, "no_recipient", None, reason=reason, **wanted), results
-    kind = _kind(desired, published)
+    kind = _kind(desired, recipient)
     if kind is None:
         return None, results
     if recipient.cmdlet is None:
@@ -140,7 +143,8 @@ def build_plan(
     published: Mapping[str, Published],
     limit: int = 15,
 ) -> Plan:
-    """Plan every user, then remove what certsync published for recipients no user claims any more."""
+    """Plan every user, then clear the recipients certsync published to that no user claims any more
+    (a user left the scope or lost its mail address)."""
     by_smtp = {r.primary_smtp.lower(): r for r in recipients}
     plan = Plan()
     claimed: set[str] = set()
@@ -150,9 +154,7 @@ def build_plan(
             recipient = None  # two users, one recipient: the first claim wins, the second is reported
         if recipient is not None:
             claimed.add(recipient.recipient_id)
-        action, results = plan_user(
-            user, recipient, published.get(recipient.recipient_id) if recipient else None, limit=limit
-        )
+        action, results = plan_user(user, recipient, limit=limit)
         plan.results.extend(results)
         if action is not None:
             plan.actions.append(action)
@@ -168,7 +170,7 @@ def _orphan_removals(
         if (
             recipient_id in claimed
             or recipient is None
-            or not any((state.user_certificate, state.user_smime_certificate))
+            or not any((recipient.user_certificate, recipient.user_smime_certificate))
         ):
             continue
         kind = "remove" if recipient.writable else "conflict"

@@ -11,6 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from tabulate import tabulate
 
+from certsync.directory import smtp_addresses
+
 # What an auditor asks: what did each recipient get, from which run, and did Exchange accept it?
 AUDITOR_QUERY = """
 SELECT a.seq, a.at::timestamp(0) AS at_utc, a.primary_smtp, a.cmdlet, a.action,
@@ -82,26 +84,31 @@ def render_auditor_example(conn: Connection) -> str:
     )
 
 
-def emulator_disagreements(conn: Connection, state: dict[str, Any]) -> list[str]:
-    """Recipients whose certificates in Exchange differ from what certsync published for them."""
-    published = {
-        r.recipient_id: (list(r.uc), list(r.us))
-        for r in conn.execute(
-            sa.text(
-                "SELECT recipient_id, user_certificate AS uc, user_smime_certificate AS us FROM certsync.published_state"
-            )
-        )
-    }
+SELECTED_BY_USER = """
+SELECT u.mail, u.proxy_addresses, r.attribute, array_agg(r.sha256) AS hashes
+FROM certsync.value_result r JOIN certsync.source_user u USING (object_guid)
+WHERE r.run_id = :r AND r.selected
+GROUP BY u.mail, u.proxy_addresses, r.attribute
+"""
+
+
+def emulator_disagreements(conn: Connection, state: dict[str, Any], *, run_id: int) -> list[str]:
+    """Writable recipients whose certificates in Exchange are not exactly the valid certificates
+    of their directory user, as selected by run `run_id` (no valid certificate: must hold none)."""
+    wanted: dict[str, dict[str, set[bytes]]] = {}
+    for row in conn.execute(sa.text(SELECTED_BY_USER), {"r": run_id}):
+        for address in smtp_addresses(row.mail, row.proxy_addresses):
+            wanted.setdefault(address, {})[row.attribute] = {bytes(h) for h in row.hashes}
     problems = []
     for recipient in state.get("recipients", []):
-        rid = recipient.get("ExternalDirectoryObjectId") or recipient.get("Guid")
-        if rid not in published:
-            continue
-        held = tuple(
-            [hashlib.sha256(base64.b64decode(v)).digest() for v in recipient.get(attr, [])]
-            for attr in ("UserCertificate", "UserSMimeCertificate")
-        )
-        want = tuple([bytes(h) for h in hashes] for hashes in published[rid])
-        if held != want:
-            problems.append(f"{recipient.get('PrimarySmtpAddress')}: Exchange holds different certificates")
+        if recipient.get("IsDirSynced") and not recipient.get("IsExchangeCloudManaged"):
+            continue  # owned by directory synchronisation, not by certsync
+        want = wanted.get(str(recipient.get("PrimarySmtpAddress", "")).lower(), {})
+        for attribute, field in (
+            ("userCertificate", "UserCertificate"),
+            ("userSMIMECertificate", "UserSMimeCertificate"),
+        ):
+            held = {hashlib.sha256(base64.b64decode(v)).digest() for v in recipient.get(field, [])}
+            if held != want.get(attribute, set()):
+                problems.append(f"{recipient.get('PrimarySmtpAddress')}: {field} is not the user's valid set")
     return problems

@@ -32,6 +32,8 @@ RECIPIENT_FIELDS = (
     "RecipientTypeDetails",
     "IsDirSynced",
     "IsExchangeCloudManaged",
+    "UserCertificate",
+    "UserSMimeCertificate",
 )
 MAX_RETRY_AFTER_S = 120.0
 # Marks of Exchange's refusal to write an object that directory synchronisation owns.

@@ -60,14 +60,18 @@ def source_users(conn: Connection, *, fingerprint: str) -> Iterator[SourceUser]:
 
 
 def save_recipients(conn: Connection, *, run_id: int, recipients: Iterable[Recipient]) -> int:
-    params = [{**r.__dict__, "run_id": run_id} for r in recipients]
+    params = [
+        {**r.__dict__, "uc": list(r.user_certificate), "us": list(r.user_smime_certificate), "run_id": run_id}
+        for r in recipients
+    ]
     conn.execute(sa.text("DELETE FROM certsync.exo_recipient"))
     if params:
         conn.execute(
             sa.text(
                 "INSERT INTO certsync.exo_recipient (recipient_id, primary_smtp, recipient_type,"
-                " is_dir_synced, is_cloud_managed, seen_run_id) VALUES (:recipient_id, :primary_smtp,"
-                " :recipient_type, :is_dir_synced, :is_cloud_managed, :run_id)"
+                " is_dir_synced, is_cloud_managed, user_certificate, user_smime_certificate, seen_run_id)"
+                " VALUES (:recipient_id, :primary_smtp, :recipient_type, :is_dir_synced, :is_cloud_managed,"
+                " :uc, :us, :run_id)"
             ),
             params,
         )
@@ -77,11 +81,20 @@ def save_recipients(conn: Connection, *, run_id: int, recipients: Iterable[Recip
 def recipients(conn: Connection) -> list[Recipient]:
     rows = conn.execute(
         sa.text(
-            "SELECT recipient_id, primary_smtp, recipient_type, is_dir_synced, is_cloud_managed"
-            " FROM certsync.exo_recipient"
+            "SELECT recipient_id, primary_smtp, recipient_type, is_dir_synced, is_cloud_managed,"
+            " user_certificate, user_smime_certificate FROM certsync.exo_recipient"
         )
     )
-    return [Recipient(**r._mapping) for r in rows]
+    return [
+        Recipient(
+            **{
+                **r._mapping,
+                "user_certificate": tuple(map(bytes, r.user_certificate)),
+                "user_smime_certificate": tuple(map(bytes, r.user_smime_certificate)),
+            }
+        )
+        for r in rows
+    ]
 
 
 def published_state(conn: Connection) -> dict[str, Published]:
