@@ -74,3 +74,107 @@ def populated_dc(samba_dc: SambaDC, lab_population: list[SeedUser]) -> SambaDC:
         users=lab_population,
     )
     return samba_dc
+
+
+# --- the whole stack for pipeline tests: seeded DC, emulator seeded from it, trust files, settings ---
+
+
+@pytest.fixture(scope="session")
+def trust_files(lab_pki: Pki, lab_population: list[SeedUser], tmp_path_factory: pytest.TempPathFactory):
+    """Trust anchors, intermediates and CRLs (written after the population: CRLs list its revocations)."""
+    from datetime import timedelta
+
+    return lab_pki.write_trust_files(
+        tmp_path_factory.mktemp("trust"),
+        crl_this_update=LAB_AT - timedelta(days=1),
+        crl_next_update=LAB_AT + timedelta(days=30),
+    )
+
+
+@pytest.fixture(scope="session")
+def app_credential_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """The lab application's certificate, key and client secret."""
+    from certsync.lab.stack import app_credentials
+
+    return app_credentials(tmp_path_factory.mktemp("app"))
+
+
+@pytest.fixture(scope="session")
+def emulator_stack(populated_dc: SambaDC, app_credential_files, tmp_path_factory: pytest.TempPathFactory):
+    """The Exchange Online emulator, one recipient per seeded user, and the lab's app credentials."""
+    from certsync.directory import DirectoryReader
+    from certsync.emulator.process import EmulatorProcess
+    from certsync.emulator.seed import seed_from_directory
+    from certsync.emulator.state import register_client
+    from certsync.lab.stack import CLIENT_ID, DEMO_SHARES
+
+    home = tmp_path_factory.mktemp("emulator")
+    cert, _key, secret = app_credential_files
+    register_client(home, CLIENT_ID, secret=secret, certificate_pem=cert.read_text())
+    reader = DirectoryReader(settings=_directory_settings(populated_dc))
+    seed_from_directory(home=home, users=reader.iter_users(), shares=DEMO_SHARES, seed=0)
+    with EmulatorProcess(home=home) as emulator:
+        yield emulator
+
+
+def _directory_settings(dc: SambaDC):
+    from certsync.directory import DirectorySettings
+
+    return DirectorySettings(url=dc.ldap_url, bind_dn=dc.bind_dn, password=dc.password, base_dn=dc.users_ou)
+
+
+@pytest.fixture(scope="session")
+def sync_env(
+    populated_dc: SambaDC, embedded_pg: EmbeddedPostgres, emulator_stack, trust_files, app_credential_files
+):
+    """AIRFLOW_CONN_* / AIRFLOW_VAR_* for the pipeline against the session's real services."""
+    import json
+
+    from certsync.config import Connection, connection_uri
+    from certsync.lab.stack import CLIENT_ID
+
+    cert, key, _secret = app_credential_files
+    host, port = emulator_stack.url.removeprefix("https://").rsplit(":", 1)
+    ldap = Connection(
+        conn_id="certsync_ldap",
+        conn_type="ldap",
+        host="127.0.0.1",
+        port=389,
+        login=populated_dc.bind_dn,
+        password=populated_dc.password,
+        extra={"base_dn": populated_dc.users_ou},
+    )
+    exchange = Connection(
+        conn_id="certsync_exchange",
+        conn_type="https",
+        host=host,
+        port=int(port),
+        login=CLIENT_ID,
+        extra={
+            "tenant_id": emulator_stack.tenant_id,
+            "authority_host": emulator_stack.url,
+            "ca_file": str(emulator_stack.ca_file),
+            "certificate_file": str(cert),
+            "private_key_file": str(key),
+        },
+    )
+    postgres = Connection(
+        conn_id="certsync_postgres",
+        conn_type="postgres",
+        host="127.0.0.1",
+        port=embedded_pg.port,
+        login="postgres",
+        schema=embedded_pg.ensure_database("certsync").rsplit("/", 1)[1],
+    )
+    config = {
+        "trust_anchors": str(trust_files.anchors),
+        "intermediates": [str(trust_files.intermediates)],
+        "crls": [str(p) for p in trust_files.crls],
+        "publish_batch_size": 10,
+    }
+    return {
+        "AIRFLOW_CONN_CERTSYNC_LDAP": connection_uri(ldap),
+        "AIRFLOW_CONN_CERTSYNC_EXCHANGE": connection_uri(exchange),
+        "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(postgres),
+        "AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps(config),
+    }

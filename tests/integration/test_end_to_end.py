@@ -1,0 +1,166 @@
+"""The certsync DAG end to end with dag.test(): Samba AD DC -> embedded Postgres -> the Exchange
+Online emulator over TLS with msal. The oracle is the population generator's own record of which
+planted value must be accepted, independent of the validator under test."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+
+import psycopg
+import pytest
+from certsync.lab.population import SeedUser
+
+pytestmark = pytest.mark.integration
+
+PLANTED_REASONS = {
+    "expired",
+    "not_yet_valid",
+    "no_email_protection_eku",
+    "unknown_issuer",
+    "email_mismatch",
+    "weak_key",
+    "weak_signature",
+    "revoked",
+    "malformed",
+}
+
+
+@pytest.fixture(scope="module")
+def certsync_env(sync_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    saved = {k: os.environ.get(k) for k in sync_env}
+    os.environ.update(sync_env)
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+    yield sync_env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def dag(certsync_env):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tests.conftest import REPO
+
+    return DagBag(dag_folder=str(REPO / "dags")).dags["certsync"]
+
+
+@pytest.fixture(scope="module")
+def db(certsync_env, embedded_pg) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(embedded_pg.dsn_for("certsync"), autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="module")
+def first_run(dag, emulator_stack, lab_at):
+    emulator_stack.control.clear_requests()
+    run = dag.test(logical_date=lab_at)
+    return run, emulator_stack.control.requests()
+
+
+def _set_calls(requests: list[dict]) -> list[dict]:
+    return [r for r in requests if str(r.get("cmdlet") or "").startswith("Set-")]
+
+
+def _valid_hashes(user: SeedUser, values: list[bytes]) -> set[bytes]:
+    digests = (hashlib.sha256(v) for v in values)
+    return {d.digest() for d in digests if user.expected[d.hexdigest()] is None}
+
+
+def test_first_run_succeeds_and_publishes(first_run) -> None:
+    run, requests = first_run
+    assert run.state == "success"
+    assert len(_set_calls(requests)) > 10
+
+
+def test_every_writable_recipient_holds_exactly_its_users_valid_certificates(
+    first_run, emulator_stack, lab_population: list[SeedUser]
+) -> None:
+    by_mail = {u.mail.lower(): u for u in lab_population if u.mail}
+    checked = 0
+    for recipient in emulator_stack.control.state()["recipients"]:
+        if recipient["IsDirSynced"] and not recipient["IsExchangeCloudManaged"]:
+            continue
+        user = by_mail[recipient["PrimarySmtpAddress"].lower()]
+        for field, values in (
+            ("UserCertificate", user.user_certificate),
+            ("UserSMimeCertificate", user.user_smime_certificate),
+        ):
+            held = [hashlib.sha256(base64.b64decode(v)).digest() for v in recipient[field]]
+            assert len(held) <= 15
+            assert set(held) == _valid_hashes(user, values), f"{user.mail} {field}"
+        checked += 1
+    assert checked > 20
+
+
+def test_directory_synced_recipients_are_conflicts_not_writes(first_run, emulator_stack, db) -> None:
+    _, requests = first_run
+    synced = {
+        r["ExternalDirectoryObjectId"]
+        for r in emulator_stack.control.state()["recipients"]
+        if r["IsDirSynced"] and not r["IsExchangeCloudManaged"]
+    }
+    assert synced
+    assert not {r.get("identity") for r in _set_calls(requests)} & synced
+    conflicts = db.execute(
+        "SELECT count(*) FROM certsync.planned_action WHERE kind = 'conflict' AND state = 'conflict'"
+    ).fetchone()[0]
+    assert conflicts > 0
+
+
+def test_one_audit_row_per_publish_attempt(first_run, db) -> None:
+    _, requests = first_run
+    rows = db.execute("SELECT count(*), count(DISTINCT client_request_id) FROM certsync.audit_log").fetchone()
+    assert rows[0] == rows[1] == len(_set_calls(requests))
+    sent = {r["client_request_id"] for r in _set_calls(requests)}
+    audited = {str(r[0]) for r in db.execute("SELECT client_request_id FROM certsync.audit_log")}
+    assert sent == audited
+
+
+def test_summary_gives_a_reason_for_every_planted_defect(first_run, db) -> None:
+    summary = db.execute("SELECT summary FROM certsync.sync_run ORDER BY run_id DESC LIMIT 1").fetchone()[0]
+    assert set(summary["refused_by_reason"]) >= PLANTED_REASONS
+    assert summary["users"] == 50
+    assert "recipient_not_found" in summary["not_published_by_reason"]
+
+
+def test_second_run_makes_no_set_call(first_run, dag, emulator_stack, lab_at, db) -> None:
+    audit_before = db.execute("SELECT count(*) FROM certsync.audit_log").fetchone()[0]
+    emulator_stack.control.clear_requests()
+    run = dag.test(logical_date=lab_at + timedelta(hours=1))
+    assert run.state == "success"
+    assert _set_calls(emulator_stack.control.requests()) == []
+    assert db.execute("SELECT count(*) FROM certsync.audit_log").fetchone()[0] == audit_before
+
+
+def test_audit_log_is_append_only_for_the_application_role(first_run, db) -> None:
+    for statement in (
+        "UPDATE certsync.audit_log SET outcome = 'accepted'",
+        "DELETE FROM certsync.audit_log",
+        "TRUNCATE certsync.audit_log",
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), db.transaction():
+            db.execute("SET LOCAL ROLE certsync_app")
+            db.execute(statement)
+    # Even the owner is stopped by the guard triggers.
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"), db.transaction():
+        db.execute("DELETE FROM certsync.audit_log WHERE seq = 1")
+
+
+def test_hash_chain_finds_an_altered_row(first_run, db) -> None:
+    assert db.execute("SELECT count(*) FROM certsync.audit_chain_breaks").fetchone()[0] == 0
+    # A superuser can switch the guard off; the chain still tells. Rolled back afterwards.
+    with pytest.raises(psycopg.errors.RaiseException), db.transaction():
+        db.execute("ALTER TABLE certsync.audit_log DISABLE TRIGGER audit_log_no_update")
+        db.execute("UPDATE certsync.audit_log SET detail = 'edited' WHERE seq = 2")
+        breaks = db.execute("SELECT seq, problem FROM certsync.audit_chain_breaks").fetchall()
+        assert breaks == [(2, "altered_row")]
+        db.execute("DO $$ BEGIN RAISE EXCEPTION 'roll back'; END $$")
