@@ -83,3 +83,14 @@ def test_hostile_names_do_not_break_descriptions(setup, tmp_path: Path):
     verdict = validator.check(attribute="userCertificate", value=nasty, at=pki.now)
     assert verdict.ok
     assert verdict.emails == ("a,b=c+d;<e>@example.org",)
+
+
+def test_non_ascii_t61_subject_is_still_described(setup):
+    pki, validator, _, _ = setup
+    der = pki.issue(email="t61@example.org")
+    at = der.find(b"\x0c\x03t61")  # the CN as UTF8String
+    assert at > 0
+    legacy = der[:at] + b"\x14\x03J\xf6r" + der[at + 5 :]  # as a Latin-1 T61String
+    verdict = validator.check(attribute="userCertificate", value=legacy, at=pki.now)
+    assert not verdict.ok  # the patch broke the signature
+    assert "Jör" in verdict.subject
