@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,7 +106,10 @@ class EmulatorProcess:
             self._control = None
         process, self._process = self._process, None
         self._endpoint = None
-        if process is None or process.poll() is not None:
+        if process is None:
+            self._stop_announced()
+            return
+        if process.poll() is not None:
             return
         process.terminate()
         try:
@@ -113,6 +117,21 @@ class EmulatorProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    def _stop_announced(self) -> None:
+        """Stop an emulator another process started for this home (found by its endpoint file)."""
+        endpoint = read_endpoint(self.home) or {}
+        pid = int(endpoint.get("pid") or 0)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
+        except OSError:
+            return
+        if b"certsync.emulator" not in cmdline:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def __enter__(self) -> EmulatorProcess:
         return self.start()

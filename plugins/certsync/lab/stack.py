@@ -95,6 +95,7 @@ class LabStack:
             home=self.emulator.home, users=self._reader().iter_users(), shares=self.shares, seed=self.seed
         )
         log.info("emulator recipients: %s", report)
+        self.emulator.stop()  # one emulator per home: a leftover from an earlier `lab up` goes first
         self.emulator.start()
         return self
 

@@ -1,0 +1,29 @@
+# The two commands of the README, and a few for development.
+.PHONY: demo test lint format bench setup clean
+
+VENV := .venv
+BIN := $(VENV)/bin
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	$(BIN)/certsync demo
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	$(BIN)/python bench/bench_validation.py
+
+clean:
+	-$(BIN)/certsync lab down
+	rm -rf .certsync
