@@ -50,10 +50,33 @@ def load_certificate(der: bytes) -> x509.Certificate:
 
 def load_with_serial(der: bytes) -> tuple[x509.Certificate, int]:
     """Load DER quietly: negative serials warn on every access, and the verdict reports them."""
+    if _serial_looks_positive(der):
+        # Silencing warnings costs more than the load itself; only pay for it when needed.
+        cert = x509.load_der_x509_certificate(der)
+        return cert, cert.serial_number
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cert = x509.load_der_x509_certificate(der)
         return cert, cert.serial_number
+
+
+def _header_end(der: bytes, pos: int) -> int:
+    first = der[pos + 1]
+    return pos + 2 + (first & 0x7F if first & 0x80 else 0)
+
+
+def _serial_looks_positive(der: bytes) -> bool:
+    """Peek at the serial INTEGER of Certificate.tbsCertificate without parsing the rest."""
+    try:
+        pos = _header_end(der, _header_end(der, 0))  # into Certificate, then into TBSCertificate
+        if der[pos] == 0xA0:  # [0] version
+            pos = _header_end(der, pos) + der[pos + 1] if der[pos + 1] < 0x80 else -1
+        if pos < 0 or der[pos] != 0x02 or der[pos + 1] & 0x80:
+            return False
+        length, first = der[pos + 1], der[pos + 2]
+        return not first & 0x80 and (length > 1 or first != 0)
+    except IndexError:
+        return False
 
 
 def parse_value(*, attribute: str, value: bytes, max_bytes: int = MAX_VALUE_BYTES) -> Parsed:

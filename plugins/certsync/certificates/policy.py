@@ -181,8 +181,12 @@ def _usage_bits(usage: x509.KeyUsage) -> set[str]:
     return bits
 
 
-def check_validity(cert: x509.Certificate, at: datetime, profile: str) -> None:
-    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+def check_validity(
+    not_before: datetime | None, not_after: datetime | None, at: datetime, profile: str
+) -> None:
+    if not_before is None or not_after is None:
+        detail = "The validity period cannot be read."
+        raise Refusal(Reason.MALFORMED, f"{profile}.validity", detail)
     if at < not_before:
         detail = f"Valid from {not_before.isoformat()} only."
         raise Refusal(Reason.NOT_YET_VALID, f"{profile}.validity", detail, until=not_before)

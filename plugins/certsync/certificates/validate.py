@@ -62,7 +62,7 @@ class Validator:
         facts = describe(cert, parsed.serial_number or 0, extensions)
         try:
             self._policy.check_static(cert, facts.serial_number, extensions)
-            check_validity(cert, at, self.trust.profile)
+            check_validity(facts.not_before, facts.not_after, at, self.trust.profile)
             self._policy.check_emails(facts.emails, facts.san_emails)
             chain_until, issuer = self._chains.check(cert, facts.serial_number, parsed.extra_certificates, at)
         except Refusal as refusal:
@@ -93,6 +93,8 @@ def _verdict(
 
 
 def _utc(at: datetime) -> datetime:
+    if at.tzinfo is UTC:
+        return at
     if at.tzinfo is None:
         return at.replace(tzinfo=UTC)  # naive times are taken as UTC, as Airflow stores them
     return at.astimezone(UTC)
