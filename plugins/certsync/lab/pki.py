@@ -356,10 +356,8 @@ class Pki:
             .serial_number(serial)
             .not_valid_before(not_before or self.now - timedelta(days=1))
             .not_valid_after(not_after or self.now + timedelta(days=365))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-            .add_extension(self._aki(ca), False)
-            .add_extension(self._ski(leaf_key), False)
         )
+        builder = self._leaf_extensions(builder, ca, leaf_key)
         builder = _leaf_extensions(builder, eku, key_usage, san_emails, smtputf8_mailbox)
         for ext, critical in extra_extensions:
             builder = builder.add_extension(ext, critical)
@@ -368,6 +366,15 @@ class Pki:
         if revoked:
             ca.revoked_serials.append(serial)
         return der
+
+    def _leaf_extensions(
+        self, builder: x509.CertificateBuilder, ca: CertificateAuthority, key: PrivateKey
+    ) -> x509.CertificateBuilder:
+        return (
+            builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+            .add_extension(self._aki(ca), False)
+            .add_extension(self._ski(key), False)
+        )
 
     def leaf_key_for(self, der: bytes) -> PrivateKey:
         """The private key of a leaf issued here (for building signed PKCS#7 blobs)."""
@@ -656,23 +663,18 @@ def _unknown_critical_extension() -> tuple[x509.ExtensionType, bool]:
 
 def planted_values(pki: Pki, *, domain: str = "example.org") -> list[Planted]:
     """Certificates covering every certificate-level reason code and the profile differences."""
-    cert, smime = "userCertificate", "userSMIMECertificate"
+    return [*_planted_leaves(pki, domain), *_planted_raw_values(pki, domain)]
+
+
+def _planted_leaves(pki: Pki, domain: str) -> list[Planted]:
     day = timedelta(days=1)
 
     def leaf(name: str, enterprise: str | None, strict: str | None, **kw: Any) -> Planted:
         key = kw.get("key", pki.default_leaf_key)
         purpose = "smimeencrypt" if key.startswith("rsa") else "smimesign"
         value = pki.issue(email=kw.pop("email", f"{name}@{domain}"), **kw)
-        return Planted(name, cert, value, enterprise, strict, purpose)
+        return Planted(name, "userCertificate", value, enterprise, strict, purpose)
 
-    ok = pki.issue(email=f"good@{domain}")
-    truncated = ok[: len(ok) // 2]
-    bad_signature = bytearray(pki.issue(email=f"badsig@{domain}"))
-    bad_signature[-5] ^= 0xFF
-    hidden = pki.issue(email=f"hidden-in-p7@{domain}", issuer="hidden")
-    signer = pki.issue(email=f"signer@{domain}")
-    encryption = pki.issue(email=f"signer@{domain}")
-    inter = pki.ca_der("intermediate")
     return [
         leaf("valid-rsa", None, None, key="rsa2048"),
         leaf("valid-ec-p256", None, None, key="ec-p256"),
@@ -706,6 +708,21 @@ def planted_values(pki: Pki, *, domain: str = "example.org") -> list[Planted]:
         leaf("negative-serial", "negative_serial", "negative_serial", negative_serial=True),
         leaf("unknown-critical-extension", "chain_invalid", "chain_invalid",
              extra_extensions=[_unknown_critical_extension()]),
+    ]  # fmt: skip
+
+
+def _planted_raw_values(pki: Pki, domain: str) -> list[Planted]:
+    """Broken DER, CA certificates and PKCS#7 blobs."""
+    cert, smime = "userCertificate", "userSMIMECertificate"
+    ok = pki.issue(email=f"good@{domain}")
+    truncated = ok[: len(ok) // 2]
+    bad_signature = bytearray(pki.issue(email=f"badsig@{domain}"))
+    bad_signature[-5] ^= 0xFF
+    hidden = pki.issue(email=f"hidden-in-p7@{domain}", issuer="hidden")
+    signer = pki.issue(email=f"signer@{domain}")
+    encryption = pki.issue(email=f"signer@{domain}")
+    inter = pki.ca_der("intermediate")
+    return [
         Planted("bad-signature", cert, bytes(bad_signature), "chain_invalid", "chain_invalid"),
         Planted("ca-as-leaf", cert, inter, "not_end_entity", "not_end_entity"),
         Planted("truncated", cert, truncated, "malformed", "malformed"),
