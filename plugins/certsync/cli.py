@@ -46,7 +46,10 @@ def check() -> None:
     """Check every setting against the real systems; writes nothing but the schema."""
     from certsync.pipeline import preflight
 
-    fingerprint = preflight(_services())
+    try:
+        fingerprint = preflight(_services())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"settings OK (trust configuration {fingerprint[:16]})")
 
 
@@ -60,20 +63,17 @@ def run(dry_run: bool, allow_mass_removal: bool, airflow_run_id: str | None) -> 
 
     services = _services()
     now = datetime.now(UTC)
-    run_id = pipeline.begin(
-        services,
-        dag_id="certsync-cli",
-        airflow_run_id=airflow_run_id or f"cli__{now.isoformat()}",
-        logical_date=now,
-        mode="full",
-        dry_run=dry_run,
-    )
-    pipeline.extract(services, run_id=run_id)
-    pipeline.read_recipients(services, run_id=run_id)
-    pipeline.validate(services, run_id=run_id)
-    for batch in pipeline.plan(services, run_id=run_id, allow_mass_removal=allow_mass_removal):
-        pipeline.publish(services, run_id=run_id, batch=batch)
-    pipeline.finish(services, run_id=run_id)
+    try:
+        pipeline.run_all(
+            services,
+            dag_id="certsync-cli",
+            airflow_run_id=airflow_run_id or f"cli__{now.isoformat()}",
+            logical_date=now,
+            dry_run=dry_run,
+            allow_mass_removal=allow_mass_removal,
+        )
+    except (ConfigError, pipeline.RemovalThresholdExceeded) as exc:
+        raise click.ClickException(str(exc)) from None
     _print_report(services)
 
 

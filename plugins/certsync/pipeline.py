@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -15,13 +16,22 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from certsync.certificates.parallel import validate_many
-from certsync.config import SyncSettings
-from certsync.directory import DirectoryReader
-from certsync.exchange.auth import TokenProvider, http_session
-from certsync.exchange.client import ExchangeClient, Outcome
+from certsync.certificates.trust import TrustConfigError
+from certsync.config import (
+    CONFIG_VARIABLE,
+    EXCHANGE_CONN_ID,
+    LDAP_CONN_ID,
+    POSTGRES_CONN_ID,
+    ConfigError,
+    SyncSettings,
+)
+from certsync.directory import DirectoryError, DirectoryReader
+from certsync.exchange.auth import AuthError, TokenProvider, http_session
+from certsync.exchange.client import ExchangeClient, ExchangeError, Outcome
 from certsync.exchange.recipients import Recipient
 from certsync.plan import build_plan
 from certsync.store import db, planning, publishing, runs, source, validation
+from certsync.store.db import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +69,21 @@ class Services:
 
 def preflight(services: Services) -> str:
     """Check every setting against the real systems before anything is written; returns the
-    trust fingerprint. Each failure raises an error that names the setting."""
-    trust = services.settings.trust.load()
-    db.check(services.dsn)
-    services.directory().check()
-    services.exchange.check()
+    trust fingerprint. Each failure raises a ConfigError that names the setting."""
+    checks: list[tuple[str, Callable[[], object]]] = [
+        (f"variable {CONFIG_VARIABLE!r}", services.settings.trust.load),
+        (f"connection {POSTGRES_CONN_ID!r}", lambda: db.check(services.dsn)),
+        (f"connection {LDAP_CONN_ID!r}", lambda: services.directory().check()),
+        (f"connection {EXCHANGE_CONN_ID!r}", lambda: services.exchange.check()),
+    ]
+    results = []
+    for setting, check in checks:
+        try:
+            results.append(check())
+        except (TrustConfigError, DatabaseError, DirectoryError, AuthError, ExchangeError, OSError) as exc:
+            raise ConfigError(f"{setting}: {exc}") from None
     db.migrate(services.dsn)
-    return trust.fingerprint
+    return results[0].fingerprint
 
 
 def begin(
@@ -233,3 +251,29 @@ def finish(services: Services, *, run_id: int) -> dict[str, Any]:
         failed = sum(n for key, n in summary["actions"].items() if key.endswith(":failed"))
         runs.finish_run(conn, run_id=run_id, state="failed" if failed else "succeeded", summary=summary)
     return summary
+
+
+def run_all(
+    services: Services,
+    *,
+    dag_id: str,
+    airflow_run_id: str,
+    logical_date: datetime,
+    dry_run: bool = False,
+    allow_mass_removal: bool = False,
+) -> dict[str, Any]:
+    """Every stage once, in this process: what the DAG does, without a scheduler."""
+    run_id = begin(
+        services,
+        dag_id=dag_id,
+        airflow_run_id=airflow_run_id,
+        logical_date=logical_date,
+        mode="full",
+        dry_run=dry_run,
+    )
+    extract(services, run_id=run_id)
+    read_recipients(services, run_id=run_id)
+    validate(services, run_id=run_id)
+    for batch in plan(services, run_id=run_id, allow_mass_removal=allow_mass_removal):
+        publish(services, run_id=run_id, batch=batch)
+    return finish(services, run_id=run_id)

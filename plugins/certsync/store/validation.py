@@ -10,15 +10,17 @@ from sqlalchemy.engine import Connection
 
 from certsync.certificates.verdict import Verdict
 
-# Values in the source view with no verdict for this trust configuration, or whose verdict has
-# run out (valid_until passed): only what time or configuration can have changed is re-checked.
+# Values in the source view with no verdict for this trust configuration, or whose verdict does not
+# cover the run's time: a verdict holds from the time it was made (checked_at) until valid_until, so
+# only what time or configuration can have changed is re-checked, and a backfill (an older run time)
+# re-checks rather than trusting a verdict made for a later time.
 PENDING = """
 SELECT DISTINCT b.sha256, v.attribute, b.value
 FROM certsync.source_value v
 JOIN certsync.cert_blob b ON b.sha256 = v.sha256
 LEFT JOIN certsync.cert_verdict c
        ON c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
-WHERE (c.sha256 IS NULL OR c.valid_until <= :at OR (NOT c.ok AND c.reason = 'not_yet_valid'))
+WHERE (c.sha256 IS NULL OR :at < c.checked_at OR c.valid_until <= :at)
   AND get_byte(b.sha256, 0) % :shards = :shard
 """
 

@@ -1,0 +1,177 @@
+"""The pipeline's guards against real services: bad settings stop a run before anything is written,
+transient Exchange failures are retried with every attempt audited, dry runs and the removal
+threshold publish nothing, and secrets stay out of everything the run leaves behind."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import ldap3
+import psycopg
+import pytest
+from certsync.config import ConfigError, EnvSource, load_settings
+from certsync.lab.pki import Pki
+from certsync.lab.population import SeedUser
+from certsync.lab.samba import SambaDC
+from certsync.pipeline import RemovalThresholdExceeded, Services, begin, run_all
+
+pytestmark = pytest.mark.integration
+
+
+def _services(env: dict[str, str], **changes: str) -> Services:
+    return Services(settings=load_settings(EnvSource(environ={**env, **changes})))
+
+
+def _run(services: Services, when, **kwargs):
+    return run_all(
+        services, dag_id="guards", airflow_run_id=f"guards__{uuid.uuid4()}", logical_date=when, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def db(sync_env, embedded_pg):
+    with psycopg.connect(embedded_pg.dsn_for("certsync"), autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="module")
+def settled(sync_env, lab_at):
+    """One full run first, so each test starts from a tenant that equals the directory."""
+    services = _services(sync_env)
+    _run(services, lab_at + timedelta(days=1))
+    return services
+
+
+def _run_count(db) -> int:
+    return db.execute("SELECT count(*) FROM certsync.sync_run").fetchone()[0]
+
+
+def _conn_json(env: dict[str, str], name: str, **changes) -> str:
+    uri_env = EnvSource(environ=env).connection(name)
+    data = {
+        "conn_type": uri_env.conn_type,
+        "host": uri_env.host,
+        "port": uri_env.port,
+        "login": uri_env.login,
+        "password": uri_env.password,
+        "extra": dict(uri_env.extra),
+    }
+    return json.dumps({**data, **changes})
+
+
+@pytest.mark.parametrize(
+    ("variable", "changes", "named"),
+    [
+        ("AIRFLOW_CONN_CERTSYNC_LDAP", {"password": "wrong-password"}, "certsync_ldap"),
+        ("AIRFLOW_CONN_CERTSYNC_LDAP", {"port": 1}, "certsync_ldap"),
+        ("AIRFLOW_CONN_CERTSYNC_EXCHANGE", {"login": "unknown-client"}, "certsync_exchange"),
+        ("AIRFLOW_CONN_CERTSYNC_POSTGRES", {"port": 1}, "certsync_postgres"),
+    ],
+)
+def test_bad_setting_stops_before_anything_is_written(
+    settled, sync_env, db, lab_at, variable, changes, named
+):
+    conn_id = variable.removeprefix("AIRFLOW_CONN_").lower()
+    services = _services(sync_env, **{variable: _conn_json(sync_env, conn_id, **changes)})
+    before = _run_count(db)
+    with pytest.raises(ConfigError, match=named) as caught:
+        begin(
+            services, dag_id="guards", airflow_run_id="bad", logical_date=lab_at, mode="full", dry_run=False
+        )
+    assert _run_count(db) == before
+    assert "wrong-password" not in str(caught.value)
+
+
+def test_missing_trust_anchor_file_is_named(sync_env) -> None:
+    config = {
+        **json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]),
+        "trust_anchors": "/nonexistent/anchors.pem",
+    }
+    services = _services(sync_env, AIRFLOW_VAR_CERTSYNC_CONFIG=json.dumps(config))
+    with pytest.raises(ConfigError, match=r"certsync_config.*anchors\.pem"):
+        begin(services, dag_id="guards", airflow_run_id="bad", logical_date=None, mode="full", dry_run=False)
+
+
+def _give_new_certificate(dc: SambaDC, pki: Pki, user: SeedUser, when) -> bytes:
+    der = pki.issue(
+        email=user.mail, not_before=when - timedelta(days=1), not_after=when + timedelta(days=365)
+    )
+    conn = dc.connect()
+    conn.search(dc.users_ou, f"(sAMAccountName={user.sam_account_name})", attributes=["distinguishedName"])
+    conn.modify(conn.entries[0].entry_dn, {"userCertificate": [(ldap3.MODIFY_ADD, [der])]})
+    conn.unbind()
+    return der
+
+
+def _writable_user(emulator, population: list[SeedUser], cmdlet_type: str = "UserMailbox") -> SeedUser:
+    by_mail = {u.mail.lower(): u for u in population if u.mail and not u.defects}
+    for r in emulator.control.state()["recipients"]:
+        if (
+            r["RecipientTypeDetails"] == cmdlet_type
+            and not r["IsDirSynced"]
+            and r["PrimarySmtpAddress"] in by_mail
+        ):
+            return by_mail[r["PrimarySmtpAddress"]]
+    raise AssertionError("no writable mailbox in the population")
+
+
+def test_transient_failures_are_retried_and_every_attempt_audited(
+    settled, populated_dc, lab_pki, lab_population, emulator_stack, db, lab_at
+) -> None:
+    when = lab_at + timedelta(days=2)
+    user = _writable_user(emulator_stack, lab_population)
+    _give_new_certificate(populated_dc, lab_pki, user, when)
+    emulator_stack.control.inject_fault(cmdlet="Set-Mailbox", count=1, status=503)
+    emulator_stack.control.inject_fault(cmdlet="Set-Mailbox", count=1, status=429, retry_after=1)
+    try:
+        _run(settled, when)
+    finally:
+        emulator_stack.control.set_config(faults=[])
+    rows = db.execute(
+        "SELECT attempt, outcome, http_status FROM certsync.audit_log WHERE primary_smtp = %s ORDER BY seq DESC LIMIT 3",
+        (user.mail,),
+    ).fetchall()
+    assert sorted(rows) == [(1, "failed", 503), (2, "failed", 429), (3, "accepted", 200)]
+
+
+def test_dry_run_plans_but_publishes_nothing(
+    settled, populated_dc, lab_pki, lab_population, emulator_stack, db, lab_at
+) -> None:
+    when = lab_at + timedelta(days=3)
+    user = _writable_user(emulator_stack, lab_population, "MailUser")
+    _give_new_certificate(populated_dc, lab_pki, user, when)
+    emulator_stack.control.clear_requests()
+    summary = _run(settled, when, dry_run=True)
+    assert not [r for r in emulator_stack.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
+    assert summary["actions"].get("replace:dry_run", 0) >= 1
+    _run(settled, when + timedelta(hours=1))  # a real run afterwards catches up
+    assert [r for r in emulator_stack.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
+
+
+def test_removal_threshold_stops_mass_removal(settled, sync_env, emulator_stack, db, lab_at) -> None:
+    services = _services(
+        sync_env,
+        AIRFLOW_VAR_CERTSYNC_CONFIG=json.dumps(
+            {**json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]), "removal_threshold": 0}
+        ),
+    )
+    # Ten years on every certificate has expired: publishing would clear every recipient.
+    emulator_stack.control.clear_requests()
+    with pytest.raises(RemovalThresholdExceeded, match="removal_threshold=0"):
+        _run(services, lab_at + timedelta(days=3650))
+    assert not [r for r in emulator_stack.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
+
+
+def test_secrets_never_reach_database_rows(settled, sync_env, db, app_credential_files, populated_dc) -> None:
+    _cert, key_file, secret = app_credential_files
+    key_line = key_file.read_text().splitlines()[1]
+    dump = "\n".join(
+        str(row)
+        for table in ("sync_run", "audit_log", "planned_action", "value_result", "cert_verdict")
+        for row in db.execute(f"SELECT * FROM certsync.{table}")  # noqa: S608 - fixed table names
+    )
+    for secret_text in (secret, populated_dc.password, key_line):
+        assert secret_text not in dump
+    assert populated_dc.password not in repr(settled.settings)
