@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from certsync.config import EnvSource
 from certsync.lab.population import SeedUser
 
 pytestmark = pytest.mark.integration
@@ -170,3 +171,18 @@ def test_hash_chain_finds_an_altered_row(first_run, db) -> None:
         breaks = db.execute("SELECT seq, problem FROM certsync.audit_chain_breaks").fetchall()
         assert breaks == [(2, "altered_row")]
         db.execute("DO $$ BEGIN RAISE EXCEPTION 'roll back'; END $$")
+
+
+def test_xcom_carries_only_small_references_and_no_secret(first_run, sync_env, app_credential_files) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    with engine.connect() as conn:
+        values = [
+            str(v) for (v,) in conn.execute(sa.text("SELECT value FROM xcom WHERE dag_id = 'certsync'"))
+        ]
+    assert values, "the run pushed no XCom at all"
+    assert max(map(len, values)) < 2000
+    _cert, _key, secret = app_credential_files
+    ldap_password = EnvSource(environ=sync_env).connection("certsync_ldap").password
+    assert not [v for v in values if secret in v or ldap_password in v]
