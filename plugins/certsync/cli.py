@@ -92,6 +92,21 @@ def summary() -> None:
     _print_report(_services())
 
 
+@main.command()
+@click.option("--days", type=int, default=30, show_default=True, help="Window to look ahead.")
+def expiring(days: int) -> None:
+    """Certificates Exchange Online holds that expire within the window, per recipient."""
+    import sqlalchemy as sa
+
+    from certsync.report import render_table
+
+    with _services().engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT * FROM certsync.expiring_within(make_interval(days => :d))"), {"d": days}
+        ).mappings()
+        click.echo(render_table(rows) or f"no certificate expires within {days} days")
+
+
 @main.group()
 def lab() -> None:
     """The local stack: embedded PostgreSQL, Samba AD DC, Exchange Online emulator."""

@@ -40,7 +40,7 @@ def latest_run(conn: Connection) -> sa.Row:
     ).one()
 
 
-def _table(rows: Iterable[Any], headers: list[str] | str = "keys") -> str:
+def render_table(rows: Iterable[Any], headers: list[str] | str = "keys") -> str:
     return tabulate(list(rows), headers=headers, tablefmt="simple")
 
 
@@ -60,10 +60,10 @@ def render_run(conn: Connection, run: sa.Row) -> str:
         f"  publish attempts:           {s.get('publish_attempts', {}) or 'none (nothing changed)'}",
         "",
         "Refused certificates by reason:",
-        _table(conn.execute(sa.text(REFUSALS_QUERY), {"r": run.run_id}).mappings()),
+        render_table(conn.execute(sa.text(REFUSALS_QUERY), {"r": run.run_id}).mappings()),
         "",
         "Actions not published, by reason:",
-        _table(sorted(s.get("not_published_by_reason", {}).items()), ["reason", "recipients"]),
+        render_table(sorted(s.get("not_published_by_reason", {}).items()), ["reason", "recipients"]),
     ]
     return "\n".join(lines)
 
@@ -77,7 +77,7 @@ def render_auditor_example(conn: Connection) -> str:
             "Auditor query (the five latest publish attempts):",
             AUDITOR_QUERY.strip(),
             "",
-            _table(rows) if rows else "(no publish attempts yet)",
+            render_table(rows) if rows else "(no publish attempts yet)",
             "",
             f"Audit chain: {total} rows, {breaks} breaks (see the view certsync.audit_chain_breaks)",
         ]

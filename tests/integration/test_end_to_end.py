@@ -186,3 +186,25 @@ def test_xcom_carries_only_small_references_and_no_secret(first_run, sync_env, a
     _cert, _key, secret = app_credential_files
     ldap_password = EnvSource(environ=sync_env).connection("certsync_ldap").password
     assert not [v for v in values if secret in v or ldap_password in v]
+
+
+def test_auditor_views_and_expiring_report(first_run, db, lab_at) -> None:
+    horizon = timedelta(days=400)
+    rows = db.execute(
+        "SELECT primary_smtp, not_after FROM certsync.expiring_within(%s, %s)", (horizon, lab_at)
+    ).fetchall()
+    assert rows
+    assert all(lab_at <= not_after < lab_at + horizon for _, not_after in rows)
+    fewer = db.execute("SELECT count(*) FROM certsync.expiring_within(%s, %s)", (timedelta(days=30), lab_at))
+    assert fewer.fetchone()[0] < len(rows)
+    with db.transaction():
+        db.execute("SET LOCAL ROLE certsync_auditor")
+        reasons = {
+            r for (r,) in db.execute("SELECT DISTINCT reason FROM certsync.value_verdicts WHERE NOT selected")
+        }
+        assert reasons >= {"expired", "malformed"}
+        kinds = {k for (k,) in db.execute("SELECT DISTINCT kind FROM certsync.recipient_outcomes")}
+        assert "conflict" in kinds
+    with pytest.raises(psycopg.errors.InsufficientPrivilege), db.transaction():
+        db.execute("SET LOCAL ROLE certsync_auditor")
+        db.execute("DELETE FROM certsync.sync_run")

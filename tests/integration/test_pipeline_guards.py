@@ -15,7 +15,7 @@ from certsync.config import ConfigError, EnvSource, load_settings
 from certsync.lab.pki import Pki
 from certsync.lab.population import SeedUser
 from certsync.lab.samba import SambaDC
-from certsync.pipeline import RemovalThresholdExceeded, Services, begin, run_all
+from certsync.pipeline import RemovalThresholdExceeded, Services, begin, extract, run_all, validate
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +59,34 @@ def _conn_json(env: dict[str, str], name: str, **changes) -> str:
         "extra": dict(uri_env.extra),
     }
     return json.dumps({**data, **changes})
+
+
+def _stages_to_validation(services: Services, when) -> dict[str, int]:
+    run_id = begin(
+        services,
+        dag_id="guards",
+        airflow_run_id=f"guards__{uuid.uuid4()}",
+        logical_date=when,
+        mode="full",
+        dry_run=False,
+    )
+    extract(services, run_id=run_id)
+    return validate(services, run_id=run_id)
+
+
+def test_validation_redoes_only_what_time_or_trust_changed(settled, sync_env, db, lab_at) -> None:
+    # An hour after the settled run nothing has expired: every verdict is reused.
+    assert _stages_to_validation(settled, lab_at + timedelta(days=1, hours=1))["validated"] == 0
+    # Another profile is another trust configuration: every distinct value is validated again.
+    config = {**json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]), "profile": "strict"}
+    strict = _services(sync_env, AIRFLOW_VAR_CERTSYNC_CONFIG=json.dumps(config))
+    distinct = db.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT sha256, attribute FROM certsync.source_value) d"
+    )
+    assert (
+        _stages_to_validation(strict, lab_at + timedelta(days=1, hours=2))["validated"]
+        == distinct.fetchone()[0]
+    )
 
 
 @pytest.mark.parametrize(
