@@ -48,6 +48,7 @@ def render_run(conn: Connection, run: sa.Row) -> str:
     s: dict[str, Any] = run.summary or {}
     actions = s.get("actions", {})
     published = sum(n for k, n in actions.items() if k.endswith(":published"))
+    planned = sum(n for k, n in actions.items() if k.endswith(":dry_run"))
     conflicts = sum(n for k, n in actions.items() if k.startswith("conflict:"))
     lines = [
         f"certsync run {run.run_id} ({run.dag_id} / {run.airflow_run_id}) - {run.state}"
@@ -56,6 +57,7 @@ def render_run(conn: Connection, run: sa.Row) -> str:
         f"  certificate values:         {s.get('values', {}).get('selected', 0)} valid and selected,"
         f" {s.get('values', {}).get('refused', 0)} refused",
         f"  recipients updated:         {published}",
+        *([f"  would update (dry run):     {planned}"] if run.dry_run else []),
         f"  conflicts (directory sync): {conflicts}",
         f"  publish attempts:           {s.get('publish_attempts', {}) or 'none (nothing changed)'}",
         "",
