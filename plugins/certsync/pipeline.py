@@ -194,19 +194,10 @@ def _publish_action(services: Services, info: publishing.RunInfo, action: publis
         return "dry_run"
     with services.engine.connect() as conn:
         blobs = publishing.values_by_hash(conn, [*action.user_certificate, *action.user_smime_certificate])
-    for attempt in range(1, services.settings.exchange.max_attempts + 1):
-        with services.engine.begin() as conn:
-            if publishing.newer_publish(
-                conn, recipient_id=action.recipient_id, logical_date=info.logical_date
-            ):
-                publishing.set_action_state(
-                    conn,
-                    run_id=info.run_id,
-                    object_guid=action.object_guid,
-                    state="skipped",
-                    reason="newer_run_published",
-                )
-                return "skipped"
+        done = publishing.attempts_so_far(conn, run_id=info.run_id, object_guid=action.object_guid)
+    for attempt in range(done + 1, done + services.settings.exchange.max_attempts + 1):
+        if _newer_view(services, info, action):
+            return "skipped"
         outcome = services.exchange.set_certificates(
             cmdlet=action.cmdlet,
             identity=action.recipient_id,
@@ -222,6 +213,21 @@ def _publish_action(services: Services, info: publishing.RunInfo, action: publis
             conn, run_id=info.run_id, object_guid=action.object_guid, state="failed", reason="out_of_attempts"
         )
     return "failed"
+
+
+def _newer_view(services: Services, info: publishing.RunInfo, action: publishing.PendingAction) -> bool:
+    """No stale overwrite: skip (and say why) when a newer run's view is already published."""
+    with services.engine.begin() as conn:
+        if not publishing.newer_view_published(conn, run=info, recipient_id=action.recipient_id):
+            return False
+        publishing.set_action_state(
+            conn,
+            run_id=info.run_id,
+            object_guid=action.object_guid,
+            state="skipped",
+            reason="newer_run_published",
+        )
+    return True
 
 
 def _record(

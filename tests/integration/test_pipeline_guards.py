@@ -15,7 +15,17 @@ from certsync.config import ConfigError, EnvSource, load_settings
 from certsync.lab.pki import Pki
 from certsync.lab.population import SeedUser
 from certsync.lab.samba import SambaDC
-from certsync.pipeline import RemovalThresholdExceeded, Services, begin, extract, run_all, validate
+from certsync.pipeline import (
+    RemovalThresholdExceeded,
+    Services,
+    begin,
+    extract,
+    plan,
+    publish,
+    read_recipients,
+    run_all,
+    validate,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -181,6 +191,55 @@ def test_dry_run_plans_but_publishes_nothing(
     assert summary["actions"].get("replace:dry_run", 0) + summary["actions"].get("add:dry_run", 0) >= 1
     _run(settled, when + timedelta(hours=1))  # a real run afterwards catches up
     assert [r for r in emulator_stack.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
+
+
+def test_replanning_a_published_run_changes_nothing(
+    settled, populated_dc, lab_pki, lab_population, emulator_stack, lab_at
+) -> None:
+    """Clearing plan and publish of a finished run (or retrying them) must not publish twice."""
+    when = lab_at + timedelta(days=4)
+    _give_new_certificate(
+        populated_dc, lab_pki, _writable_user(emulator_stack, lab_population, None, nth=2), when
+    )
+    run_id = begin(
+        settled,
+        dag_id="guards",
+        airflow_run_id=f"guards__{uuid.uuid4()}",
+        logical_date=when,
+        mode="full",
+        dry_run=False,
+    )
+    extract(settled, run_id=run_id)
+    read_recipients(settled, run_id=run_id)
+    validate(settled, run_id=run_id)
+    batches = plan(settled, run_id=run_id)
+    assert batches
+    emulator_stack.control.clear_requests()
+    for batch in batches:
+        publish(settled, run_id=run_id, batch=batch)
+    assert len(_set_calls(emulator_stack)) == 1
+    for batch in plan(settled, run_id=run_id):  # the clear: plan again, publish again
+        publish(settled, run_id=run_id, batch=batch)
+    assert plan(settled, run_id=run_id) == []
+    assert len(_set_calls(emulator_stack)) == 1
+
+
+def _set_calls(emulator) -> list[dict]:
+    return [r for r in emulator.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
+
+
+def test_late_backfill_never_overwrites_a_newer_view(
+    settled, populated_dc, lab_pki, lab_population, emulator_stack, lab_at
+) -> None:
+    newest = lab_at + timedelta(days=5)
+    _run(settled, newest)
+    older = newest - timedelta(days=2)
+    user = _writable_user(emulator_stack, lab_population, None, nth=3)
+    _give_new_certificate(populated_dc, lab_pki, user, older)  # valid at both times
+    emulator_stack.control.clear_requests()
+    summary = _run(settled, older)  # an older logical date, run late
+    assert _set_calls(emulator_stack) == []
+    assert summary["not_published_by_reason"].get("newer_run_published") == 1, summary
 
 
 def test_removal_threshold_stops_mass_removal(settled, sync_env, emulator_stack, db, lab_at) -> None:

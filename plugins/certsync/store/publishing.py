@@ -62,17 +62,27 @@ def values_by_hash(conn: Connection, hashes: list[bytes]) -> dict[bytes, bytes]:
     return {bytes(r.sha256): bytes(r.value) for r in rows}
 
 
-def newer_publish(conn: Connection, *, recipient_id: str, logical_date: datetime) -> bool:
-    """True when a run with a later logical date already published this recipient (no stale overwrite)."""
+def newer_view_published(conn: Connection, *, run: RunInfo, recipient_id: str) -> bool:
+    """True when a run with a later logical date already published this recipient, or completed
+    a full publish of its own: an older run (a late backfill) must not overwrite that newer view."""
     return bool(
         conn.execute(
             sa.text(
                 "SELECT 1 FROM certsync.published_state WHERE recipient_id = :id AND logical_date > :d"
-                " FOR UPDATE"
+                " UNION ALL SELECT 1 FROM certsync.sync_run WHERE state = 'succeeded' AND NOT dry_run"
+                " AND logical_date > :d AND run_id <> :run_id LIMIT 1"
             ),
-            {"id": recipient_id, "d": logical_date},
+            {"id": recipient_id, "d": run.logical_date, "run_id": run.run_id},
         ).first()
     )
+
+
+def attempts_so_far(conn: Connection, *, run_id: int, object_guid: uuid.UUID) -> int:
+    """Attempts this run already made for this action (a retried task continues the count)."""
+    return conn.execute(
+        sa.text("SELECT count(*) FROM certsync.audit_log WHERE run_id = :r AND object_guid = :g"),
+        {"r": run_id, "g": object_guid},
+    ).scalar_one()
 
 
 def record_attempt(
@@ -109,7 +119,23 @@ def record_attempt(
 
 
 def mark_published(conn: Connection, *, run: RunInfo, action: PendingAction) -> None:
-    """Exchange accepted: move the published state, but never back to an older run's view."""
+    """Exchange accepted: record what it now holds, so a re-planned run finds nothing left to do,
+    and move the published state, but never back to an older run's view."""
+    values = {
+        "id": action.recipient_id,
+        "guid": action.object_guid,
+        "uc": list(action.user_certificate),
+        "us": list(action.user_smime_certificate),
+        "run_id": run.run_id,
+        "d": run.logical_date,
+    }
+    conn.execute(
+        sa.text(
+            "UPDATE certsync.exo_recipient SET user_certificate = :uc, user_smime_certificate = :us"
+            " WHERE recipient_id = :id"
+        ),
+        values,
+    )
     conn.execute(
         sa.text(
             "INSERT INTO certsync.published_state AS p (recipient_id, object_guid, user_certificate,"
@@ -121,14 +147,7 @@ def mark_published(conn: Connection, *, run: RunInfo, action: PendingAction) -> 
             " logical_date = EXCLUDED.logical_date, published_at = EXCLUDED.published_at"
             " WHERE p.logical_date <= EXCLUDED.logical_date"
         ),
-        {
-            "id": action.recipient_id,
-            "guid": action.object_guid,
-            "uc": list(action.user_certificate),
-            "us": list(action.user_smime_certificate),
-            "run_id": run.run_id,
-            "d": run.logical_date,
-        },
+        values,
     )
 
 
