@@ -92,6 +92,59 @@ def summary() -> None:
     _print_report(_services())
 
 
+def _values(path: Path) -> list[bytes]:
+    """The DER values in a file: every PEM block of a PEM file, else the file's bytes as they are."""
+    import base64
+    import re
+
+    data = path.read_bytes()
+    blocks = re.findall(rb"-----BEGIN [A-Z0-9 ]+-----(.*?)-----END [A-Z0-9 ]+-----", data, re.DOTALL)
+    return [base64.b64decode(b"".join(block.split())) for block in blocks] if blocks else [data]
+
+
+@main.command()
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--anchors", required=True, type=click.Path(exists=True, path_type=Path), help="PEM trust anchors."
+)
+@click.option("--intermediates", multiple=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--crl", "crls", multiple=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--profile", type=click.Choice(["enterprise", "strict"]), default="enterprise", show_default=True
+)
+@click.option(
+    "--attribute", type=click.Choice(["userCertificate", "userSMIMECertificate"]), default="userCertificate"
+)
+@click.option("--at", "at_text", default=None, help="Validation time (ISO 8601, default now).")
+@click.option("--email", "emails", multiple=True, help="The owner's addresses (adds the e-mail match check).")
+def validate(files, anchors, intermediates, crls, profile, attribute, at_text, emails) -> None:  # type: ignore[no-untyped-def]
+    """Validate certificate files (DER, PEM or PKCS#7) and print one JSON verdict per value.
+
+    Exits 1 when any value is refused, so a test suite can drive it one case at a time."""
+    import json
+
+    from certsync.certificates.trust import TrustConfig, TrustConfigError
+    from certsync.certificates.validate import Validator, with_email_check
+
+    try:
+        trust = TrustConfig.load(anchors=anchors, intermediates=intermediates, crls=crls, profile=profile)
+    except TrustConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    at = datetime.fromisoformat(at_text) if at_text else datetime.now(UTC)
+    validator = Validator(trust=trust)
+    refused = 0
+    for path in files:
+        for value in _values(path):
+            verdict = validator.check(attribute=attribute, value=value, at=at)
+            verdict = with_email_check(verdict, emails) if emails and verdict.ok else verdict
+            refused += not verdict.ok
+            fields = {k: v for k, v in verdict.__dict__.items() if k != "sha256"}
+            click.echo(json.dumps({"file": str(path), "sha256": verdict.sha256.hex(), **fields}, default=str))
+    sys.exit(1 if refused else 0)
+
+
 @main.command()
 @click.option("--days", type=int, default=30, show_default=True, help="Window to look ahead.")
 def expiring(days: int) -> None:
