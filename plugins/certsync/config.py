@@ -164,6 +164,8 @@ def _require(conn: Connection | None, conn_id: str) -> Connection:
 
 def directory_settings(conn: Connection) -> DirectorySettings:
     extra = conn.extra
+    if conn.conn_type not in ("ldap", "ldaps", ""):
+        raise ConfigError(f"connection {conn.conn_id!r}: type must be ldap or ldaps, not {conn.conn_type!r}")
     scheme = "ldaps" if conn.conn_type == "ldaps" or _flag(extra.get("use_ssl", "")) else "ldap"
     if not conn.host:
         raise ConfigError(f"connection {conn.conn_id!r}: host is required")

@@ -1,0 +1,83 @@
+"""Settings from AIRFLOW_CONN_* / AIRFLOW_VAR_*: both connection forms, and errors that name the setting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from certsync.config import ConfigError, Connection, EnvSource, connection_uri, load_settings
+
+LDAP_URI = "ldaps://CN%3Dsync%2COU%3DSvc%2CDC%3Dcorp:p%40ss%3Aw0rd@dc1.corp.example:636/?base_dn=OU%3DPeople%2CDC%3Dcorp"
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> dict[str, str]:
+    anchors = tmp_path / "anchors.pem"
+    anchors.write_text("placeholder")  # existence is checked when the trust configuration loads
+    return {
+        "AIRFLOW_CONN_CERTSYNC_LDAP": LDAP_URI,
+        "AIRFLOW_CONN_CERTSYNC_EXCHANGE": json.dumps(
+            {"conn_type": "https", "login": "app-id", "password": "s3cret!", "extra": {"tenant_id": "t1"}}
+        ),
+        "AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps({"trust_anchors": str(anchors), "profile": "strict"}),
+    }
+
+
+def test_uri_and_json_connections_are_read_like_airflow(env: dict[str, str]) -> None:
+    settings = load_settings(EnvSource(environ=env))
+    assert settings.directory.url == "ldaps://dc1.corp.example:636"
+    assert settings.directory.bind_dn == "CN=sync,OU=Svc,DC=corp"
+    assert settings.directory.password == "p@ss:w0rd"
+    assert settings.directory.base_dn == "OU=People,DC=corp"
+    assert settings.exchange.base_url == "https://outlook.office365.com"
+    assert settings.exchange.client_secret == "s3cret!"
+    assert settings.trust.profile == "strict"
+    assert settings.database_dsn is None  # the embedded PostgreSQL
+
+
+def test_secrets_stay_out_of_reprs(env: dict[str, str]) -> None:
+    text = repr(load_settings(EnvSource(environ=env)))
+    assert "p@ss:w0rd" not in text and "s3cret!" not in text
+
+
+def test_connection_uri_round_trips(env: dict[str, str]) -> None:
+    conn = Connection(
+        conn_id="x",
+        conn_type="ldap",
+        host="h",
+        port=389,
+        login="CN=a,DC=b",
+        password="p/w@:?",
+        extra={"base_dn": "DC=b"},
+    )
+    again = EnvSource(environ={"AIRFLOW_CONN_X": connection_uri(conn)}).connection("x")
+    assert again == conn
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("AIRFLOW_CONN_CERTSYNC_LDAP", None, "'certsync_ldap' is not configured"),
+        ("AIRFLOW_CONN_CERTSYNC_LDAP", "ldap://u:p@h:389/", "'certsync_ldap': ldap base_dn is required"),
+        ("AIRFLOW_CONN_CERTSYNC_LDAP", "http://u:p@h/?base_dn=x", "type must be ldap or ldaps"),
+        ("AIRFLOW_CONN_CERTSYNC_EXCHANGE", '{"login": "a", "password": "s"}', "extra.tenant_id is required"),
+        ("AIRFLOW_CONN_CERTSYNC_EXCHANGE", '{"login": "a", "extra": {"tenant_id": "t"}}', "client secret"),
+        ("AIRFLOW_CONN_CERTSYNC_EXCHANGE", "{not json", "'certsync_exchange' cannot be parsed"),
+        ("AIRFLOW_VAR_CERTSYNC_CONFIG", None, "'certsync_config' is not set"),
+        ("AIRFLOW_VAR_CERTSYNC_CONFIG", "{", "'certsync_config' is not valid JSON"),
+        ("AIRFLOW_VAR_CERTSYNC_CONFIG", '{"profile": "enterprise"}', "trust_anchors"),
+        (
+            "AIRFLOW_VAR_CERTSYNC_CONFIG",
+            '{"trust_anchors": "a.pem", "profile": "lax"}',
+            "profile must be one of",
+        ),
+    ],
+)
+def test_bad_settings_fail_fast_naming_the_setting(env, name, value, message) -> None:
+    changed = {k: v for k, v in env.items() if k != name}
+    if value is not None:
+        changed[name] = value
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_settings(EnvSource(environ=changed))
+    assert "p@ss:w0rd" not in str(caught.value) and "s3cret!" not in str(caught.value)
