@@ -19,6 +19,9 @@ from certsync.certificates.verdict import Verdict, email_mismatch
 from certsync.exchange.recipients import Recipient
 
 ATTRIBUTES = ("userCertificate", "userSMIMECertificate")
+# A valid certificate of a user without any mail address has nowhere to go in Exchange Online.
+USER_HAS_NO_MAIL = "user_has_no_mail"
+NO_MAIL_SENTENCE = "The user has no mail or SMTP proxy address, so no recipient can carry the certificate."
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ def desired_values(
         for verdict in (v for v in user.verdicts if v.attribute == attribute):
             if not verdict.ok:
                 results.append(_result(user, verdict, verdict.reason, verdict.rule, verdict.detail))
+            elif not user.addresses:
+                results.append(_result(user, verdict, USER_HAS_NO_MAIL, "email_match", NO_MAIL_SENTENCE))
             elif email_mismatch(verdict, user.addresses):
                 reason = Reason.EMAIL_MISMATCH
                 results.append(_result(user, verdict, reason.value, "email_match", reason.sentence))
@@ -120,8 +125,7 @@ def plan_user(
     if recipient is None:
         if not any(desired.values()):
             return None, results
-        reason = "no_mail" if not user.addresses else "recipient_not_found"
-        return Action(user.object_guid, "no_recipient", None, reason=reason, **wanted), results
+        return Action(user.object_guid, "no_recipient", None, reason="recipient_not_found", **wanted), results
     kind = _kind(desired, recipient)
     if kind is None:
         return None, results
