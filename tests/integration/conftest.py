@@ -140,34 +140,15 @@ def sync_env(
     import json
 
     from certsync.config import Connection, connection_uri
-    from certsync.lab.stack import CLIENT_ID
+    from certsync.lab.stack import lab_connections
 
     cert, key, _secret = app_credential_files
-    host, port = emulator_stack.url.removeprefix("https://").rsplit(":", 1)
-    ldap = Connection(
-        conn_id="certsync_ldap",
-        conn_type="ldap",
-        host="127.0.0.1",
-        port=389,
-        login=populated_dc.bind_dn,
-        password=populated_dc.password,
-        extra={"base_dn": populated_dc.users_ou},
+    connections = lab_connections(
+        samba=populated_dc,
+        emulator=emulator_stack,
+        credential={"certificate_file": str(cert), "private_key_file": str(key)},
     )
-    exchange = Connection(
-        conn_id="certsync_exchange",
-        conn_type="https",
-        host=host,
-        port=int(port),
-        login=CLIENT_ID,
-        extra={
-            "tenant_id": emulator_stack.tenant_id,
-            "authority_host": emulator_stack.url,
-            "ca_file": str(emulator_stack.ca_file),
-            "certificate_file": str(cert),
-            "private_key_file": str(key),
-        },
-    )
-    postgres = Connection(
+    connections["certsync_postgres"] = Connection(
         conn_id="certsync_postgres",
         conn_type="postgres",
         host="127.0.0.1",
@@ -181,9 +162,5 @@ def sync_env(
         "crls": [str(p) for p in trust_files.crls],
         "publish_batch_size": 10,
     }
-    return {
-        "AIRFLOW_CONN_CERTSYNC_LDAP": connection_uri(ldap),
-        "AIRFLOW_CONN_CERTSYNC_EXCHANGE": connection_uri(exchange),
-        "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(postgres),
-        "AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps(config),
-    }
+    env = {f"AIRFLOW_CONN_{cid.upper()}": connection_uri(conn) for cid, conn in connections.items()}
+    return {**env, "AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps(config)}

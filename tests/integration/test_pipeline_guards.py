@@ -267,3 +267,19 @@ def test_secrets_never_reach_database_rows(settled, sync_env, db, app_credential
     for secret_text in (secret, populated_dc.password, key_line):
         assert secret_text not in dump
     assert populated_dc.password not in repr(settled.settings)
+
+
+def test_client_secret_credential_works_as_well_as_a_certificate(
+    sync_env, populated_dc, emulator_stack, app_credential_files
+) -> None:
+    from certsync.config import connection_uri
+    from certsync.lab.stack import lab_connections
+    from certsync.pipeline import preflight
+
+    _cert, _key, secret = app_credential_files
+    exchange = lab_connections(samba=populated_dc, emulator=emulator_stack, credential=secret)[
+        "certsync_exchange"
+    ]
+    services = _services(sync_env, AIRFLOW_CONN_CERTSYNC_EXCHANGE=connection_uri(exchange))
+    assert services.settings.exchange.certificate_file is None
+    assert len(preflight(services)) == 64  # the trust fingerprint: every check passed

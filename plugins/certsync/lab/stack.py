@@ -144,42 +144,13 @@ class LabStack:
 
     def connections(self) -> dict[str, Connection]:
         cert, key, secret = app_credentials(self.home / "app")
-        host, port = self.emulator.url.removeprefix("https://").rsplit(":", 1)
-        exchange_extra = {
-            "tenant_id": self.emulator.tenant_id,
-            "authority_host": self.emulator.url,
-            "ca_file": str(self.emulator.ca_file),
-        }
-        if self.use_certificate:
-            exchange_extra |= {"certificate_file": str(cert), "private_key_file": str(key)}
-        return {
-            "certsync_ldap": Connection(
-                conn_id="certsync_ldap",
-                conn_type="ldap",
-                host="127.0.0.1",
-                port=389,
-                login=self.samba.bind_dn,
-                password=self.samba.password,
-                extra={"base_dn": self.samba.users_ou},
-            ),
-            "certsync_exchange": Connection(
-                conn_id="certsync_exchange",
-                conn_type="https",
-                host=host,
-                port=int(port),
-                login=CLIENT_ID,
-                password="" if self.use_certificate else secret,
-                extra=exchange_extra,
-            ),
-            "certsync_postgres": Connection(
-                conn_id="certsync_postgres",
-                conn_type="postgres",
-                host="127.0.0.1",
-                port=self.postgres.port,
-                login="postgres",
-                schema="postgres",
-            ),
-        }
+        return lab_connections(
+            samba=self.samba,
+            emulator=self.emulator,
+            credential={"certificate_file": str(cert), "private_key_file": str(key)}
+            if self.use_certificate
+            else secret,
+        )
 
     def config(self) -> dict:
         trust = self.trust_dir
@@ -191,9 +162,45 @@ class LabStack:
         }
 
     def environment(self) -> dict[str, str]:
-        """AIRFLOW_CONN_* / AIRFLOW_VAR_* for a process (Airflow or the CLI) that runs the sync."""
+        """AIRFLOW_CONN_* / AIRFLOW_VAR_* for a process (Airflow or the CLI) that runs the sync.
+
+        No certsync_postgres connection: the run uses the embedded default under CERTSYNC_HOME."""
         env = {
             f"AIRFLOW_CONN_{cid.upper()}": connection_uri(conn) for cid, conn in self.connections().items()
         }
         env["AIRFLOW_VAR_CERTSYNC_CONFIG"] = json.dumps(self.config())
+        env["CERTSYNC_HOME"] = str(self.home)
         return env
+
+
+def lab_connections(
+    *, samba: SambaDC, emulator: EmulatorProcess, credential: str | dict[str, str]
+) -> dict[str, Connection]:
+    """The certsync_ldap and certsync_exchange connections for a lab DC and emulator. `credential`
+    is the client secret, or the certificate_file/private_key_file extras of a certificate credential."""
+    host, port = emulator.url.removeprefix("https://").rsplit(":", 1)
+    extra = {
+        "tenant_id": emulator.tenant_id,
+        "authority_host": emulator.url,
+        "ca_file": str(emulator.ca_file),
+    }
+    return {
+        "certsync_ldap": Connection(
+            conn_id="certsync_ldap",
+            conn_type="ldap",
+            host="127.0.0.1",
+            port=389,
+            login=samba.bind_dn,
+            password=samba.password,
+            extra={"base_dn": samba.users_ou},
+        ),
+        "certsync_exchange": Connection(
+            conn_id="certsync_exchange",
+            conn_type="https",
+            host=host,
+            port=int(port),
+            login=CLIENT_ID,
+            password=credential if isinstance(credential, str) else "",
+            extra=extra if isinstance(credential, str) else {**extra, **credential},
+        ),
+    }
