@@ -247,3 +247,7 @@ def lab_down(home: Path) -> None:
     """Stop the lab's services (their data stays)."""
     _stack(home, 0).down()
     click.echo("lab stopped")
+
+
+if __name__ == "__main__":
+    main()

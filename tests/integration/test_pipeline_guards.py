@@ -283,3 +283,23 @@ def test_client_secret_credential_works_as_well_as_a_certificate(
     services = _services(sync_env, AIRFLOW_CONN_CERTSYNC_EXCHANGE=connection_uri(exchange))
     assert services.settings.exchange.certificate_file is None
     assert len(preflight(services)) == 64  # the trust fingerprint: every check passed
+
+
+def test_cli_logs_and_output_carry_no_secret(sync_env, populated_dc, app_credential_files) -> None:
+    import os
+    import subprocess
+    import sys
+
+    _cert, key_file, secret = app_credential_files
+    result = subprocess.run(
+        [sys.executable, "-m", "certsync.cli", "-v", "run", "--dry-run"],
+        env={**os.environ, **sync_env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "INFO" in output and "dry run" in output
+    for secret_text in (secret, populated_dc.password, key_file.read_text().splitlines()[1]):
+        assert secret_text not in output
