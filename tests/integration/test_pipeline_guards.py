@@ -303,3 +303,23 @@ def test_cli_logs_and_output_carry_no_secret(sync_env, populated_dc, app_credent
     assert "INFO" in output and "dry run" in output
     for secret_text in (secret, populated_dc.password, key_file.read_text().splitlines()[1]):
         assert secret_text not in output
+
+
+def test_exchange_refusal_of_a_synced_recipient_is_a_conflict_not_a_retry(settled, emulator_stack) -> None:
+    """If a recipient turns synced after the snapshot, the write's refusal is classified as a conflict."""
+    synced = next(
+        r
+        for r in emulator_stack.control.state()["recipients"]
+        if r["IsDirSynced"] and not r["IsExchangeCloudManaged"] and r["RecipientTypeDetails"] == "UserMailbox"
+    )
+    outcome = settled.exchange.set_certificates(
+        cmdlet="Set-Mailbox",
+        identity=synced["ExternalDirectoryObjectId"],
+        user_certificate=[],
+        user_smime_certificate=[],
+    )
+    assert outcome.kind == "conflict", outcome
+    unknown = settled.exchange.set_certificates(
+        cmdlet="Set-Mailbox", identity=str(uuid.uuid4()), user_certificate=[], user_smime_certificate=[]
+    )
+    assert unknown.kind == "rejected" and unknown.code == "ManagementObjectNotFoundException", unknown
