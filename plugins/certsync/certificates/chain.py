@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import verification as xv
 
+from certsync.certificates.constraints import check_subject_emails, email_constraints
 from certsync.certificates.facts import name_text
 from certsync.certificates.policy import ANY_EKU, EMAIL_PROTECTION, Refusal, forbidden_ekus
 from certsync.certificates.reasons import Reason
-from certsync.certificates.trust import LoadedCrl, TrustConfig, crl_signed_by
+from certsync.certificates.trust import LoadedCrl, TrustConfig, crl_usable_from
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class IssuerState:
     crl: LoadedCrl | None  # the freshest CRL of this CA that it really signed
     crl_deadline: datetime | None  # next update plus grace
     configured: bool = False  # the CA is in the trust config, not only in some value's blob
+    email_constraints: tuple[x509.NameConstraints, ...] = ()  # rfc822 limits set by the chain's CAs
 
 
 class ChainChecker:
@@ -68,10 +71,17 @@ class ChainChecker:
         self._states: dict[tuple[x509.Certificate, ...], IssuerState] = {}
 
     def check(
-        self, leaf: x509.Certificate, serial: int, extra: Sequence[x509.Certificate], at: datetime
+        self,
+        leaf: x509.Certificate,
+        serial: int,
+        extra: Sequence[x509.Certificate],
+        at: datetime,
+        *,
+        subject_emails: Sequence[str] = (),
     ) -> tuple[datetime | None, str]:
         """Verify the leaf's chain and revocation at `at`; return until when that holds and the
-        issuer's name."""
+        issuer's name. `subject_emails` are addresses read from the subject DN (no SAN), which the
+        chain's rfc822 name constraints must also cover."""
         if at != self._at:
             self._at = at
             self._reset()
@@ -83,6 +93,7 @@ class ChainChecker:
             self._maybe_promote(chain, state, at)
         if state.refusal is not None:
             raise state.refusal
+        check_subject_emails(subject_emails, state.email_constraints, self._profile)
         return self._leaf_revocation(serial, state, at), state.name
 
     # -- path building ----------------------------------------------------------------------
@@ -180,10 +191,12 @@ class ChainChecker:
         try:
             for index, ca in enumerate(cas[:-1]):
                 self._strict_ca_eku(ca, is_root=False)
+                self._strict_ca_profile(ca, is_root=False)
                 crl, deadline = self._crl_for(cas[index + 1], at, what="CA")
                 self._not_revoked(crl, ca.serial_number, what="CA")
                 until = earliest([until, deadline])
             self._strict_ca_eku(cas[-1], is_root=True)
+            self._strict_ca_profile(cas[-1], is_root=True)
             crl, deadline = self._crl_for(issuer, at, what="certificate")
         except Refusal as exc:
             refusal, crl, deadline = exc, None, None
@@ -194,6 +207,7 @@ class ChainChecker:
             until=until,
             crl=crl,
             crl_deadline=deadline,
+            email_constraints=email_constraints(cas),
         )
         self._states[cas] = state
         return state
@@ -216,12 +230,35 @@ class ChainChecker:
             text = f"An intermediate CA's extended key usage includes {', '.join(forbidden)}."
             raise Refusal(Reason.PROFILE_EKU_FORBIDDEN, "strict.ca_eku_forbidden", text)
 
+    def _strict_ca_profile(self, ca: x509.Certificate, *, is_root: bool) -> None:
+        """S/MIME BR 7.1.2.1/7.1.2.2 key identifiers and 6.1.5 RSA modulus rules for CA certificates."""
+        if self._profile != "strict":
+            return
+        present = {type(ext.value): ext.value for ext in ca.extensions}
+        if x509.SubjectKeyIdentifier not in present:
+            text = "A CA certificate has no subjectKeyIdentifier (RFC 5280 4.2.1.2, S/MIME BR 7.1.2)."
+            raise Refusal(Reason.CHAIN_INVALID, "strict.ca_key_identifiers", text)
+        aki = present.get(x509.AuthorityKeyIdentifier)
+        if aki is None and not is_root:
+            text = "An intermediate CA has no authorityKeyIdentifier (RFC 5280 4.2.1.1)."
+            raise Refusal(Reason.CHAIN_INVALID, "strict.ca_key_identifiers", text)
+        if is_root and isinstance(aki, x509.AuthorityKeyIdentifier):
+            _check_root_aki(aki, present[x509.SubjectKeyIdentifier])
+        key = ca.public_key()
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size % 8:
+            text = f"A CA's RSA modulus of {key.key_size} bits is not a multiple of 8 (S/MIME BR 6.1.5)."
+            raise Refusal(Reason.WEAK_KEY, "strict.rsa_modulus", text)
+
     def _crl_for(
         self, issuer: x509.Certificate, at: datetime, *, what: str
     ) -> tuple[LoadedCrl | None, datetime | None]:
         """The freshest CRL that `issuer` signed, and its deadline; refuses stale or missing ones."""
-        key = issuer.subject.public_bytes()
-        crls = [c for c in self._crls.get(key, ()) if crl_signed_by(c, issuer)]
+        named = self._crls.get(issuer.subject.public_bytes(), [])
+        crls = [c for c in named if crl_usable_from(c, issuer)]
+        if named and not crls:
+            # Revocation was meant to be checked here: an unusable CRL must not read as "not revoked".
+            text = f"The CRLs naming the issuer of this {what} are not signed by it with cRLSign."
+            raise Refusal(Reason.REVOCATION_UNKNOWN, f"{self._profile}.crl_usable", text)
         if not crls:
             if self._profile == "strict":
                 text = f"No configured CRL covers the issuer of this {what}."
@@ -244,3 +281,14 @@ class ChainChecker:
     def _leaf_revocation(self, serial: int, state: IssuerState, at: datetime) -> datetime | None:
         self._not_revoked(state.crl, serial, what="certificate")
         return earliest([state.until, state.crl_deadline])
+
+
+def _check_root_aki(aki: x509.AuthorityKeyIdentifier, ski: x509.ExtensionType) -> None:
+    """S/MIME BR 7.1.2.1: a root's AKI, if present, holds only its own key identifier."""
+    digest = ski.digest if isinstance(ski, x509.SubjectKeyIdentifier) else None
+    if aki.authority_cert_issuer is not None or aki.authority_cert_serial_number is not None:
+        text = "The root's authorityKeyIdentifier names an issuer or serial; only keyIdentifier is allowed."
+        raise Refusal(Reason.CHAIN_INVALID, "strict.root_aki", text)
+    if aki.key_identifier is not None and aki.key_identifier != digest:
+        text = "The root's authorityKeyIdentifier differs from its own subjectKeyIdentifier."
+        raise Refusal(Reason.CHAIN_INVALID, "strict.root_aki", text)

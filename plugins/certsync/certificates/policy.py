@@ -74,6 +74,7 @@ class LeafPolicy:
         """Checks that do not depend on time or trust: serial, CA flag, algorithms, EKU, KU."""
         self.check_serial(serial)
         self.check_end_entity(extensions)
+        self.check_san_critical(cert, extensions)
         self.check_signature_algorithm(cert)
         family = self.check_key(cert)
         self.check_eku(extensions)
@@ -96,6 +97,16 @@ class LeafPolicy:
                 "The certificate is a CA certificate (basicConstraints cA=TRUE).",
             )
 
+    def check_san_critical(self, cert: x509.Certificate, extensions: Extensions) -> None:
+        # RFC 5280 4.2.1.6: with an empty subject the identity lives in the SAN alone, and a
+        # relying party that skips non-critical extensions would see an anonymous certificate.
+        san = extensions.get(x509.SubjectAlternativeName)
+        if san is None or _subject_rdn_count(cert) != 0:
+            return
+        if not cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical:
+            detail = "The subject is empty and subjectAltName is not critical (RFC 5280 4.2.1.6)."
+            raise Refusal(Reason.CHAIN_INVALID, self.rule("san_critical"), detail)
+
     def check_signature_algorithm(self, cert: x509.Certificate) -> None:
         weak = WEAK_SIGNATURE_OIDS.get(cert.signature_algorithm_oid.dotted_string)
         if weak:
@@ -115,6 +126,9 @@ class LeafPolicy:
             if key.key_size < MIN_RSA_BITS:
                 detail = f"RSA key of {key.key_size} bits; at least {MIN_RSA_BITS} are required."
                 raise Refusal(Reason.WEAK_KEY, self.rule("rsa_key_size"), detail)
+            if self.profile == "strict" and key.key_size % 8:
+                detail = f"RSA modulus of {key.key_size} bits is not a multiple of 8 (S/MIME BR 6.1.5)."
+                raise Refusal(Reason.WEAK_KEY, self.rule("rsa_modulus"), detail)
             return "rsa"
         if isinstance(key, ec.EllipticCurvePublicKey):
             if key.curve.name not in STRONG_CURVES:
@@ -169,6 +183,13 @@ class LeafPolicy:
 
 def forbidden_ekus(eku: x509.ExtendedKeyUsage) -> list[str]:
     return sorted(name for oid, name in STRICT_FORBIDDEN_EKUS.items() if oid in eku)
+
+
+def _subject_rdn_count(cert: x509.Certificate) -> int:
+    try:
+        return len(cert.subject.rdns)
+    except Exception:  # an undecodable subject is not an empty one
+        return -1
 
 
 def _usage_bits(usage: x509.KeyUsage) -> set[str]:

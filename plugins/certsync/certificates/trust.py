@@ -170,6 +170,21 @@ def crl_signed_by(loaded: LoadedCrl, ca: x509.Certificate) -> bool:
         return False
 
 
+def crl_usable_from(loaded: LoadedCrl, ca: x509.Certificate) -> bool:
+    """True when `ca` signed the CRL and may sign CRLs at all (RFC 5280 6.3.3 (f): cRLSign)."""
+    return _may_sign_crls(ca) and crl_signed_by(loaded, ca)
+
+
+def _may_sign_crls(ca: x509.Certificate) -> bool:
+    try:
+        usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return True  # no key usage: the key is unrestricted
+    except Exception:  # unreadable extensions: the path check reports them
+        return False
+    return usage.crl_sign
+
+
 def _fingerprint(spec: TrustSpec) -> str:
     digest = hashlib.sha256()
     grace = int(spec.crl_max_age_after_next_update.total_seconds())

@@ -64,7 +64,10 @@ class Validator:
             self._policy.check_static(cert, facts.serial_number, extensions)
             check_validity(facts.not_before, facts.not_after, at, self.trust.profile)
             self._policy.check_emails(facts.emails, facts.san_emails)
-            chain_until, issuer = self._chains.check(cert, facts.serial_number, parsed.extra_certificates, at)
+            subject_emails = () if facts.san_emails else facts.emails
+            chain_until, issuer = self._chains.check(
+                cert, facts.serial_number, parsed.extra_certificates, at, subject_emails=subject_emails
+            )
         except Refusal as refusal:
             issuer = name_text(cert, "issuer")
             return _verdict(parsed, facts, issuer, refusal=refusal)
@@ -93,6 +96,9 @@ def _verdict(
 
 
 def _utc(at: datetime) -> datetime:
+    # Certificate times have whole seconds (RFC 5280 4.1.2.5); comparing at that granularity keeps
+    # a certificate valid for the whole second named by its notAfter.
+    at = at.replace(microsecond=0)
     if at.tzinfo is UTC:
         return at
     if at.tzinfo is None:
