@@ -11,12 +11,12 @@ hash-chained, append-only audit log in Postgres.
 | `extract` | pages users out of AD, COPYs them into staging, merges into the source view |
 | `read_recipients` | snapshots Exchange Online's recipients (type, directory-sync state) |
 | `validate` | validates each new or expiring certificate once, in parallel shards |
-| `plan` | desired (valid, at most 15, newest first) vs last published -> actions |
+| `plan` | desired (valid, at most 15, newest first) vs what Exchange holds -> actions |
 | `publish` | sends each batch of actions with Set-Mailbox / Set-MailUser / Set-MailContact |
 | `finish` | writes the run summary and emits the `certsync://published` asset event |
 
 **Params**: `dry_run` plans without publishing; `allow_mass_removal` overrides the removal
-threshold for one run. Settings: connections `certsync_ldap`, `certsync_exchange`,
+threshold for one run. Bad settings and a tripped removal threshold fail the task without retries. Settings: connections `certsync_ldap`, `certsync_exchange`,
 `certsync_postgres` (optional) and the variable `certsync_config` (see the README).
 Re-running any task or the whole run is safe: every stage is keyed by the run.
 """
@@ -48,12 +48,12 @@ def certsync():
     @task
     def begin() -> int:
         """Check settings against the real systems and register this run."""
-        from certsync.airflow_adapter import services
-        from certsync.pipeline import begin as begin_run
+        from certsync import pipeline
+        from certsync.airflow_adapter import run_stage
 
         ctx = get_current_context()
-        return begin_run(
-            services(),
+        return run_stage(
+            pipeline.begin,
             dag_id=ctx["dag"].dag_id,
             airflow_run_id=ctx["run_id"],
             logical_date=ctx["logical_date"] or ctx["dag_run"].run_after,
@@ -64,51 +64,51 @@ def certsync():
     @task
     def extract(sync_run_id: int) -> dict:
         """Read the directory into staging and merge it into the source view."""
-        from certsync.airflow_adapter import services
-        from certsync.pipeline import extract as extract_users
+        from certsync import pipeline
+        from certsync.airflow_adapter import run_stage
 
-        return extract_users(services(), run_id=sync_run_id)
+        return run_stage(pipeline.extract, run_id=sync_run_id)
 
     @task
     def read_recipients(sync_run_id: int) -> dict:
-        """Snapshot Exchange Online's recipients for matching and conflict checks."""
-        from certsync.airflow_adapter import services
-        from certsync.pipeline import read_recipients as read
+        """Snapshot Exchange Online's recipients: type, sync state, certificates held."""
+        from certsync import pipeline
+        from certsync.airflow_adapter import run_stage
 
-        return read(services(), run_id=sync_run_id)
+        return run_stage(pipeline.read_recipients, run_id=sync_run_id)
 
     @task
     def validate(sync_run_id: int, shard: int) -> dict:
         """Validate one shard of the certificates that need a (new) verdict."""
-        from certsync.airflow_adapter import services
-        from certsync.pipeline import validate as validate_shard
+        from certsync import pipeline
+        from certsync.airflow_adapter import run_stage
 
-        return validate_shard(services(), run_id=sync_run_id, shard=shard, shards=VALIDATION_SHARDS)
+        return run_stage(pipeline.validate, run_id=sync_run_id, shard=shard, shards=VALIDATION_SHARDS)
 
     @task
     def plan(sync_run_id: int) -> list[int]:
-        """Compute the actions (desired vs published) and return the publish batches."""
-        from certsync.airflow_adapter import services
-        from certsync.pipeline import plan as plan_run
+        """Compute the actions (desired vs what Exchange holds) and return the publish batches."""
+        from certsync import pipeline
+        from certsync.airflow_adapter import run_stage
 
         allow = bool(get_current_context()["params"]["allow_mass_removal"])
-        return plan_run(services(), run_id=sync_run_id, allow_mass_removal=allow)
+        return run_stage(pipeline.plan, run_id=sync_run_id, allow_mass_removal=allow)
 
     @task(max_active_tis_per_dagrun=4)
     def publish(sync_run_id: int, batch: int) -> dict:
         """Publish one batch of actions to Exchange Online, auditing every attempt."""
-        from certsync.airflow_adapter import services
-        from certsync.pipeline import publish as publish_batch
+        from certsync import pipeline
+        from certsync.airflow_adapter import run_stage
 
-        return publish_batch(services(), run_id=sync_run_id, batch=batch)
+        return run_stage(pipeline.publish, run_id=sync_run_id, batch=batch)
 
     @task(trigger_rule="none_failed", outlets=[PUBLISHED])
     def finish(sync_run_id: int) -> dict:
-        """Write the run summary (counts per outcome and reason)."""
-        from certsync.airflow_adapter import services
-        from certsync.pipeline import finish as finish_run
+        """Write the run summary (counts per outcome and reason) and the audit chain head."""
+        from certsync import pipeline
+        from certsync.airflow_adapter import run_stage
 
-        return finish_run(services(), run_id=sync_run_id)
+        return run_stage(pipeline.finish, run_id=sync_run_id)
 
     sync_run = begin()
     extracted = extract(sync_run)

@@ -13,6 +13,7 @@ CREATE TABLE certsync.sync_run (
     dry_run         boolean     NOT NULL,
     trust_fingerprint text,
     started_at      timestamptz NOT NULL DEFAULT now(),
+    planned_at      timestamptz,  -- set when the run's plan is saved: from then on it holds a full view
     finished_at     timestamptz,
     state           text        NOT NULL DEFAULT 'running'
                     CHECK (state IN ('running', 'succeeded', 'failed')),
@@ -42,6 +43,13 @@ CREATE TABLE certsync.staging_value (
     sha256      bytea   NOT NULL,
     value       bytea   NOT NULL,
     PRIMARY KEY (run_id, object_guid, attribute, ordinal)
+);
+
+-- Directory entries a run could not read as users, with the reason (the run went on without them).
+CREATE TABLE certsync.staging_rejected (
+    run_id  bigint NOT NULL REFERENCES certsync.sync_run ON DELETE CASCADE,
+    dn      text   NOT NULL,
+    reason  text   NOT NULL
 );
 
 -- Content-addressed certificate values: each distinct value is stored (and validated) once.
@@ -124,9 +132,11 @@ CREATE TABLE certsync.value_result (
     CHECK (selected = (reason IS NULL))
 );
 
--- The plan: one row per user whose recipient needs a change (or cannot take one), per run.
+-- The plan: one row per action of a run (a recipient to change, or a user that cannot be served).
+-- action_no numbers a run's actions; re-planning a run keeps the rows that reached a final state.
 CREATE TABLE certsync.planned_action (
     run_id          bigint  NOT NULL REFERENCES certsync.sync_run ON DELETE CASCADE,
+    action_no       integer NOT NULL,
     object_guid     uuid    NOT NULL,
     recipient_id    text,
     primary_smtp    text,
@@ -138,8 +148,9 @@ CREATE TABLE certsync.planned_action (
     state           text    NOT NULL DEFAULT 'pending'
                     CHECK (state IN ('pending', 'published', 'failed', 'conflict', 'skipped', 'dry_run')),
     reason          text,
-    PRIMARY KEY (run_id, object_guid)
+    PRIMARY KEY (run_id, action_no)
 );
+CREATE INDEX planned_action_recipient ON certsync.planned_action (run_id, recipient_id);
 
 -- What certsync last got Exchange Online to accept, per recipient and attribute (ordered sha256 lists).
 CREATE TABLE certsync.published_state (

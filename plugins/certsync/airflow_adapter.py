@@ -3,13 +3,17 @@ per-process services the DAG's tasks share."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
+from typing import Any, TypeVar
 
 from airflow.sdk import BaseHook, Variable
-from airflow.sdk.exceptions import AirflowNotFoundException, AirflowRuntimeError
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, AirflowRuntimeError
 
-from certsync.config import Connection, load_settings
-from certsync.pipeline import Services
+from certsync.config import ConfigError, Connection, load_settings
+from certsync.pipeline import RemovalThresholdExceeded, Services
+
+T = TypeVar("T")
 
 
 class AirflowSource:
@@ -39,3 +43,12 @@ class AirflowSource:
 def services() -> Services:
     """One set of clients per worker process (one msal application, one connection pool)."""
     return Services(settings=load_settings(AirflowSource()))
+
+
+def run_stage(stage: Callable[..., T], **kwargs: Any) -> T:
+    """Run one pipeline stage with this process's services. Bad settings and a tripped removal
+    guard fail the task at once: retrying cannot fix them, and a person must look."""
+    try:
+        return stage(services(), **kwargs)
+    except (ConfigError, RemovalThresholdExceeded) as exc:
+        raise AirflowFailException(str(exc)) from None

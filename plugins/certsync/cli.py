@@ -132,7 +132,10 @@ def validate(files, anchors, intermediates, crls, profile, attribute, at_text, e
         trust = TrustConfig.load(anchors=anchors, intermediates=intermediates, crls=crls, profile=profile)
     except TrustConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    at = datetime.fromisoformat(at_text) if at_text else datetime.now(UTC)
+    try:
+        at = datetime.fromisoformat(at_text) if at_text else datetime.now(UTC)
+    except ValueError:
+        raise click.BadParameter(f"not an ISO 8601 time: {at_text!r}", param_hint="--at") from None
     validator = Validator(trust=trust)
     refused = 0
     for path in files:
@@ -143,6 +146,27 @@ def validate(files, anchors, intermediates, crls, profile, attribute, at_text, e
             fields = {k: v for k, v in verdict.__dict__.items() if k != "sha256"}
             click.echo(json.dumps({"file": str(path), "sha256": verdict.sha256.hex(), **fields}, default=str))
     sys.exit(1 if refused else 0)
+
+
+@main.command("audit-verify")
+@click.option(
+    "--head", default=None, help="A chain head kept elsewhere (from a run's log or summary): SEQ:HASH."
+)
+def audit_verify(head: str | None) -> None:
+    """Verify the audit log's hash chain; exits 1 when anything was altered, removed or inserted."""
+    from certsync import audit
+
+    try:
+        expected = audit.ChainHead.parse(head) if head else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--head") from None
+    with _services().engine.connect() as conn:
+        problems = audit.verify(conn, expected_head=expected)
+        current = audit.chain_head(conn)
+    for problem in problems:
+        click.echo(problem)
+    click.echo(f"audit chain {'BROKEN' if problems else 'intact'}; head {current}")
+    sys.exit(1 if problems else 0)
 
 
 @main.command()

@@ -179,7 +179,7 @@ def directory_settings(conn: Connection) -> DirectorySettings:
             password=conn.password,
             base_dn=str(extra.get("base_dn", "")),
             search_filter=str(extra.get("search_filter") or USER_FILTER),
-            page_size=int(extra.get("page_size", 500)),
+            page_size=_int_setting(f"connection {conn.conn_id!r}", extra, "page_size", 500, minimum=1),
             ca_file=extra.get("ca_file"),
             start_tls=_flag(extra.get("start_tls", "")),
         )
@@ -209,7 +209,7 @@ def exchange_settings(conn: Connection) -> ExchangeSettings:
         certificate_file=extra.get("certificate_file"),
         private_key_file=extra.get("private_key_file"),
         ca_file=extra.get("ca_file"),
-        page_size=int(extra.get("page_size", 1000)),
+        page_size=_int_setting(f"connection {conn.conn_id!r}", extra, "page_size", 1000, minimum=1),
     )
 
 
@@ -224,9 +224,25 @@ def database_dsn(conn: Connection | None) -> str | None:
     )
 
 
+def _int_setting(where: str, values: Mapping[str, Any], key: str, default: int, *, minimum: int) -> int:
+    value = values.get(key, default)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # URI-form connection extras arrive as strings
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}: {key} must be a whole number >= {minimum}, not {value!r}")
+    return value
+
+
+def _paths_setting(config: Mapping[str, Any], key: str) -> tuple[Path, ...]:
+    value = config.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"variable {CONFIG_VARIABLE!r}: {key} must be a list of file paths, not {value!r}")
+    return tuple(map(Path, value))
+
+
 def trust_settings(config: Mapping[str, Any]) -> TrustSpec:
     anchors = config.get("trust_anchors")
-    if not anchors:
+    if not anchors or not isinstance(anchors, str):
         raise ConfigError(
             f"variable {CONFIG_VARIABLE!r}: trust_anchors (PEM file of trusted roots) is required"
         )
@@ -235,8 +251,8 @@ def trust_settings(config: Mapping[str, Any]) -> TrustSpec:
         raise ConfigError(f"variable {CONFIG_VARIABLE!r}: profile must be one of {PROFILES}, not {profile!r}")
     return TrustSpec(
         anchors=Path(anchors),
-        intermediates=tuple(map(Path, config.get("intermediates", []))),
-        crls=tuple(map(Path, config.get("crls", []))),
+        intermediates=_paths_setting(config, "intermediates"),
+        crls=_paths_setting(config, "crls"),
         profile=profile,
     )
 
@@ -244,18 +260,21 @@ def trust_settings(config: Mapping[str, Any]) -> TrustSpec:
 def load_settings(source: SettingsSource) -> SyncSettings:
     """Read and check every setting; raises ConfigError naming the first bad one."""
     raw = source.variable(CONFIG_VARIABLE)
+    where = f"variable {CONFIG_VARIABLE!r}"
     if raw is None:
-        raise ConfigError(f"variable {CONFIG_VARIABLE!r} is not set (JSON with at least trust_anchors)")
+        raise ConfigError(f"{where} is not set (JSON with at least trust_anchors)")
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"variable {CONFIG_VARIABLE!r} is not valid JSON: {exc.msg}") from None
+        raise ConfigError(f"{where} is not valid JSON: {exc.msg}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where} must be a JSON object")
     return SyncSettings(
         directory=directory_settings(_require(source.connection(LDAP_CONN_ID), LDAP_CONN_ID)),
         exchange=exchange_settings(_require(source.connection(EXCHANGE_CONN_ID), EXCHANGE_CONN_ID)),
         trust=trust_settings(config),
         database_dsn=database_dsn(source.connection(POSTGRES_CONN_ID)),
-        removal_threshold=int(config.get("removal_threshold", 500)),
-        publish_batch_size=int(config.get("publish_batch_size", 200)),
-        validation_processes=int(config.get("validation_processes", 2)),
+        removal_threshold=_int_setting(where, config, "removal_threshold", 500, minimum=0),
+        publish_batch_size=_int_setting(where, config, "publish_batch_size", 200, minimum=1),
+        validation_processes=_int_setting(where, config, "validation_processes", 2, minimum=1),
     )

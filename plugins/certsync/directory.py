@@ -96,6 +96,8 @@ class DirectoryReader:
 
     def __init__(self, *, settings: DirectorySettings) -> None:
         self._settings = settings
+        # Entries that could not be read as users: (dn, reason). Filled while iter_users runs.
+        self.skipped: list[tuple[str, str]] = []
 
     def _connect(self) -> ldap3.Connection:
         s = self._settings
@@ -158,25 +160,43 @@ class DirectoryReader:
             for entry in entries:
                 if entry.get("type") != "searchResEntry":
                     continue
-                yield _to_user(entry["dn"], entry["raw_attributes"])
+                user = self._read_entry(entry["dn"], entry["raw_attributes"])
+                if user is not None:
+                    yield user
         except LDAPException as exc:
             raise DirectoryError(f"ldap search below {s.base_dn!r} failed: {exc}") from None
         finally:
             conn.unbind()
 
+    def _read_entry(self, dn: str, raw: dict[str, list[bytes]]) -> DirectoryUser | None:
+        """One entry as a user, or None (recorded in `skipped`) when it cannot be one: a single
+        odd object must not stop the extract of all the others."""
+        try:
+            return _to_user(dn, raw)
+        except (KeyError, IndexError, ValueError) as exc:
+            reason = f"unreadable {type(exc).__name__}: {exc}"[:300]
+            self.skipped.append((_clean(dn), reason))
+            log.warning("skipping directory entry %s: %s", _clean(dn), reason)
+            return None
+
+
+def _clean(text: str) -> str:
+    # PostgreSQL text cannot hold NUL; nothing in a name or an address needs it.
+    return text.replace("\x00", "")
+
 
 def _text(raw: dict[str, list[bytes]], name: str) -> str | None:
     values = raw.get(name) or []
-    return values[0].decode("utf-8", "replace") if values else None
+    return _clean(values[0].decode("utf-8", "replace")) if values else None
 
 
 def _to_user(dn: str, raw: dict[str, list[bytes]]) -> DirectoryUser:
     return DirectoryUser(
         object_guid=uuid.UUID(bytes_le=bytes(raw["objectGUID"][0])),
-        dn=dn,
+        dn=_clean(dn),
         sam_account_name=_text(raw, "sAMAccountName") or "",
         mail=_text(raw, "mail"),
-        proxy_addresses=tuple(v.decode("utf-8", "replace") for v in raw.get("proxyAddresses", [])),
+        proxy_addresses=tuple(_clean(v.decode("utf-8", "replace")) for v in raw.get("proxyAddresses", [])),
         user_certificate=tuple(bytes(v) for v in raw.get("userCertificate", [])),
         user_smime_certificate=tuple(bytes(v) for v in raw.get("userSMIMECertificate", [])),
         user_account_control=int(_text(raw, "userAccountControl") or 0),

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from certsync import audit
 from certsync.certificates.parallel import validate_many
 from certsync.certificates.trust import TrustConfigError
 from certsync.config import (
@@ -27,7 +28,7 @@ from certsync.config import (
 )
 from certsync.directory import DirectoryError, DirectoryReader
 from certsync.exchange.auth import AuthError, TokenProvider, http_session
-from certsync.exchange.client import ExchangeClient, ExchangeError, Outcome
+from certsync.exchange.client import ExchangeClient, ExchangeError, Outcome, backoff_s
 from certsync.exchange.recipients import Recipient
 from certsync.plan import build_plan
 from certsync.store import db, planning, publishing, runs, source, validation
@@ -107,17 +108,22 @@ def begin(
 def extract(services: Services, *, run_id: int) -> dict[str, int]:
     """Read the directory into staging and merge it into the source view, in one transaction."""
     started = time.monotonic()
+    reader = services.directory()
     with services.engine.begin() as conn:
-        users, values = source.stage_users(conn, run_id=run_id, users=services.directory().iter_users())
-        gone = source.merge_source(conn, run_id=run_id, full=True)
+        users, values = source.stage_users(conn, run_id=run_id, users=reader.iter_users())
+        skipped = source.stage_rejected(conn, run_id=run_id, rejected=reader.skipped)
+        # With unreadable entries the read is not complete: drop nobody as gone this time.
+        gone = source.merge_source(conn, run_id=run_id, full=not reader.skipped)
+        source.purge_old_staging(conn)
     log.info(
-        "extracted %d users with %d values (%d gone) in %.1fs",
+        "extracted %d users with %d values (%d unreadable entries skipped, %d gone) in %.1fs",
         users,
         values,
+        skipped,
         gone,
         time.monotonic() - started,
     )
-    return {"users": users, "values": values, "gone": gone}
+    return {"users": users, "values": values, "skipped": skipped, "gone": gone}
 
 
 def read_recipients(services: Services, *, run_id: int) -> dict[str, int]:
@@ -185,17 +191,16 @@ def publish(services: Services, *, run_id: int, batch: int) -> dict[str, int]:
     return counts
 
 
-def _publish_action(services: Services, info: publishing.RunInfo, action: publishing.PendingAction) -> str:
+def _publish_action(services: Services, info: runs.RunInfo, action: publishing.PendingAction) -> str:
     if info.dry_run:
         with services.engine.begin() as conn:
-            publishing.set_action_state(
-                conn, run_id=info.run_id, object_guid=action.object_guid, state="dry_run"
-            )
+            publishing.set_action_state(conn, run_id=info.run_id, action_no=action.action_no, state="dry_run")
         return "dry_run"
     with services.engine.connect() as conn:
         blobs = publishing.values_by_hash(conn, [*action.user_certificate, *action.user_smime_certificate])
-        done = publishing.attempts_so_far(conn, run_id=info.run_id, object_guid=action.object_guid)
-    for attempt in range(done + 1, done + services.settings.exchange.max_attempts + 1):
+        done = publishing.attempts_so_far(conn, run_id=info.run_id, recipient_id=action.recipient_id)
+    last = done + services.settings.exchange.max_attempts
+    for attempt in range(done + 1, last + 1):
         if _newer_view(services, info, action):
             return "skipped"
         outcome = services.exchange.set_certificates(
@@ -207,15 +212,16 @@ def _publish_action(services: Services, info: publishing.RunInfo, action: publis
         state = _record(services, info, action, attempt, outcome)
         if state != "retry":
             return state
-        time.sleep(outcome.retry_after_s or min(2**attempt, 30))
+        if attempt < last:
+            time.sleep(backoff_s(outcome, attempt - done))
     with services.engine.begin() as conn:
         publishing.set_action_state(
-            conn, run_id=info.run_id, object_guid=action.object_guid, state="failed", reason="out_of_attempts"
+            conn, run_id=info.run_id, action_no=action.action_no, state="failed", reason="out_of_attempts"
         )
     return "failed"
 
 
-def _newer_view(services: Services, info: publishing.RunInfo, action: publishing.PendingAction) -> bool:
+def _newer_view(services: Services, info: runs.RunInfo, action: publishing.PendingAction) -> bool:
     """No stale overwrite: skip (and say why) when a newer run's view is already published."""
     with services.engine.begin() as conn:
         if not publishing.newer_view_published(conn, run=info, recipient_id=action.recipient_id):
@@ -223,7 +229,7 @@ def _newer_view(services: Services, info: publishing.RunInfo, action: publishing
         publishing.set_action_state(
             conn,
             run_id=info.run_id,
-            object_guid=action.object_guid,
+            action_no=action.action_no,
             state="skipped",
             reason="newer_run_published",
         )
@@ -232,7 +238,7 @@ def _newer_view(services: Services, info: publishing.RunInfo, action: publishing
 
 def _record(
     services: Services,
-    info: publishing.RunInfo,
+    info: runs.RunInfo,
     action: publishing.PendingAction,
     attempt: int,
     outcome: Outcome,
@@ -245,17 +251,21 @@ def _record(
             publishing.mark_published(conn, run=info, action=action)
         if state != "retry":
             publishing.set_action_state(
-                conn, run_id=info.run_id, object_guid=action.object_guid, state=state, reason=outcome.code
+                conn, run_id=info.run_id, action_no=action.action_no, state=state, reason=outcome.code
             )
     return state
 
 
 def finish(services: Services, *, run_id: int) -> dict[str, Any]:
-    """Summarise the run from its rows and close it."""
+    """Summarise the run from its rows, close it, and hand out the audit chain head so that a copy
+    of it lives outside the database (the task log and XCom)."""
     with services.engine.begin() as conn:
         summary = runs.summarize(conn, run_id)
+        head = audit.chain_head(conn)
+        summary["audit_head"] = str(head) if head else None
         failed = sum(n for key, n in summary["actions"].items() if key.endswith(":failed"))
         runs.finish_run(conn, run_id=run_id, state="failed" if failed else "succeeded", summary=summary)
+    log.info("run %s finished; audit chain head %s", run_id, summary["audit_head"])
     return summary
 
 

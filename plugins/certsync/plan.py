@@ -9,22 +9,23 @@ attributes, an admin, drift) are corrected too.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from certsync.certificates.parse import ATTRIBUTES
 from certsync.certificates.reasons import Reason
 from certsync.certificates.select import select_values
 from certsync.certificates.verdict import Verdict, email_mismatch
 from certsync.exchange.recipients import Recipient
 
-ATTRIBUTES = ("userCertificate", "userSMIMECertificate")
 # A valid certificate of a user without any mail address has nowhere to go in Exchange Online.
 USER_HAS_NO_MAIL = "user_has_no_mail"
 NO_MAIL_SENTENCE = "The user has no mail or SMTP proxy address, so no recipient can carry the certificate."
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SourceUser:
     object_guid: uuid.UUID
     mail: str | None
@@ -32,7 +33,7 @@ class SourceUser:
     verdicts: tuple[Verdict, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ValueResult:
     object_guid: uuid.UUID
     attribute: str
@@ -42,14 +43,14 @@ class ValueResult:
     detail: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Published:
     object_guid: uuid.UUID
     user_certificate: tuple[bytes, ...]
     user_smime_certificate: tuple[bytes, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Action:
     object_guid: uuid.UUID
     kind: str  # add | replace | remove | conflict | no_recipient
@@ -94,7 +95,14 @@ def desired_values(
 
 
 def _result(user: SourceUser, v: Verdict, reason: str | None, rule: str | None, detail: str) -> ValueResult:
-    return ValueResult(user.object_guid, v.attribute, v.sha256, reason, rule, detail)
+    return ValueResult(
+        object_guid=user.object_guid,
+        attribute=v.attribute,
+        sha256=v.sha256,
+        reason=reason,
+        rule=rule,
+        detail=detail,
+    )
 
 
 def match_recipient(user: SourceUser, by_smtp: Mapping[str, Recipient]) -> Recipient | None:
@@ -115,29 +123,28 @@ def _kind(desired: dict[str, tuple[bytes, ...]], recipient: Recipient) -> str | 
 
 
 def plan_user(
-    user: SourceUser, recipient: Recipient | None, *, limit: int = 15
+    user: SourceUser, recipient: Recipient | None, *, unserved: str = "recipient_not_found", limit: int = 15
 ) -> tuple[Action | None, list[ValueResult]]:
+    """The action for one user (None when its recipient already holds the right values) and a
+    result for each of its values. `unserved` says why a user without recipient has none."""
     desired, results = desired_values(user, limit=limit)
-    wanted = {
-        "user_certificate": desired["userCertificate"],
-        "user_smime_certificate": desired["userSMIMECertificate"],
-    }
+    action = functools.partial(
+        Action,
+        object_guid=user.object_guid,
+        recipient=recipient,
+        user_certificate=desired["userCertificate"],
+        user_smime_certificate=desired["userSMIMECertificate"],
+    )
     if recipient is None:
-        if not any(desired.values()):
-            return None, results
-        return Action(user.object_guid, "no_recipient", None, reason="recipient_not_found", **wanted), results
+        return (action(kind="no_recipient", reason=unserved) if any(desired.values()) else None), results
     kind = _kind(desired, recipient)
     if kind is None:
         return None, results
     if recipient.cmdlet is None:
-        return Action(
-            user.object_guid, "no_recipient", recipient, reason="unsupported_recipient_type", **wanted
-        ), results
+        return action(kind="no_recipient", reason="unsupported_recipient_type"), results
     if not recipient.writable:
-        return Action(
-            user.object_guid, "conflict", recipient, reason="managed_by_directory_sync", **wanted
-        ), results
-    return Action(user.object_guid, kind, recipient, **wanted), results
+        return action(kind="conflict", reason="managed_by_directory_sync"), results
+    return action(kind=kind), results
 
 
 def build_plan(
@@ -153,12 +160,13 @@ def build_plan(
     plan = Plan()
     claimed: set[str] = set()
     for user in users:
-        recipient = match_recipient(user, by_smtp)
+        recipient, unserved = match_recipient(user, by_smtp), "recipient_not_found"
         if recipient is not None and recipient.recipient_id in claimed:
-            recipient = None  # two users, one recipient: the first claim wins, the second is reported
+            # Two users, one recipient: the first claim wins, the second is reported.
+            recipient, unserved = None, "recipient_claimed_by_another_user"
         if recipient is not None:
             claimed.add(recipient.recipient_id)
-        action, results = plan_user(user, recipient, limit=limit)
+        action, results = plan_user(user, recipient, unserved=unserved, limit=limit)
         plan.results.extend(results)
         if action is not None:
             plan.actions.append(action)
@@ -171,11 +179,9 @@ def _orphan_removals(
 ) -> Iterator[Action]:
     for recipient_id, state in published.items():
         recipient = by_id.get(recipient_id)
-        if (
-            recipient_id in claimed
-            or recipient is None
-            or not any((recipient.user_certificate, recipient.user_smime_certificate))
-        ):
+        if recipient_id in claimed or recipient is None:
+            continue
+        if not any((recipient.user_certificate, recipient.user_smime_certificate)):
             continue
         kind = "remove" if recipient.writable else "conflict"
-        yield Action(state.object_guid, kind, recipient, reason="user_left_scope")
+        yield Action(object_guid=state.object_guid, kind=kind, recipient=recipient, reason="user_left_scope")

@@ -162,15 +162,67 @@ def test_audit_log_is_append_only_for_the_application_role(first_run, db) -> Non
         db.execute("DELETE FROM certsync.audit_log WHERE seq = 1")
 
 
-def test_hash_chain_finds_an_altered_row(first_run, db) -> None:
+@pytest.fixture(scope="module")
+def owner_engine(embedded_pg):
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(
+        embedded_pg.dsn_for("certsync").replace("postgresql://", "postgresql+psycopg://")
+    )
+    yield engine
+    engine.dispose()
+
+
+def _tampered(engine, *statements: str, head: str | None = None) -> list[str]:
+    """What the verifier says after a superuser switched the guards off and ran `statements`
+    (all rolled back afterwards)."""
+    import sqlalchemy as sa
+    from certsync.audit import ChainHead, verify
+
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(sa.text("ALTER TABLE certsync.audit_log DISABLE TRIGGER USER"))
+        for statement in statements:
+            conn.execute(sa.text(statement))
+        found = verify(conn, expected_head=ChainHead.parse(head) if head else None)
+        transaction.rollback()
+    return found
+
+
+def _head(db) -> str:
+    seq, row_hash = db.execute(
+        "SELECT seq, encode(row_hash, 'hex') FROM certsync.audit_log ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    return f"{seq}:{row_hash}"
+
+
+def test_hash_chain_is_intact_and_its_head_is_in_the_run_summary(first_run, db) -> None:
     assert db.execute("SELECT count(*) FROM certsync.audit_chain_breaks").fetchone()[0] == 0
-    # A superuser can switch the guard off; the chain still tells. Rolled back afterwards.
-    with pytest.raises(psycopg.errors.RaiseException), db.transaction():
-        db.execute("ALTER TABLE certsync.audit_log DISABLE TRIGGER audit_log_no_update")
-        db.execute("UPDATE certsync.audit_log SET detail = 'edited' WHERE seq = 2")
-        breaks = db.execute("SELECT seq, problem FROM certsync.audit_chain_breaks").fetchall()
-        assert breaks == [(2, "altered_row")]
-        db.execute("DO $$ BEGIN RAISE EXCEPTION 'roll back'; END $$")
+    summary = db.execute(
+        "SELECT summary FROM certsync.sync_run WHERE airflow_run_id = %s", (first_run[0].run_id,)
+    ).fetchone()[0]
+    assert summary["audit_head"] == _head(db)
+
+
+def test_verifier_finds_altered_removed_inserted_rows_and_a_cut_tail(first_run, db, owner_engine) -> None:
+    head = _head(db)
+    last = int(head.split(":")[0])
+    assert _tampered(owner_engine, "UPDATE certsync.audit_log SET detail = 'edited' WHERE seq = 2") == [
+        "row 2: altered_row"
+    ]
+    assert _tampered(owner_engine, "DELETE FROM certsync.audit_log WHERE seq = 3") == ["row 4: sequence_gap"]
+    inserted = (
+        "INSERT INTO certsync.audit_log SELECT seq + 1000, at, run_id, dag_id, airflow_run_id, object_guid,"
+        " recipient_id, primary_smtp, cmdlet, action, user_certificate, user_smime_certificate, attempt,"
+        " 'accepted', http_status, error_code, detail, client_request_id, prev_hash, row_hash"
+        " FROM certsync.audit_log WHERE seq = 5"
+    )
+    assert _tampered(owner_engine, inserted)  # a copied row lands out of sequence and off the chain
+    cut = f"DELETE FROM certsync.audit_log WHERE seq > {last - 2}"  # noqa: S608 - an int
+    assert _tampered(owner_engine, cut) == []  # inside the table a cut tail looks intact ...
+    assert any(
+        "tail was cut" in p for p in _tampered(owner_engine, cut, head=head)
+    )  # ... but not against the head
 
 
 def test_xcom_carries_only_small_references_and_no_secret(first_run, sync_env, app_credential_files) -> None:

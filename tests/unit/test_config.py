@@ -72,6 +72,27 @@ def test_connection_uri_round_trips(env: dict[str, str]) -> None:
             '{"trust_anchors": "a.pem", "profile": "lax"}',
             "profile must be one of",
         ),
+        ("AIRFLOW_VAR_CERTSYNC_CONFIG", '["a.pem"]', "must be a JSON object"),
+        (
+            "AIRFLOW_VAR_CERTSYNC_CONFIG",
+            '{"trust_anchors": "a", "removal_threshold": "lots"}',
+            "removal_threshold must",
+        ),
+        (
+            "AIRFLOW_VAR_CERTSYNC_CONFIG",
+            '{"trust_anchors": "a", "publish_batch_size": 0}',
+            "publish_batch_size must",
+        ),
+        (
+            "AIRFLOW_VAR_CERTSYNC_CONFIG",
+            '{"trust_anchors": "a", "intermediates": "i.pem"}',
+            "list of file paths",
+        ),
+        (
+            "AIRFLOW_CONN_CERTSYNC_EXCHANGE",
+            '{"login": "a", "password": "s", "extra": {"tenant_id": "t", "page_size": "big"}}',
+            "'certsync_exchange': page_size must",
+        ),
     ],
 )
 def test_bad_settings_fail_fast_naming_the_setting(env, name, value, message) -> None:

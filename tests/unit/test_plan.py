@@ -31,7 +31,9 @@ def _verdict(
 
 
 def _user(*verdicts: Verdict, mail: str | None = "a@x.test", guid: int = 1) -> SourceUser:
-    return SourceUser(uuid.UUID(int=guid), mail, (mail,) if mail else (), verdicts)
+    return SourceUser(
+        object_guid=uuid.UUID(int=guid), mail=mail, addresses=(mail,) if mail else (), verdicts=verdicts
+    )
 
 
 def _recipient(
@@ -110,7 +112,11 @@ def test_users_without_a_recipient_or_mail_get_a_reason() -> None:
 def test_recipient_left_behind_by_a_user_who_left_the_scope_is_cleared() -> None:
     a = _verdict(1)
     recipient = _recipient(a, smtp="gone@x.test")
-    published = {recipient.recipient_id: Published(uuid.UUID(int=9), (a.sha256,), ())}
+    published = {
+        recipient.recipient_id: Published(
+            object_guid=uuid.UUID(int=9), user_certificate=(a.sha256,), user_smime_certificate=()
+        )
+    }
     plan = build_plan([], recipients=[recipient], published=published)
     assert [(x.kind, x.reason) for x in plan.actions] == [("remove", "user_left_scope")]
 
@@ -118,4 +124,25 @@ def test_recipient_left_behind_by_a_user_who_left_the_scope_is_cleared() -> None
 def test_two_users_claiming_one_recipient_first_wins() -> None:
     a = _verdict(1)
     plan = build_plan([_user(a), _user(a, guid=2)], recipients=[_recipient()], published={})
-    assert sorted(x.kind for x in plan.actions) == ["add", "no_recipient"]
+    assert [(x.kind, x.reason) for x in plan.actions] == [
+        ("add", None),
+        ("no_recipient", "recipient_claimed_by_another_user"),
+    ]
+
+
+def test_renamed_user_moves_to_a_new_recipient_and_the_old_one_is_cleared() -> None:
+    """One user can have two actions in a run: its new recipient, and clearing the one it left."""
+    a = _verdict(1, email="anna.jones@x.test")
+    old = _recipient(a, smtp="anna.smith@x.test")
+    new = _recipient(smtp="anna.jones@x.test")
+    published = {
+        old.recipient_id: Published(
+            object_guid=uuid.UUID(int=1), user_certificate=(a.sha256,), user_smime_certificate=()
+        )
+    }
+    plan = build_plan([_user(a, mail="anna.jones@x.test")], recipients=[old, new], published=published)
+    assert [(x.kind, x.recipient.primary_smtp) for x in plan.actions] == [
+        ("add", "anna.jones@x.test"),
+        ("remove", "anna.smith@x.test"),
+    ]
+    assert {x.object_guid for x in plan.actions} == {uuid.UUID(int=1)}

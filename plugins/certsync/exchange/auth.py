@@ -75,6 +75,6 @@ class TokenProvider:
             # error_description carries no secret; the credential never leaves msal.
             raise AuthError(
                 f"token request for client {self._app.client_id} failed: "
-                f"{result.get('error')}: {str(result.get('error_description', '')).splitlines()[0:1]}"
+                f"{result.get('error')}: {(str(result.get('error_description', '')).splitlines() or [''])[0]}"
             )
         return result["access_token"]

@@ -66,12 +66,20 @@ def encode_bytes(values: Sequence[bytes]) -> list[str]:
     return [base64.b64encode(v).decode("ascii") for v in values]
 
 
-def _retry_after(response: requests.Response) -> float:
+def _retry_after(response: requests.Response) -> float | None:
+    """Seconds the server asked us to wait (bounded), or None when it did not say."""
     raw = response.headers.get("Retry-After", "")
     try:
         return min(max(float(raw), 0.0), MAX_RETRY_AFTER_S)
     except ValueError:
-        return 1.0
+        return None
+
+
+def backoff_s(outcome: Outcome, retry: int) -> float:
+    """How long to wait before retry number `retry` (1, 2, ...): Retry-After when given, else exponential."""
+    if outcome.retry_after_s is not None:
+        return outcome.retry_after_s
+    return min(2.0**retry, 30.0)
 
 
 def _error_parts(response: requests.Response) -> tuple[str | None, str]:
@@ -159,13 +167,9 @@ class ExchangeClient:
                     status=response.status_code,
                     code=outcome.code,
                 )
-            log.warning(
-                "%s: HTTP %s, retrying in %.1fs",
-                cmdlet,
-                response.status_code,
-                outcome.retry_after_s,
-            )
-            time.sleep(outcome.retry_after_s or 1.0)
+            wait = backoff_s(outcome, attempt)
+            log.warning("%s: HTTP %s, retrying in %.1fs", cmdlet, response.status_code, wait)
+            time.sleep(wait)
         raise AssertionError("unreachable")
 
     def read(self, cmdlet: str, parameters: dict[str, Any], *, select: Sequence[str] = ()) -> Iterator[dict]:

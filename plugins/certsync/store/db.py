@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -55,6 +56,16 @@ def create_engine(dsn: str, *, app_role: bool = True) -> Engine:
             dbapi_conn.commit()
 
     return engine
+
+
+def copy_rows(conn: sa.Connection, statement: str, rows: Iterable[tuple]) -> int:
+    """Bulk-load rows with COPY on the connection's own transaction; returns the row count."""
+    count = 0
+    with conn.connection.driver_connection.cursor() as cur, cur.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(row)
+            count += 1
+    return count
 
 
 def check(dsn: str) -> None:

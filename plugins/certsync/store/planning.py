@@ -12,7 +12,7 @@ from certsync.certificates.verdict import Verdict
 from certsync.directory import smtp_addresses
 from certsync.exchange.recipients import Recipient
 from certsync.plan import Plan, Published, SourceUser
-from certsync.store.source import _copy
+from certsync.store.db import copy_rows
 
 USERS_WITH_VERDICTS = """
 SELECT u.object_guid, u.mail, u.proxy_addresses,
@@ -56,7 +56,8 @@ def source_users(conn: Connection, *, fingerprint: str) -> Iterator[SourceUser]:
     for guid, group in itertools.groupby(rows, key=lambda r: r.object_guid):
         first, *rest = list(group)
         verdicts = tuple(_verdict(r) for r in (first, *rest) if r.sha256 is not None)
-        yield SourceUser(guid, first.mail, smtp_addresses(first.mail, first.proxy_addresses), verdicts)
+        addresses = smtp_addresses(first.mail, first.proxy_addresses)
+        yield SourceUser(object_guid=guid, mail=first.mail, addresses=addresses, verdicts=verdicts)
 
 
 def save_recipients(conn: Connection, *, run_id: int, recipients: Iterable[Recipient]) -> int:
@@ -106,19 +107,42 @@ def published_state(conn: Connection) -> dict[str, Published]:
     )
     return {
         r.recipient_id: Published(
-            r.object_guid,
-            tuple(bytes(h) for h in r.user_certificate),
-            tuple(bytes(h) for h in r.user_smime_certificate),
+            object_guid=r.object_guid,
+            user_certificate=tuple(bytes(h) for h in r.user_certificate),
+            user_smime_certificate=tuple(bytes(h) for h in r.user_smime_certificate),
         )
         for r in rows
     }
 
 
+def _action_rows(run_id: int, plan: Plan, *, first_no: int, batch_size: int) -> tuple[list[tuple], int]:
+    """planned_action rows, publishable actions spread over batches; returns (rows, batches)."""
+    publishable = 0
+    rows = []
+    for action_no, action in enumerate(plan.actions, start=first_no):
+        batch = -1
+        if action.kind in ("add", "replace", "remove"):
+            batch = publishable // batch_size
+            publishable += 1
+        state = "pending" if batch >= 0 else ("conflict" if action.kind == "conflict" else "skipped")
+        r = action.recipient
+        rows.append(
+            (run_id, action_no, action.object_guid, r.recipient_id if r else None, r.primary_smtp if r else None,
+             r.cmdlet if r else None, action.kind, list(action.user_certificate),
+             list(action.user_smime_certificate), batch, state, action.reason)
+        )  # fmt: skip
+    return rows, -(-publishable // batch_size)
+
+
 def save_plan(conn: Connection, *, run_id: int, plan: Plan, batch_size: int) -> int:
-    """Replace this run's plan (idempotent under retries); returns the number of publish batches."""
+    """Save this run's plan and return the number of publish batches. Re-planning a run (retry,
+    clear) replaces what is still open but keeps the actions it already published, as history."""
     conn.execute(sa.text("DELETE FROM certsync.value_result WHERE run_id = :r"), {"r": run_id})
-    conn.execute(sa.text("DELETE FROM certsync.planned_action WHERE run_id = :r"), {"r": run_id})
-    _copy(
+    conn.execute(
+        sa.text("DELETE FROM certsync.planned_action WHERE run_id = :r AND state <> 'published'"),
+        {"r": run_id},
+    )
+    copy_rows(
         conn,
         "COPY certsync.value_result (run_id, object_guid, attribute, sha256, selected, reason, rule, detail)"
         " FROM STDIN",
@@ -127,24 +151,16 @@ def save_plan(conn: Connection, *, run_id: int, plan: Plan, batch_size: int) -> 
             for r in plan.results
         ),
     )
-    publishable = 0
-    rows = []
-    for action in plan.actions:
-        batch = -1
-        if action.kind in ("add", "replace", "remove"):
-            batch = publishable // batch_size
-            publishable += 1
-        state = "pending" if batch >= 0 else ("conflict" if action.kind == "conflict" else "skipped")
-        r = action.recipient
-        rows.append(
-            (run_id, action.object_guid, r.recipient_id if r else None, r.primary_smtp if r else None,
-             r.cmdlet if r else None, action.kind, list(action.user_certificate),
-             list(action.user_smime_certificate), batch, state, action.reason)
-        )  # fmt: skip
-    _copy(
+    first_no = conn.execute(
+        sa.text("SELECT coalesce(max(action_no), 0) + 1 FROM certsync.planned_action WHERE run_id = :r"),
+        {"r": run_id},
+    ).scalar_one()
+    rows, batches = _action_rows(run_id, plan, first_no=first_no, batch_size=batch_size)
+    copy_rows(
         conn,
-        "COPY certsync.planned_action (run_id, object_guid, recipient_id, primary_smtp, cmdlet, kind,"
+        "COPY certsync.planned_action (run_id, action_no, object_guid, recipient_id, primary_smtp, cmdlet, kind,"
         " user_certificate, user_smime_certificate, batch, state, reason) FROM STDIN",
         rows,
     )
-    return -(-publishable // batch_size)
+    conn.execute(sa.text("UPDATE certsync.sync_run SET planned_at = now() WHERE run_id = :r"), {"r": run_id})
+    return batches

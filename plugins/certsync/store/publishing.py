@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from certsync.exchange.client import Outcome
+from certsync.store.runs import RunInfo
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PendingAction:
+    action_no: int
     object_guid: uuid.UUID
     recipient_id: str
     primary_smtp: str
@@ -23,33 +24,22 @@ class PendingAction:
     user_smime_certificate: tuple[bytes, ...]
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    run_id: int
-    dag_id: str
-    airflow_run_id: str
-    logical_date: datetime
-    dry_run: bool
-
-
 def pending_actions(conn: Connection, *, run_id: int, batch: int) -> list[PendingAction]:
     rows = conn.execute(
         sa.text(
-            "SELECT object_guid, recipient_id, primary_smtp, cmdlet, kind, user_certificate,"
+            "SELECT action_no, object_guid, recipient_id, primary_smtp, cmdlet, kind, user_certificate,"
             " user_smime_certificate FROM certsync.planned_action"
-            " WHERE run_id = :r AND batch = :b AND state = 'pending' ORDER BY object_guid"
+            " WHERE run_id = :r AND batch = :b AND state = 'pending' ORDER BY action_no"
         ),
         {"r": run_id, "b": batch},
     )
     return [
         PendingAction(
-            r.object_guid,
-            r.recipient_id,
-            r.primary_smtp,
-            r.cmdlet,
-            r.kind,
-            tuple(map(bytes, r.user_certificate)),
-            tuple(map(bytes, r.user_smime_certificate)),
+            **{
+                **r._mapping,
+                "user_certificate": tuple(map(bytes, r.user_certificate)),
+                "user_smime_certificate": tuple(map(bytes, r.user_smime_certificate)),
+            }
         )
         for r in rows
     ]
@@ -63,13 +53,14 @@ def values_by_hash(conn: Connection, hashes: list[bytes]) -> dict[bytes, bytes]:
 
 
 def newer_view_published(conn: Connection, *, run: RunInfo, recipient_id: str) -> bool:
-    """True when a run with a later logical date already published this recipient, or completed
-    a full publish of its own: an older run (a late backfill) must not overwrite that newer view."""
+    """True when a run with a later logical date already published this recipient, or planned from
+    a newer view of everything (whatever became of its publishing): an older run (a late backfill, a
+    cleared task of a run before it) must not overwrite that newer view."""
     return bool(
         conn.execute(
             sa.text(
                 "SELECT 1 FROM certsync.published_state WHERE recipient_id = :id AND logical_date > :d"
-                " UNION ALL SELECT 1 FROM certsync.sync_run WHERE state = 'succeeded' AND NOT dry_run"
+                " UNION ALL SELECT 1 FROM certsync.sync_run WHERE planned_at IS NOT NULL AND NOT dry_run"
                 " AND logical_date > :d AND run_id <> :run_id LIMIT 1"
             ),
             {"id": recipient_id, "d": run.logical_date, "run_id": run.run_id},
@@ -77,11 +68,11 @@ def newer_view_published(conn: Connection, *, run: RunInfo, recipient_id: str) -
     )
 
 
-def attempts_so_far(conn: Connection, *, run_id: int, object_guid: uuid.UUID) -> int:
-    """Attempts this run already made for this action (a retried task continues the count)."""
+def attempts_so_far(conn: Connection, *, run_id: int, recipient_id: str) -> int:
+    """Attempts this run already made for this recipient (a retried task continues the count)."""
     return conn.execute(
-        sa.text("SELECT count(*) FROM certsync.audit_log WHERE run_id = :r AND object_guid = :g"),
-        {"r": run_id, "g": object_guid},
+        sa.text("SELECT count(*) FROM certsync.audit_log WHERE run_id = :r AND recipient_id = :id"),
+        {"r": run_id, "id": recipient_id},
     ).scalar_one()
 
 
@@ -152,12 +143,12 @@ def mark_published(conn: Connection, *, run: RunInfo, action: PendingAction) -> 
 
 
 def set_action_state(
-    conn: Connection, *, run_id: int, object_guid: uuid.UUID, state: str, reason: str | None = None
+    conn: Connection, *, run_id: int, action_no: int, state: str, reason: str | None = None
 ) -> None:
     conn.execute(
         sa.text(
             "UPDATE certsync.planned_action SET state = :s, reason = coalesce(:reason, reason)"
-            " WHERE run_id = :r AND object_guid = :g"
+            " WHERE run_id = :r AND action_no = :n"
         ),
-        {"s": state, "reason": reason, "r": run_id, "g": object_guid},
+        {"s": state, "reason": reason, "r": run_id, "n": action_no},
     )

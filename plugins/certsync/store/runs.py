@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from certsync.store.publishing import RunInfo
+
+@dataclass(frozen=True, kw_only=True)
+class RunInfo:
+    run_id: int
+    dag_id: str
+    airflow_run_id: str
+    logical_date: datetime
+    dry_run: bool
 
 
 def begin_run(
@@ -28,7 +36,7 @@ def begin_run(
             "INSERT INTO certsync.sync_run (dag_id, airflow_run_id, logical_date, mode, dry_run,"
             " trust_fingerprint) VALUES (:dag_id, :run_id, :d, :mode, :dry, :fp)"
             " ON CONFLICT (dag_id, airflow_run_id) DO UPDATE SET state = 'running', finished_at = NULL,"
-            " trust_fingerprint = EXCLUDED.trust_fingerprint RETURNING run_id"
+            " trust_fingerprint = EXCLUDED.trust_fingerprint, dry_run = EXCLUDED.dry_run RETURNING run_id"
         ),
         {
             "dag_id": dag_id,
@@ -67,6 +75,9 @@ def summarize(conn: Connection, run_id: int) -> dict[str, Any]:
     return {
         "users": conn.execute(
             sa.text("SELECT count(*) FROM certsync.staging_user WHERE run_id = :r"), {"r": run_id}
+        ).scalar_one(),
+        "directory_entries_skipped": conn.execute(
+            sa.text("SELECT count(*) FROM certsync.staging_rejected WHERE run_id = :r"), {"r": run_id}
         ).scalar_one(),
         "values": _counts(
             conn,

@@ -9,20 +9,11 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from certsync.certificates.parse import ATTRIBUTES
 from certsync.directory import DirectoryUser
+from certsync.store.db import copy_rows
 
 log = logging.getLogger(__name__)
-
-ATTRIBUTES = ("userCertificate", "userSMIMECertificate")
-
-
-def _copy(conn: Connection, statement: str, rows: Iterable[tuple]) -> int:
-    count = 0
-    with conn.connection.driver_connection.cursor() as cur, cur.copy(statement) as copy:
-        for row in rows:
-            copy.write_row(row)
-            count += 1
-    return count
 
 
 def _value_rows(run_id: int, users: Iterable[DirectoryUser], user_rows: list[tuple]) -> Iterable[tuple]:
@@ -50,15 +41,15 @@ def _value_rows(run_id: int, users: Iterable[DirectoryUser], user_rows: list[tup
 
 def stage_users(conn: Connection, *, run_id: int, users: Iterable[DirectoryUser]) -> tuple[int, int]:
     """Replace this run's staging rows with `users` (idempotent under task retries)."""
-    conn.execute(sa.text("DELETE FROM certsync.staging_value WHERE run_id = :r"), {"r": run_id})
-    conn.execute(sa.text("DELETE FROM certsync.staging_user WHERE run_id = :r"), {"r": run_id})
+    for table in ("staging_value", "staging_user", "staging_rejected"):
+        conn.execute(sa.text(f"DELETE FROM certsync.{table} WHERE run_id = :r"), {"r": run_id})  # noqa: S608
     user_rows: list[tuple] = []
-    values = _copy(
+    values = copy_rows(
         conn,
         "COPY certsync.staging_value (run_id, object_guid, attribute, ordinal, sha256, value) FROM STDIN",
         _value_rows(run_id, users, user_rows),
     )
-    count = _copy(
+    count = copy_rows(
         conn,
         "COPY certsync.staging_user (run_id, object_guid, dn, sam_account_name, display_name, mail,"
         " proxy_addresses, user_account_control, usn_changed) FROM STDIN",
@@ -105,3 +96,24 @@ def merge_source(conn: Connection, *, run_id: int, full: bool) -> int:
     if not full:
         return 0
     return conn.execute(sa.text(DROP_UNSEEN), {"r": run_id}).rowcount
+
+
+def stage_rejected(conn: Connection, *, run_id: int, rejected: Iterable[tuple[str, str]]) -> int:
+    """Record the directory entries that could not be read as users, each with its reason."""
+    return copy_rows(
+        conn,
+        "COPY certsync.staging_rejected (run_id, dn, reason) FROM STDIN",
+        ((run_id, *r) for r in rejected),
+    )
+
+
+def purge_old_staging(conn: Connection, *, keep_runs: int = 3) -> int:
+    """Drop the raw values of all but the latest runs: the merge has them, and they are the bulk."""
+    return conn.execute(
+        sa.text(
+            "DELETE FROM certsync.staging_value WHERE run_id < ("
+            " SELECT coalesce(min(run_id), 0) FROM ("
+            "  SELECT run_id FROM certsync.sync_run ORDER BY run_id DESC LIMIT :k) latest)"
+        ),
+        {"k": keep_runs},
+    ).rowcount
