@@ -79,6 +79,7 @@ class LeafPolicy:
         family = self.check_key(cert)
         self.check_eku(extensions)
         self.check_key_usage(extensions, family)
+        self.check_encryption_capable(extensions, family)
 
     def check_serial(self, serial: int) -> None:
         if serial <= 0:
@@ -171,6 +172,22 @@ class LeafPolicy:
             shown = ", ".join(sorted(bits)) or "nothing"
             detail = f"Key usage ({shown}) does not fit S/MIME with a {family} key."
             raise Refusal(Reason.KEY_USAGE_UNFIT, self.rule("key_usage"), detail)
+
+    def check_encryption_capable(self, extensions: Extensions, family: str) -> None:
+        """A certificate in the GAL is there for senders to encrypt to, so its key must be able to
+        receive a content-encryption key: RSA by key transport (keyEncipherment, as OpenSSL's
+        smimeencrypt purpose requires), EC by key agreement (S/MIME BR; OpenSSL would insist on
+        keyEncipherment, which an EC key cannot do). Edwards keys can only sign."""
+        if family == "edwards":
+            detail = "Ed25519/Ed448 keys can only sign: no sender could encrypt to this certificate."
+            raise Refusal(Reason.KEY_USAGE_UNFIT, self.rule("encryption_capable"), detail)
+        usage = extensions.get(x509.KeyUsage)
+        if not isinstance(usage, x509.KeyUsage):
+            return  # absent means unrestricted
+        needed = "key_encipherment" if family == "rsa" else "key_agreement"
+        if not getattr(usage, needed):
+            detail = f"The key usage lacks {needed} for a {family} key: no sender could encrypt to this certificate."
+            raise Refusal(Reason.KEY_USAGE_UNFIT, self.rule("encryption_capable"), detail)
 
     def check_emails(self, emails: tuple[str, ...], from_san: bool) -> None:
         if not emails:
