@@ -1,6 +1,7 @@
 -- Views for auditors and admins: per-item reasons, per-recipient outcomes, and expiring certificates.
 
 -- Every certificate value of every run: selected for publishing, or the reason it was refused.
+-- The user is shown as the directory had it in that run (its staging row), not as it is today.
 CREATE VIEW certsync.value_verdicts AS
 SELECT r.run_id, s.dag_id, s.airflow_run_id, s.logical_date,
        u.sam_account_name, u.mail, r.object_guid, r.attribute, encode(r.sha256, 'hex') AS sha256,
@@ -8,7 +9,7 @@ SELECT r.run_id, s.dag_id, s.airflow_run_id, s.logical_date,
        v.subject, v.issuer, v.serial, v.not_before, v.not_after
 FROM certsync.value_result r
 JOIN certsync.sync_run s USING (run_id)
-LEFT JOIN certsync.source_user u USING (object_guid)
+LEFT JOIN certsync.staging_user u ON u.run_id = r.run_id AND u.object_guid = r.object_guid
 LEFT JOIN certsync.cert_verdict v
        ON v.sha256 = r.sha256 AND v.attribute = r.attribute AND v.trust_fingerprint = s.trust_fingerprint;
 

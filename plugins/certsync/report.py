@@ -25,7 +25,7 @@ LIMIT 5
 
 REFUSALS_QUERY = """
 SELECT r.reason, count(*) AS values, min(u.mail) AS example_user
-FROM certsync.value_result r JOIN certsync.source_user u USING (object_guid)
+FROM certsync.value_result r JOIN certsync.staging_user u USING (run_id, object_guid)
 WHERE r.run_id = :r AND NOT r.selected
 GROUP BY r.reason ORDER BY 2 DESC
 """
@@ -88,7 +88,7 @@ def render_auditor_example(conn: Connection) -> str:
 
 SELECTED_BY_USER = """
 SELECT u.mail, u.proxy_addresses, r.attribute, array_agg(r.sha256) AS hashes
-FROM certsync.value_result r JOIN certsync.source_user u USING (object_guid)
+FROM certsync.value_result r JOIN certsync.staging_user u USING (run_id, object_guid)
 WHERE r.run_id = :r AND r.selected
 GROUP BY u.mail, u.proxy_addresses, r.attribute
 """

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 
 import psycopg
@@ -18,6 +19,7 @@ from certsync.config import EnvSource
 from certsync.lab.population import SeedUser
 
 pytestmark = pytest.mark.integration
+E2E_DATABASE = "certsync_e2e"
 
 PLANTED_REASONS = {
     "expired",
@@ -33,11 +35,21 @@ PLANTED_REASONS = {
 
 
 @pytest.fixture(scope="module")
-def certsync_env(sync_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    saved = {k: os.environ.get(k) for k in sync_env}
-    os.environ.update(sync_env)
+def certsync_env(sync_env: dict[str, str], embedded_pg) -> Iterator[dict[str, str]]:
+    """The session's settings, with a database of this module's own: other modules' runs (later
+    logical dates) must not count as newer views here."""
+    from certsync.config import EnvSource, connection_uri
+
+    postgres = EnvSource(environ=sync_env).connection("certsync_postgres")
+    embedded_pg.ensure_database(E2E_DATABASE)
+    env = {
+        **sync_env,
+        "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(replace(postgres, schema=E2E_DATABASE)),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-    yield sync_env
+    yield env
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -56,7 +68,7 @@ def dag(certsync_env):
 
 @pytest.fixture(scope="module")
 def db(certsync_env, embedded_pg) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(embedded_pg.dsn_for("certsync"), autocommit=True) as conn:
+    with psycopg.connect(embedded_pg.dsn_for(E2E_DATABASE), autocommit=True) as conn:
         yield conn
 
 
@@ -76,10 +88,18 @@ def _valid_hashes(user: SeedUser, values: list[bytes]) -> set[bytes]:
     return {d.digest() for d in digests if user.expected[d.hexdigest()] is None}
 
 
-def test_first_run_succeeds_and_publishes(first_run) -> None:
+def test_first_run_succeeds_and_publishes_every_change(first_run, db) -> None:
     run, requests = first_run
     assert run.state == "success"
-    assert len(_set_calls(requests)) > 10
+    states = dict(
+        db.execute(
+            "SELECT p.state, count(*) FROM certsync.planned_action p JOIN certsync.sync_run s USING (run_id)"
+            " WHERE s.airflow_run_id = %s GROUP BY 1",
+            (run.run_id,),
+        ).fetchall()
+    )
+    assert "pending" not in states and "failed" not in states
+    assert states.get("published", 0) == len(_set_calls(requests)) > 0
 
 
 def test_every_writable_recipient_holds_exactly_its_users_valid_certificates(
@@ -129,7 +149,9 @@ def test_one_audit_row_per_publish_attempt(first_run, db) -> None:
 def test_summary_gives_a_reason_for_every_planted_defect(
     first_run, db, emulator_stack, lab_population: list[SeedUser]
 ) -> None:
-    summary = db.execute("SELECT summary FROM certsync.sync_run ORDER BY run_id DESC LIMIT 1").fetchone()[0]
+    summary = db.execute(
+        "SELECT summary FROM certsync.sync_run WHERE airflow_run_id = %s", (first_run[0].run_id,)
+    ).fetchone()[0]
     missing = set(PLANTED_REASONS) - set(summary["refused_by_reason"])
     assert not missing, f"no refusal counted for {missing}: {summary['refused_by_reason']}"
     assert summary["users"] == len(lab_population)
@@ -167,7 +189,7 @@ def owner_engine(embedded_pg):
     import sqlalchemy as sa
 
     engine = sa.create_engine(
-        embedded_pg.dsn_for("certsync").replace("postgresql://", "postgresql+psycopg://")
+        embedded_pg.dsn_for(E2E_DATABASE).replace("postgresql://", "postgresql+psycopg://")
     )
     yield engine
     engine.dispose()
