@@ -14,13 +14,20 @@ from certsync.emulator.errors import CmdletError
 from certsync.emulator.rules import write_refusal
 from certsync.emulator.state import Recipient, StateStore
 
+MAILBOXES = frozenset({"UserMailbox", "SharedMailbox", "RoomMailbox", "EquipmentMailbox"})
+MAIL_USERS = frozenset({"MailUser", "GuestMailUser"})
 GET_CMDLETS: dict[str, frozenset[str] | None] = {
     "Get-Recipient": None,
-    "Get-Mailbox": frozenset({"UserMailbox"}),
-    "Get-MailUser": frozenset({"MailUser"}),
+    "Get-Mailbox": MAILBOXES,
+    "Get-MailUser": MAIL_USERS,
     "Get-MailContact": frozenset({"MailContact"}),
 }
-SET_CMDLETS = {"Set-Mailbox": "UserMailbox", "Set-MailUser": "MailUser", "Set-MailContact": "MailContact"}
+# Each Set-* cmdlet finds only recipients of its own kinds (Set-Mailbox on a mail user: not found).
+SET_CMDLETS = {
+    "Set-Mailbox": MAILBOXES,
+    "Set-MailUser": MAIL_USERS,
+    "Set-MailContact": frozenset({"MailContact"}),
+}
 GET_PARAMETERS = frozenset({"Identity", "ResultSize", "RecipientTypeDetails"})
 CERTIFICATE_PARAMETERS = ("UserCertificate", "UserSMimeCertificate")
 KNOWN_TYPE_DETAILS = frozenset(
@@ -110,7 +117,7 @@ class CmdletRunner:
         _reject_unknown(parameters, frozenset(allowed))
         if parameters.get("Identity") in (None, ""):
             raise errors.parameter_binding("Cannot bind argument to parameter 'Identity' because it is null.")
-        recipient = self._resolve(str(parameters["Identity"]), kinds=frozenset({SET_CMDLETS[name]}))
+        recipient = self._resolve(str(parameters["Identity"]), kinds=SET_CMDLETS[name])
         changes = _changes(recipient, parameters)
         refusal = write_refusal(recipient=recipient, cmdlet=name, attributes=changes)
         if refusal is not None:

@@ -22,7 +22,16 @@ from typing import Any
 STATE_FILE = "state.sqlite"
 DEFAULT_TENANT_DOMAIN = "certsynclab.onmicrosoft.com"
 
-RECIPIENT_TYPES = {"UserMailbox": "UserMailbox", "MailUser": "MailUser", "MailContact": "MailContact"}
+# RecipientTypeDetails -> RecipientType, as Exchange Online reports them.
+RECIPIENT_TYPES = {
+    "UserMailbox": "UserMailbox",
+    "SharedMailbox": "UserMailbox",
+    "RoomMailbox": "UserMailbox",
+    "EquipmentMailbox": "UserMailbox",
+    "MailUser": "MailUser",
+    "GuestMailUser": "MailUser",
+    "MailContact": "MailContact",
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
