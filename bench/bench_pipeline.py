@@ -296,6 +296,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def measure(stack: LabStack, *, workers: int) -> tuple[SeedResult, list[RunResult]]:
     seed = bring_up(stack)
+    # Printed at once: seeding a large directory takes minutes and should not be lost to a later failure.
+    print(render_seed(seed, stack.users), flush=True)
     # The same settings path as `certsync demo`: the lab's AIRFLOW_CONN_*/AIRFLOW_VAR_* names.
     os.environ.update(stack.environment())
     services = Services(settings=load_settings(EnvSource()))
@@ -318,7 +320,6 @@ def main(argv: list[str]) -> int:
         seed, runs = measure(stack, workers=args.workers)
     finally:
         down()
-    print(render_seed(seed, args.users))
     for result in runs:
         print()
         print(render_run(result))
