@@ -1,7 +1,7 @@
 """Wall time of each stage of a full sync run against the real lab stack, then of a no-change run.
 
     python bench/bench_pipeline.py --users 2000
-    python bench/bench_pipeline.py --users 10000 --home /tmp/certsync-bench-10k --workers 4
+    python bench/bench_pipeline.py --users 10000 --home ../bench-10k --workers 4
 
 Brings up embedded PostgreSQL, a Samba AD DC seeded with --users users and the Exchange Online
 emulator (certsync.lab.stack.LabStack), takes its settings exactly as `certsync demo` does, and runs
