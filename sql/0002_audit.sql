@@ -25,6 +25,10 @@ CREATE TABLE certsync.audit_log (
     row_hash          bytea       NOT NULL
 );
 
+-- A retried publish continues its attempt count per run and recipient; auditors ask per address.
+CREATE INDEX audit_log_run_recipient ON certsync.audit_log (run_id, recipient_id);
+CREATE INDEX audit_log_smtp ON certsync.audit_log (lower(primary_smtp), seq);
+
 -- The canonical text a row's hash covers: a JSON array, so no field can bleed into the next.
 CREATE FUNCTION certsync.audit_row_text(r certsync.audit_log) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$

@@ -34,7 +34,9 @@ def serve(*, home: Path, host: str = "127.0.0.1", port: int = 0, tls_hostnames: 
     hostnames = tuple(dict.fromkeys(("localhost", "127.0.0.1", host, *tls_hostnames)))
     tls = ensure_tls(directory=home / "tls", hostnames=hostnames)
     emulator = Emulator.open(home=home)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets that say so, and
+    # without it every response body waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
