@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from tabulate import tabulate
 
+from certsync.audit import chain_head
 from certsync.directory import smtp_addresses
 
 # What an auditor asks: what did each recipient get, from which run, and did Exchange accept it?
@@ -24,7 +25,7 @@ LIMIT 5
 """
 
 REFUSALS_QUERY = """
-SELECT r.reason, count(*) AS values, min(u.mail) AS example_user
+SELECT r.reason, count(*) AS values, coalesce(min(u.mail), min(u.sam_account_name)) AS example_user
 FROM certsync.value_result r JOIN certsync.staging_user u USING (run_id, object_guid)
 WHERE r.run_id = :r AND NOT r.selected
 GROUP BY r.reason ORDER BY 2 DESC
@@ -81,7 +82,8 @@ def render_auditor_example(conn: Connection) -> str:
             "",
             render_table(rows) if rows else "(no publish attempts yet)",
             "",
-            f"Audit chain: {total} rows, {breaks} breaks (see the view certsync.audit_chain_breaks)",
+            f"Audit chain: {total} rows, {breaks} breaks (see the view certsync.audit_chain_breaks);"
+            f" head {chain_head(conn)} (keep it: `certsync audit-verify --head` checks against it)",
         ]
     )
 
