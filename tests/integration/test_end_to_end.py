@@ -31,6 +31,7 @@ PLANTED_REASONS = {
     "weak_signature",
     "revoked",
     "malformed",
+    "over_limit",
 }
 
 

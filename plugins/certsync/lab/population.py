@@ -37,6 +37,7 @@ SCENARIO_SHARES: dict[str, float] = {
     "malformed_truncated": 0.02,
     "malformed_garbage": 0.02,
     "too_many_values": 0.01,
+    "too_many_valid": 0.01,
     "pkcs7_certs_only": 0.05,
     "pkcs7_signed": 0.05,
     "no_mail": 0.02,
@@ -294,6 +295,13 @@ class _UserBuilder:
             self._add(self._expired(years_ago=1 + n % 4), "expired")
         for _ in range(3):
             self._add(self._current(), VALID)
+
+    def _plant_too_many_valid(self) -> None:
+        # A CA that re-issues often: seventeen current certificates, of which only the fifteen
+        # newest may be published (Entra's LargeObject limit); the two oldest are over the limit.
+        for n in range(17):
+            value = self._issue(not_before=self.at - timedelta(days=20 + 10 * n))
+            self._add(value, VALID if n < 15 else "over_limit")
 
     def _plant_pkcs7_certs_only(self) -> None:
         leaf = self._current()
