@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
 
@@ -35,6 +35,7 @@ from certsync.store import db, planning, publishing, runs, source, validation
 from certsync.store.db import DatabaseError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RemovalThresholdExceeded(RuntimeError):
@@ -68,23 +69,25 @@ class Services:
         return DirectoryReader(settings=self.settings.directory)
 
 
+SETTING_ERRORS = (TrustConfigError, DatabaseError, DirectoryError, AuthError, ExchangeError, OSError)
+
+
+def _checked(setting: str, check: Callable[[], T]) -> T:
+    try:
+        return check()
+    except SETTING_ERRORS as exc:
+        raise ConfigError(f"{setting}: {exc}") from None
+
+
 def preflight(services: Services) -> str:
     """Check every setting against the real systems before anything is written; returns the
     trust fingerprint. Each failure raises a ConfigError that names the setting."""
-    checks: list[tuple[str, Callable[[], object]]] = [
-        (f"variable {CONFIG_VARIABLE!r}", services.settings.trust.load),
-        (f"connection {POSTGRES_CONN_ID!r}", lambda: db.check(services.dsn)),
-        (f"connection {LDAP_CONN_ID!r}", lambda: services.directory().check()),
-        (f"connection {EXCHANGE_CONN_ID!r}", lambda: services.exchange.check()),
-    ]
-    results = []
-    for setting, check in checks:
-        try:
-            results.append(check())
-        except (TrustConfigError, DatabaseError, DirectoryError, AuthError, ExchangeError, OSError) as exc:
-            raise ConfigError(f"{setting}: {exc}") from None
+    trust = _checked(f"variable {CONFIG_VARIABLE!r}", services.settings.trust.load)
+    _checked(f"connection {POSTGRES_CONN_ID!r}", lambda: db.check(services.dsn))
+    _checked(f"connection {LDAP_CONN_ID!r}", lambda: services.directory().check())
+    _checked(f"connection {EXCHANGE_CONN_ID!r}", lambda: services.exchange.check())
     db.migrate(services.dsn)
-    return results[0].fingerprint
+    return trust.fingerprint
 
 
 def begin(
