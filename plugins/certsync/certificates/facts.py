@@ -10,6 +10,8 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from certsync.certificates.names import subject_from_der
+
 SMTP_UTF8_MAILBOX = ObjectIdentifier("1.3.6.1.5.5.7.8.9")
 MAX_NAME_CHARS = 512
 
@@ -23,6 +25,7 @@ class Facts:
     not_after: datetime | None
     emails: tuple[str, ...]
     san_emails: bool  # True when the addresses come from subjectAltName, not the subject DN
+    subject_rdns: int | None = None  # RDNs in the subject when read from DER; None: not counted
 
 
 Extensions = dict[type, x509.ExtensionType]
@@ -33,18 +36,25 @@ def extension_map(cert: x509.Certificate) -> Extensions:
     return {type(ext.value): ext.value for ext in cert.extensions}
 
 
-def describe(cert: x509.Certificate, serial: int, extensions: Extensions) -> Facts:
-    """Subject, serial, dates and addresses; the issuer is named by the chain (see name_text)."""
+def describe(
+    cert: x509.Certificate, serial: int, extensions: Extensions, *, der: bytes | None = None
+) -> Facts:
+    """Subject, serial, dates and addresses; the issuer is named by the chain (see name_text).
+
+    `der`, the certificate's own encoding, lets common subjects be read without cryptography's
+    Name objects; the text is the same either way."""
     san = _san_emails(extensions)
     emails = san or _subject_emails(cert)
+    fast = subject_from_der(der) if der is not None else None
     return Facts(
-        subject=name_text(cert, "subject"),
+        subject=fast.text[:MAX_NAME_CHARS] if fast else name_text(cert, "subject"),
         serial=_serial_hex(serial),
         serial_number=serial,
         not_before=_safe_time(cert, "not_valid_before_utc"),
         not_after=_safe_time(cert, "not_valid_after_utc"),
         emails=tuple(dict.fromkeys(emails)),
         san_emails=bool(san),
+        subject_rdns=fast.rdn_count if fast else None,
     )
 
 
@@ -80,11 +90,14 @@ def _san_emails(extensions: Extensions) -> list[str]:
     san = extensions.get(x509.SubjectAlternativeName)
     if not isinstance(san, x509.SubjectAlternativeName):
         return []
-    found = [e.lower() for e in san.get_values_for_type(x509.RFC822Name)]
-    for other in san.get_values_for_type(x509.OtherName):
-        if other.type_id == SMTP_UTF8_MAILBOX:
-            found.extend(_utf8_mailbox(other.value))
-    return found
+    # One pass instead of get_values_for_type twice; rfc822Names still come before otherNames.
+    found, utf8 = [], []
+    for name in san:
+        if isinstance(name, x509.RFC822Name):
+            found.append(name.value.lower())
+        elif isinstance(name, x509.OtherName) and name.type_id == SMTP_UTF8_MAILBOX:
+            utf8.extend(_utf8_mailbox(name.value))
+    return found + utf8
 
 
 def _utf8_mailbox(value: bytes) -> list[str]:

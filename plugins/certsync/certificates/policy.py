@@ -70,11 +70,14 @@ class LeafPolicy:
     def rule(self, name: str) -> str:
         return f"{self.profile}.{name}"
 
-    def check_static(self, cert: x509.Certificate, serial: int, extensions: Extensions) -> None:
-        """Checks that do not depend on time or trust: serial, CA flag, algorithms, EKU, KU."""
+    def check_static(
+        self, cert: x509.Certificate, serial: int, extensions: Extensions, *, subject_rdns: int | None = None
+    ) -> None:
+        """Checks that do not depend on time or trust: serial, CA flag, algorithms, EKU, KU.
+        `subject_rdns` is the subject's RDN count when the caller already has it."""
         self.check_serial(serial)
         self.check_end_entity(extensions)
-        self.check_san_critical(cert, extensions)
+        self.check_san_critical(cert, extensions, subject_rdns=subject_rdns)
         self.check_signature_algorithm(cert)
         family = self.check_key(cert)
         self.check_eku(extensions)
@@ -98,11 +101,15 @@ class LeafPolicy:
                 "The certificate is a CA certificate (basicConstraints cA=TRUE).",
             )
 
-    def check_san_critical(self, cert: x509.Certificate, extensions: Extensions) -> None:
+    def check_san_critical(
+        self, cert: x509.Certificate, extensions: Extensions, *, subject_rdns: int | None = None
+    ) -> None:
         # RFC 5280 4.2.1.6: with an empty subject the identity lives in the SAN alone, and a
         # relying party that skips non-critical extensions would see an anonymous certificate.
         san = extensions.get(x509.SubjectAlternativeName)
-        if san is None or _subject_rdn_count(cert) != 0:
+        if san is None:
+            return
+        if (subject_rdns if subject_rdns is not None else _subject_rdn_count(cert)) != 0:
             return
         if not cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical:
             detail = "The subject is empty and subjectAltName is not critical (RFC 5280 4.2.1.6)."

@@ -59,9 +59,9 @@ class Validator:
         cert = parsed.certificate
         assert cert is not None
         extensions = extension_map(cert)
-        facts = describe(cert, parsed.serial_number or 0, extensions)
+        facts = describe(cert, parsed.serial_number or 0, extensions, der=parsed.leaf)
         try:
-            self._policy.check_static(cert, facts.serial_number, extensions)
+            self._policy.check_static(cert, facts.serial_number, extensions, subject_rdns=facts.subject_rdns)
             check_validity(facts.not_before, facts.not_after, at, self.trust.profile)
             self._policy.check_emails(facts.emails, facts.san_emails)
             subject_emails = () if facts.san_emails else facts.emails
