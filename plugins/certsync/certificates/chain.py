@@ -10,6 +10,7 @@ shortcut would skip the constraints of the CAs above them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ class IssuerState:
     crl_deadline: datetime | None  # next update plus grace
     configured: bool = False  # the CA is in the trust config, not only in some value's blob
     email_constraints: tuple[x509.NameConstraints, ...] = ()  # rfc822 limits set by the chain's CAs
+
+    @functools.cached_property
+    def leaf_until(self) -> datetime | None:
+        """Until when the chain holds for a leaf that is not revoked (its own expiry aside)."""
+        return earliest([self.until, self.crl_deadline])
 
 
 class ChainChecker:
@@ -280,7 +286,7 @@ class ChainChecker:
 
     def _leaf_revocation(self, serial: int, state: IssuerState, at: datetime) -> datetime | None:
         self._not_revoked(state.crl, serial, what="certificate")
-        return earliest([state.until, state.crl_deadline])
+        return state.leaf_until
 
 
 def _check_root_aki(aki: x509.AuthorityKeyIdentifier, ski: x509.ExtensionType) -> None:

@@ -52,6 +52,15 @@ _STRICT_KU = {
             "decipher_only"}, {"digital_signature", "key_agreement"}),
     "edwards": ({"digital_signature", "content_commitment"}, {"digital_signature"}),
 }  # fmt: skip
+# The enterprise profile also lets any family carry the encryption bits AD CS templates set.
+_ENTERPRISE_EXTRA_KU = {"key_agreement", "data_encipherment", "key_encipherment", "encipher_only",
+                        "decipher_only", "content_commitment"}  # fmt: skip
+# strict? -> family -> (allowed bits, bits of which one is needed); built once, not per certificate.
+_ALLOWED_KU = {
+    True: {family: (frozenset(allowed), frozenset(needs)) for family, (allowed, needs) in _STRICT_KU.items()},
+    False: {family: (frozenset(allowed | _ENTERPRISE_EXTRA_KU), frozenset(needs))
+            for family, (allowed, needs) in _STRICT_KU.items()},
+}  # fmt: skip
 
 
 class Refusal(Exception):
@@ -170,10 +179,7 @@ class LeafPolicy:
                 raise Refusal(Reason.KEY_USAGE_UNFIT, self.rule("key_usage"), detail)
             return  # RFC 5280: absent means unrestricted
         bits = _usage_bits(usage)
-        allowed, needs_one = _STRICT_KU[family]
-        if self.profile != "strict":
-            allowed = allowed | {"key_agreement", "data_encipherment", "key_encipherment"}
-            allowed |= {"encipher_only", "decipher_only", "content_commitment"}
+        allowed, needs_one = _ALLOWED_KU[self.profile == "strict"][family]
         extra = bits - allowed
         if extra or not bits & needs_one:
             shown = ", ".join(sorted(bits)) or "nothing"

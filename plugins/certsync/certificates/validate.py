@@ -27,9 +27,13 @@ class Validator:
         self.trust = trust
         self._policy = LeafPolicy(profile=trust.profile)
         self._chains = ChainChecker(trust=trust)
+        self._at_given: datetime | None = None  # callers pass one `at` per run; normalise it once
+        self._at = datetime.min
 
     def check(self, *, attribute: str, value: bytes, at: datetime) -> Verdict:
-        at = _utc(at)
+        if at is not self._at_given:
+            self._at_given, self._at = at, _utc(at)
+        at = self._at
         parsed = parse_value(attribute=attribute, value=value)
         if not parsed.ok or parsed.certificate is None:
             reason = parsed.error or Reason.MALFORMED
@@ -71,7 +75,7 @@ class Validator:
         except Refusal as refusal:
             issuer = name_text(cert, "issuer")
             return _verdict(parsed, facts, issuer, refusal=refusal)
-        until = earliest([facts.not_after, chain_until])
+        until = facts.not_after if chain_until is None else earliest([facts.not_after, chain_until])
         return _verdict(parsed, facts, issuer, refusal=None, until=until)
 
 
