@@ -11,10 +11,10 @@ from typing import Any
 import msal
 import requests
 from certsync.directory import DirectoryUser
+from certsync.emulator.tls import private_key_pem, self_signed_builder
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 ANCHOR = "APP:SystemMailbox{bb558c35-97f1-4cb9-8ff7-d53741dc928c}@%s"
 SCOPE = ["https://outlook.office365.com/.default"]
@@ -48,25 +48,10 @@ class ClientCertificate:
 
 def client_certificate(common_name: str) -> ClientCertificate:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
+    cert = self_signed_builder(key, common_name, dt.timedelta(days=30)).sign(key, hashes.SHA256())
     return ClientCertificate(
-        key_pem=key_pem, certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode()
+        key_pem=private_key_pem(key).decode(),
+        certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
     )
 
 

@@ -71,8 +71,9 @@ def _conn_json(env: dict[str, str], name: str, **changes) -> str:
     return json.dumps({**data, **changes})
 
 
-def _stages_to_validation(services: Services, when) -> dict[str, int]:
-    run_id = begin(
+def _begin(services: Services, when) -> int:
+    """A new run of its own (a fresh run key) at `when`."""
+    return begin(
         services,
         dag_id="guards",
         airflow_run_id=f"guards__{uuid.uuid4()}",
@@ -80,6 +81,10 @@ def _stages_to_validation(services: Services, when) -> dict[str, int]:
         mode="full",
         dry_run=False,
     )
+
+
+def _stages_to_validation(services: Services, when) -> dict[str, int]:
+    run_id = _begin(services, when)
     extract(services, run_id=run_id)
     return validate(services, run_id=run_id)
 
@@ -201,14 +206,7 @@ def test_replanning_a_published_run_changes_nothing(
     _give_new_certificate(
         populated_dc, lab_pki, _writable_user(emulator_stack, lab_population, None, nth=2), when
     )
-    run_id = begin(
-        settled,
-        dag_id="guards",
-        airflow_run_id=f"guards__{uuid.uuid4()}",
-        logical_date=when,
-        mode="full",
-        dry_run=False,
-    )
+    run_id = _begin(settled, when)
     extract(settled, run_id=run_id)
     read_recipients(settled, run_id=run_id)
     validate(settled, run_id=run_id)

@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 log = logging.getLogger(__name__)
@@ -67,26 +68,36 @@ def write_private_file(path: Path, data: bytes) -> None:
 
 
 def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    write_private_file(path, data)
+    write_private_file(path, private_key_pem(key))
 
 
-def _write_ca(*, cert_path: Path, key_path: Path) -> None:
-    key = _new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)])
+def self_signed_builder(
+    key: CertificateIssuerPrivateKeyTypes, common_name: str, lifetime: dt.timedelta
+) -> x509.CertificateBuilder:
+    """A self-signed certificate's builder: subject = issuer, valid from five minutes ago (clock skew)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + CA_LIFETIME)
+        .not_valid_after(now + lifetime)
+    )
+
+
+def private_key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write_ca(*, cert_path: Path, key_path: Path) -> None:
+    key = _new_key()
+    cert = (
+        self_signed_builder(key, CA_NAME, CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(

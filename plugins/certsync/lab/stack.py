@@ -14,16 +14,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from certsync.config import Connection, connection_uri
 from certsync.directory import DirectoryReader, DirectorySettings
 from certsync.emulator.process import EmulatorProcess
 from certsync.emulator.seed import Shares, seed_from_directory
 from certsync.emulator.state import register_client
+from certsync.emulator.tls import private_key_pem, self_signed_builder
 from certsync.lab.pki import Pki
 from certsync.lab.population import generate_population, load_population
 from certsync.lab.postgres import EmbeddedPostgres
@@ -46,19 +45,8 @@ def app_credentials(directory: Path) -> tuple[Path, Path, str]:
     cert_file, key_file, secret_file = directory / "app.pem", directory / "app.key", directory / "app.secret"
     if not cert_file.exists():
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLIENT_ID)])
-        now = datetime.now(UTC)
-        cert = (
-            x509.CertificateBuilder(subject_name=name, issuer_name=name, public_key=key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=3650))
-            .sign(key, hashes.SHA256())
-        )
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        _write_secret(key_file, pem)
+        cert = self_signed_builder(key, CLIENT_ID, timedelta(days=3650)).sign(key, hashes.SHA256())
+        _write_secret(key_file, private_key_pem(key))
         _write_secret(secret_file, secrets.token_urlsafe(32).encode())
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_file, key_file, secret_file.read_text()
