@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from airflow.sdk import BaseHook, Variable
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, AirflowRuntimeError
 
+from certsync.certificates.trust import TrustConfigError
 from certsync.config import ConfigError, Connection, load_settings
 from certsync.pipeline import RemovalThresholdExceeded, Services
 
@@ -50,5 +51,5 @@ def run_stage(stage: Callable[..., T], **kwargs: Any) -> T:
     guard fail the task at once: retrying cannot fix them, and a person must look."""
     try:
         return stage(services(), **kwargs)
-    except (ConfigError, RemovalThresholdExceeded) as exc:
+    except (ConfigError, TrustConfigError, RemovalThresholdExceeded) as exc:
         raise AirflowFailException(str(exc)) from None

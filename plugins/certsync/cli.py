@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -20,6 +21,13 @@ from certsync.pipeline import Services
 
 log = logging.getLogger("certsync")
 REPO = Path(__file__).resolve().parents[2]
+HOME_OPTION = click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    default=Path(".certsync"),
+    show_default=True,
+    help="The lab's data.",
+)
 
 
 def _services() -> Services:
@@ -144,7 +152,7 @@ def validate(files, anchors, intermediates, crls, profile, attribute, at_text, e
             verdict = with_email_check(verdict, emails) if emails and verdict.ok else verdict
             refused += not verdict.ok
             fields = {k: v for k, v in verdict.__dict__.items() if k != "sha256"}
-            click.echo(json.dumps({"file": str(path), "sha256": verdict.sha256.hex(), **fields}, default=str))
+            click.echo(json.dumps({"file": str(path), "sha256": verdict.sha256_hex, **fields}, default=str))
     sys.exit(1 if refused else 0)
 
 
@@ -196,13 +204,14 @@ def _stack(home: Path, users: int):  # type: ignore[no-untyped-def]
 
 
 @main.command()
-@click.option("--home", type=click.Path(path_type=Path), default=Path(".certsync"), show_default=True)
+@HOME_OPTION
 @click.option("--users", type=int, default=300, show_default=True, help="Size of the seeded population.")
 def demo(home: Path, users: int) -> None:
     """Start the lab, run the `certsync` DAG once with Airflow, print what happened, stop the lab."""
     stack = _stack(home, users)
     with stack:
-        env = {**os.environ, **stack.environment(), **_airflow_env(stack)}
+        settings = stack.environment()
+        env = {**os.environ, **settings, **_airflow_env(stack)}
         click.echo(
             f"lab up: {users} users in Samba AD, emulator at {stack.emulator.url}, data in {stack.home}"
         )
@@ -218,7 +227,7 @@ def demo(home: Path, users: int) -> None:
         (stack.home / "last-dag-run.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise click.ClickException(f"the DAG run failed; its log is in {stack.home / 'last-dag-run.log'}")
-        os.environ.update(stack.environment())
+        os.environ.update(settings)
         services = _services()
         _print_report(services)
         _print_agreement(services, stack)
@@ -254,19 +263,19 @@ def _print_agreement(services: Services, stack) -> None:  # type: ignore[no-unty
 
 
 @lab.command("up")
-@click.option("--home", type=click.Path(path_type=Path), default=Path(".certsync"), show_default=True)
+@HOME_OPTION
 @click.option("--users", type=int, default=300, show_default=True)
 def lab_up(home: Path, users: int) -> None:
     """Start the lab and print the environment a sync run needs (contains secrets: keep it private)."""
     stack = _stack(home, users).up()
     env_file = stack.home / "lab.env"
     env_file.touch(mode=0o600, exist_ok=True)
-    env_file.write_text("".join(f"export {k}='{v}'\n" for k, v in stack.environment().items()))
+    env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in stack.environment().items()))
     click.echo(f"lab up; settings written to {env_file} (source it, then run: certsync run)")
 
 
 @lab.command("down")
-@click.option("--home", type=click.Path(path_type=Path), default=Path(".certsync"), show_default=True)
+@HOME_OPTION
 def lab_down(home: Path) -> None:
     """Stop the lab's services (their data stays)."""
     _stack(home, 0).down()

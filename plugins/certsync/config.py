@@ -18,6 +18,7 @@ Variable
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -116,12 +117,18 @@ def _parse_uri_conn(conn_id: str, raw: str) -> Connection:
     )
 
 
+def _netloc(conn: Connection, *, auth: bool) -> str:
+    """[login:password@]host[:port], percent-encoded as URIs need."""
+    credentials = (
+        f"{quote(conn.login, safe='')}:{quote(conn.password, safe='')}@" if auth and conn.login else ""
+    )
+    return f"{credentials}{quote(conn.host, safe='')}{f':{conn.port}' if conn.port else ''}"
+
+
 def connection_uri(conn: Connection) -> str:
     """The Airflow URI form of a connection (used to hand settings to child processes)."""
-    auth = f"{quote(conn.login, safe='')}:{quote(conn.password, safe='')}@" if conn.login else ""
-    port = f":{conn.port}" if conn.port else ""
     query = "?__extra__=" + quote(json.dumps(dict(conn.extra)), safe="") if conn.extra else ""
-    return f"{conn.conn_type.replace('_', '-')}://{auth}{quote(conn.host, safe='')}{port}/{quote(conn.schema)}{query}"
+    return f"{conn.conn_type.replace('_', '-')}://{_netloc(conn, auth=True)}/{quote(conn.schema)}{query}"
 
 
 @dataclass(frozen=True)
@@ -171,10 +178,9 @@ def directory_settings(conn: Connection) -> DirectorySettings:
         raise ConfigError(f"connection {conn.conn_id!r}: host is required")
     if not conn.login:
         raise ConfigError(f"connection {conn.conn_id!r}: login (bind DN) is required")
-    port = f":{conn.port}" if conn.port else ""
     try:
         return DirectorySettings(
-            url=f"{scheme}://{conn.host}{port}",
+            url=f"{scheme}://{_netloc(conn, auth=False)}",
             bind_dn=conn.login,
             password=conn.password,
             base_dn=str(extra.get("base_dn", "")),
@@ -199,9 +205,9 @@ def exchange_settings(conn: Connection) -> ExchangeSettings:
             f"connection {conn.conn_id!r}: give a client secret (password) or "
             "extra.certificate_file and extra.private_key_file"
         )
-    port = f":{conn.port}" if conn.port else ""
+    host = conn if conn.host else dataclasses.replace(conn, host="outlook.office365.com")
     return ExchangeSettings(
-        base_url=f"https://{conn.host or 'outlook.office365.com'}{port}",
+        base_url=f"https://{_netloc(host, auth=False)}",
         tenant_id=str(extra["tenant_id"]),
         client_id=conn.login,
         authority_host=str(extra.get("authority_host") or "https://login.microsoftonline.com"),
@@ -216,10 +222,8 @@ def exchange_settings(conn: Connection) -> ExchangeSettings:
 def database_dsn(conn: Connection | None) -> str | None:
     if conn is None:
         return None
-    auth = f"{quote(conn.login, safe='')}:{quote(conn.password, safe='')}@" if conn.login else ""
-    port = f":{conn.port}" if conn.port else ""
     query = "&".join(f"{k}={quote(str(v))}" for k, v in conn.extra.items())
-    return f"postgresql://{auth}{conn.host}{port}/{conn.schema or 'postgres'}" + (
+    return f"postgresql://{_netloc(conn, auth=True)}/{conn.schema or 'postgres'}" + (
         f"?{query}" if query else ""
     )
 

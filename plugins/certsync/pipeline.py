@@ -142,19 +142,19 @@ def validate(services: Services, *, run_id: int, shard: int = 0, shards: int = 1
     """Validate the values of one shard that have no current verdict for this trust configuration."""
     with services.engine.connect() as conn:
         info = runs.run_info(conn, run_id)
-        fingerprint = runs.trust_fingerprint(conn, run_id)
         pending = validation.pending_values(
-            conn, fingerprint=fingerprint, at=info.logical_date, shard=shard, shards=shards
+            conn, fingerprint=info.trust_fingerprint, at=info.logical_date, shard=shard, shards=shards
         )
     verdicts = validate_many(
-        [(attribute, value) for _sha, attribute, value in pending],
+        pending,
         trust=services.settings.trust,
         at=info.logical_date,
         processes=services.settings.validation_processes,
+        fingerprint=info.trust_fingerprint,
     )
     with services.engine.begin() as conn:
         saved = validation.save_verdicts(
-            conn, verdicts=verdicts, fingerprint=fingerprint, run_id=run_id, at=info.logical_date
+            conn, verdicts=verdicts, fingerprint=info.trust_fingerprint, run_id=run_id, at=info.logical_date
         )
     refused = sum(1 for v in verdicts if not v.ok)
     log.info("shard %d/%d: validated %d values, %d refused", shard, shards, saved, refused)
@@ -165,11 +165,11 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
     """Compute and save the run's actions; returns the publish batch numbers."""
     settings = services.settings
     with services.engine.begin() as conn:
-        fingerprint = runs.trust_fingerprint(conn, run_id)
+        info = runs.run_info(conn, run_id)
         result = build_plan(
-            planning.source_users(conn, fingerprint=fingerprint),
+            planning.source_users(conn, fingerprint=info.trust_fingerprint),
             recipients=planning.recipients(conn),
-            published=planning.published_state(conn),
+            published=planning.published_owners(conn),
         )
         if result.removals() > settings.removal_threshold and not allow_mass_removal:
             raise RemovalThresholdExceeded(

@@ -44,13 +44,6 @@ class ValueResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Published:
-    object_guid: uuid.UUID
-    user_certificate: tuple[bytes, ...]
-    user_smime_certificate: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
 class Action:
     object_guid: uuid.UUID
     kind: str  # add | replace | remove | conflict | no_recipient
@@ -151,7 +144,7 @@ def build_plan(
     users: Iterable[SourceUser],
     *,
     recipients: Sequence[Recipient],
-    published: Mapping[str, Published],
+    published: Mapping[str, uuid.UUID],
     limit: int = 15,
 ) -> Plan:
     """Plan every user, then clear the recipients certsync published to that no user claims any more
@@ -175,13 +168,13 @@ def build_plan(
 
 
 def _orphan_removals(
-    published: Mapping[str, Published], claimed: set[str], by_id: Mapping[str, Recipient]
+    published: Mapping[str, uuid.UUID], claimed: set[str], by_id: Mapping[str, Recipient]
 ) -> Iterator[Action]:
-    for recipient_id, state in published.items():
+    for recipient_id, object_guid in published.items():
         recipient = by_id.get(recipient_id)
         if recipient_id in claimed or recipient is None:
             continue
         if not any((recipient.user_certificate, recipient.user_smime_certificate)):
             continue
         kind = "remove" if recipient.writable else "conflict"
-        yield Action(object_guid=state.object_guid, kind=kind, recipient=recipient, reason="user_left_scope")
+        yield Action(object_guid=object_guid, kind=kind, recipient=recipient, reason="user_left_scope")

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from tabulate import tabulate
 
-from certsync.audit import chain_head
+from certsync.audit import chain_head, verify
 from certsync.directory import smtp_addresses
 
 # What an auditor asks: what did each recipient get, from which run, and did Exchange accept it?
@@ -25,10 +25,10 @@ LIMIT 5
 """
 
 REFUSALS_QUERY = """
-SELECT r.reason, count(*) AS values, coalesce(min(u.mail), min(u.sam_account_name)) AS example_user
-FROM certsync.value_result r JOIN certsync.staging_user u USING (run_id, object_guid)
-WHERE r.run_id = :r AND NOT r.selected
-GROUP BY r.reason ORDER BY 2 DESC
+SELECT reason, count(*) AS values, coalesce(min(mail), min(sam_account_name)) AS example_user
+FROM certsync.value_verdicts
+WHERE run_id = :r AND NOT selected
+GROUP BY reason ORDER BY 2 DESC
 """
 
 
@@ -73,7 +73,7 @@ def render_run(conn: Connection, run: sa.Row) -> str:
 
 def render_auditor_example(conn: Connection) -> str:
     rows = conn.execute(sa.text(AUDITOR_QUERY)).mappings().all()
-    breaks = conn.execute(sa.text("SELECT count(*) FROM certsync.audit_chain_breaks")).scalar_one()
+    problems = verify(conn)
     total = conn.execute(sa.text("SELECT count(*) FROM certsync.audit_log")).scalar_one()
     return "\n".join(
         [
@@ -82,7 +82,7 @@ def render_auditor_example(conn: Connection) -> str:
             "",
             render_table(rows) if rows else "(no publish attempts yet)",
             "",
-            f"Audit chain: {total} rows, {breaks} breaks (see the view certsync.audit_chain_breaks);"
+            f"Audit chain: {total} rows, {len(problems)} breaks (see the view certsync.audit_chain_breaks);"
             f" head {chain_head(conn)} (keep it: `certsync audit-verify --head` checks against it)",
         ]
     )

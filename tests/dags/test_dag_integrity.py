@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
@@ -51,7 +50,6 @@ def test_dag_file_has_no_heavy_top_level_imports() -> None:
         "heavy = [m for m in ('certsync.pipeline', 'ldap3', 'msal', 'psycopg') if m in sys.modules];"
         "print(','.join(heavy))"
     )
-    started = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-c", code, str(REPO / "dags" / "certsync_sync.py")],
         capture_output=True,
@@ -59,4 +57,3 @@ def test_dag_file_has_no_heavy_top_level_imports() -> None:
         check=True,
     )
     assert out.stdout.strip() == "", f"imported at parse time: {out.stdout.strip()}"
-    assert time.monotonic() - started < 60

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from certsync.certificates.verdict import Verdict
 from certsync.exchange.recipients import Recipient
-from certsync.plan import Published, SourceUser, build_plan
+from certsync.plan import SourceUser, build_plan
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -112,11 +112,7 @@ def test_users_without_a_recipient_or_mail_get_a_reason() -> None:
 def test_recipient_left_behind_by_a_user_who_left_the_scope_is_cleared() -> None:
     a = _verdict(1)
     recipient = _recipient(a, smtp="gone@x.test")
-    published = {
-        recipient.recipient_id: Published(
-            object_guid=uuid.UUID(int=9), user_certificate=(a.sha256,), user_smime_certificate=()
-        )
-    }
+    published = {recipient.recipient_id: uuid.UUID(int=9)}
     plan = build_plan([], recipients=[recipient], published=published)
     assert [(x.kind, x.reason) for x in plan.actions] == [("remove", "user_left_scope")]
 
@@ -135,11 +131,7 @@ def test_renamed_user_moves_to_a_new_recipient_and_the_old_one_is_cleared() -> N
     a = _verdict(1, email="anna.jones@x.test")
     old = _recipient(a, smtp="anna.smith@x.test")
     new = _recipient(smtp="anna.jones@x.test")
-    published = {
-        old.recipient_id: Published(
-            object_guid=uuid.UUID(int=1), user_certificate=(a.sha256,), user_smime_certificate=()
-        )
-    }
+    published = {old.recipient_id: uuid.UUID(int=1)}
     plan = build_plan([_user(a, mail="anna.jones@x.test")], recipients=[old, new], published=published)
     assert [(x.kind, x.recipient.primary_smtp) for x in plan.actions] == [
         ("add", "anna.jones@x.test"),

@@ -58,6 +58,11 @@ def create_engine(dsn: str, *, app_role: bool = True) -> Engine:
     return engine
 
 
+def hash_list(values: Iterable[bytes] | None) -> tuple[bytes, ...]:
+    """A bytea[] column of SHA-256 digests as the tuple of bytes the plan compares."""
+    return tuple(bytes(v) for v in values or ())
+
+
 def copy_rows(conn: sa.Connection, statement: str, rows: Iterable[tuple]) -> int:
     """Bulk-load rows with COPY on the connection's own transaction; returns the row count."""
     count = 0

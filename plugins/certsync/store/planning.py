@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections.abc import Iterable, Iterator
 
 import sqlalchemy as sa
@@ -11,8 +12,8 @@ from sqlalchemy.engine import Connection
 from certsync.certificates.verdict import Verdict
 from certsync.directory import smtp_addresses
 from certsync.exchange.recipients import Recipient
-from certsync.plan import Plan, Published, SourceUser
-from certsync.store.db import copy_rows
+from certsync.plan import Plan, SourceUser
+from certsync.store.db import copy_rows, hash_list
 
 USERS_WITH_VERDICTS = """
 SELECT u.object_guid, u.mail, u.proxy_addresses,
@@ -54,8 +55,9 @@ def source_users(conn: Connection, *, fingerprint: str) -> Iterator[SourceUser]:
         execution_options={"stream_results": True, "yield_per": 5000},
     )
     for guid, group in itertools.groupby(rows, key=lambda r: r.object_guid):
-        first, *rest = list(group)
-        verdicts = tuple(_verdict(r) for r in (first, *rest) if r.sha256 is not None)
+        values = list(group)
+        first = values[0]
+        verdicts = tuple(_verdict(r) for r in values if r.sha256 is not None)
         addresses = smtp_addresses(first.mail, first.proxy_addresses)
         yield SourceUser(object_guid=guid, mail=first.mail, addresses=addresses, verdicts=verdicts)
 
@@ -90,29 +92,18 @@ def recipients(conn: Connection) -> list[Recipient]:
         Recipient(
             **{
                 **r._mapping,
-                "user_certificate": tuple(map(bytes, r.user_certificate)),
-                "user_smime_certificate": tuple(map(bytes, r.user_smime_certificate)),
+                "user_certificate": hash_list(r.user_certificate),
+                "user_smime_certificate": hash_list(r.user_smime_certificate),
             }
         )
         for r in rows
     ]
 
 
-def published_state(conn: Connection) -> dict[str, Published]:
-    rows = conn.execute(
-        sa.text(
-            "SELECT recipient_id, object_guid, user_certificate, user_smime_certificate"
-            " FROM certsync.published_state"
-        )
-    )
-    return {
-        r.recipient_id: Published(
-            object_guid=r.object_guid,
-            user_certificate=tuple(bytes(h) for h in r.user_certificate),
-            user_smime_certificate=tuple(bytes(h) for h in r.user_smime_certificate),
-        )
-        for r in rows
-    }
+def published_owners(conn: Connection) -> dict[str, uuid.UUID]:
+    """Each recipient certsync has published to, and the user it published for."""
+    rows = conn.execute(sa.text("SELECT recipient_id, object_guid FROM certsync.published_state"))
+    return {r.recipient_id: r.object_guid for r in rows}
 
 
 def _action_rows(run_id: int, plan: Plan, *, first_no: int, batch_size: int) -> tuple[list[tuple], int]:

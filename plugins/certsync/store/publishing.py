@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from certsync.exchange.client import Outcome
+from certsync.store.db import hash_list
 from certsync.store.runs import RunInfo
 
 
@@ -37,8 +38,8 @@ def pending_actions(conn: Connection, *, run_id: int, batch: int) -> list[Pendin
         PendingAction(
             **{
                 **r._mapping,
-                "user_certificate": tuple(map(bytes, r.user_certificate)),
-                "user_smime_certificate": tuple(map(bytes, r.user_smime_certificate)),
+                "user_certificate": hash_list(r.user_certificate),
+                "user_smime_certificate": hash_list(r.user_smime_certificate),
             }
         )
         for r in rows

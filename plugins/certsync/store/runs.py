@@ -18,6 +18,7 @@ class RunInfo:
     airflow_run_id: str
     logical_date: datetime
     dry_run: bool
+    trust_fingerprint: str
 
 
 def begin_run(
@@ -52,18 +53,12 @@ def begin_run(
 def run_info(conn: Connection, run_id: int) -> RunInfo:
     row = conn.execute(
         sa.text(
-            "SELECT run_id, dag_id, airflow_run_id, logical_date, dry_run FROM certsync.sync_run"
+            "SELECT run_id, dag_id, airflow_run_id, logical_date, dry_run, trust_fingerprint FROM certsync.sync_run"
             " WHERE run_id = :r"
         ),
         {"r": run_id},
     ).one()
     return RunInfo(**row._mapping)
-
-
-def trust_fingerprint(conn: Connection, run_id: int) -> str:
-    return conn.execute(
-        sa.text("SELECT trust_fingerprint FROM certsync.sync_run WHERE run_id = :r"), {"r": run_id}
-    ).scalar_one()
 
 
 def _counts(conn: Connection, sql: str, run_id: int) -> dict[str, int]:

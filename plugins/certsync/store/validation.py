@@ -15,7 +15,7 @@ from certsync.certificates.verdict import Verdict
 # only what time or configuration can have changed is re-checked, and a backfill (an older run time)
 # re-checks rather than trusting a verdict made for a later time.
 PENDING = """
-SELECT DISTINCT b.sha256, v.attribute, b.value
+SELECT DISTINCT v.attribute, b.value
 FROM certsync.source_value v
 JOIN certsync.cert_blob b ON b.sha256 = v.sha256
 LEFT JOIN certsync.cert_verdict c
@@ -40,11 +40,12 @@ ON CONFLICT (sha256, attribute, trust_fingerprint) DO UPDATE SET
 
 def pending_values(
     conn: Connection, *, fingerprint: str, at: datetime, shard: int, shards: int
-) -> list[tuple[bytes, str, bytes]]:
+) -> list[tuple[str, bytes]]:
+    """(attribute, value) pairs to validate; a value is content-addressed, so each comes once."""
     rows = conn.execute(
         sa.text(PENDING), {"fp": fingerprint, "at": at, "shard": shard, "shards": shards}
     ).all()
-    return [(bytes(r.sha256), r.attribute, bytes(r.value)) for r in rows]
+    return [(r.attribute, bytes(r.value)) for r in rows]
 
 
 def save_verdicts(
