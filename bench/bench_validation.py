@@ -29,7 +29,6 @@ from certsync.certificates.trust import TrustConfig, TrustSpec
 from certsync.certificates.validate import Validator
 from certsync.lab.pki import Pki
 
-log = logging.getLogger("bench_validation")
 ATTRIBUTE = "userCertificate"
 SEED = 2026
 

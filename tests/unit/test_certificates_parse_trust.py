@@ -41,7 +41,7 @@ def test_certs_only_blob_picks_the_end_entity_whatever_the_order(pki):
 def test_ber_blob_really_uses_indefinite_lengths(pki):
     blob = pki.pkcs7_certs_only([pki.issue(email="a@example.org")], ber=True)
     assert blob[:2] == b"\x30\x80" and blob.endswith(b"\x00\x00")
-    assert to_indefinite_length(blob[:0] + pki.ca_der("root"), depth=0) == pki.ca_der("root")
+    assert to_indefinite_length(pki.ca_der("root"), depth=0) == pki.ca_der("root")
 
 
 def test_outlook_blob_prefers_the_encryption_certificate(pki):
@@ -63,7 +63,7 @@ def test_blob_problems_have_reasons(pki):
     empty = parse_value(attribute=SMIME, value=pkcs7_without_certificates())
     assert empty.error == Reason.NO_CERTIFICATE
     as_der = parse_value(attribute=SMIME, value=pki.issue(email="a@example.org"))
-    assert as_der.error == Reason.MALFORMED and "SMIME" in as_der.detail.upper()
+    assert as_der.error == Reason.MALFORMED and as_der.certificate is None
     huge = parse_value(attribute=SMIME, value=b"\x30" * 100_000)
     assert huge.error == Reason.TOO_LARGE
     other = parse_value(attribute="mail", value=b"x")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,9 +37,7 @@ def test_same_seed_and_key_cache_give_the_same_population(key_cache: Path):
 
 def test_issuing_is_cheap_because_leaf_keys_are_pooled(key_cache: Path):
     pki = Pki(algorithm="ec", seed=5, key_cache=key_cache, leaf_pool_size=3)
-    started = time.perf_counter()
     ders = [pki.issue(email=f"u{i}@example.org") for i in range(600)]
-    assert time.perf_counter() - started < 10  # thousands per second in practice
     keys = {load_certificate(d).public_key().public_numbers() for d in ders}
     assert len(keys) == 3
     assert len({load_certificate(d).serial_number for d in ders}) == 600

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 
-from certsync.certificates.trust import TrustSpec
+from certsync.certificates.trust import TrustConfigError, TrustSpec
 from certsync.certificates.validate import Validator
 from certsync.certificates.verdict import Verdict
 
@@ -39,15 +39,18 @@ def validate_many(
     at: datetime,
     processes: int,
     batch_size: int = 500,
-    start_method: str = "spawn",
+    fingerprint: str | None = None,
 ) -> list[Verdict]:
-    """Verdicts for (attribute, value) pairs, in input order."""
+    """Verdicts for (attribute, value) pairs, in input order. With `fingerprint`, the trust files
+    must still be the ones it was taken from: verdicts are cached under it."""
+    loaded = trust.load()  # fails here, in the caller, on a bad configuration
+    if fingerprint is not None and loaded.fingerprint != fingerprint:
+        raise TrustConfigError("the trust files changed since the run began; start a new run")
     if processes <= 1 or len(items) <= batch_size:
-        validator = Validator(trust=trust.load())
+        validator = Validator(trust=loaded)
         return [validator.check(attribute=a, value=v, at=at) for a, v in items]
-    trust.load()  # fail fast in the caller on a bad configuration, not once per worker
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    context = multiprocessing.get_context(start_method)
+    context = multiprocessing.get_context("spawn")  # fork would copy the caller's threads and pools
     log.info("validating %d values in %d batches on %d processes", len(items), len(batches), processes)
     with ProcessPoolExecutor(
         max_workers=processes, mp_context=context, initializer=_init_worker, initargs=(trust,)

@@ -116,7 +116,8 @@ def _parse_pkcs7(attribute: str, digest: bytes, value: bytes) -> Parsed:
         detail = "PKCS#7 SignedData without certificates"
         return Parsed(attribute=attribute, sha256=digest, error=Reason.NO_CERTIFICATE, detail=detail)
     ders = [c.dump() for c in asn1_certs]
-    certs = [load_certificate(d) for d in ders]
+    loaded = [load_with_serial(d) for d in ders]
+    certs = [cert for cert, _serial in loaded]
     index = _pick_leaf(asn1_certs, certs, _preferred_keys(signed))
     extra = tuple(d for i, d in enumerate(ders) if i != index)
     extra_certs = tuple(c for i, c in enumerate(certs) if i != index)
@@ -126,7 +127,7 @@ def _parse_pkcs7(attribute: str, digest: bytes, value: bytes) -> Parsed:
         leaf=ders[index],
         extra=extra,
         certificate=certs[index],
-        serial_number=load_with_serial(ders[index])[1],
+        serial_number=loaded[index][1],
         extra_certificates=extra_certs,
     )
 

@@ -44,18 +44,18 @@ _SENTENCES: dict[Reason, str] = {
     Reason.NOT_YET_VALID: "The certificate's validity period has not started yet.",
     Reason.EXPIRED: "The certificate has expired.",
     Reason.NO_EMAIL_PROTECTION_EKU: "The certificate is not issued for e-mail protection (EKU).",
-    Reason.PROFILE_EKU_FORBIDDEN: "A certificate in the chain carries an extended key usage that "
-    "the configured profile forbids.",
+    Reason.PROFILE_EKU_FORBIDDEN: "A certificate in the chain breaks the configured profile's "
+    "extended key usage rules.",
     Reason.KEY_USAGE_UNFIT: "The certificate's key usage does not allow S/MIME signing or "
     "encryption for its key type.",
     Reason.NOT_END_ENTITY: "The value is a CA certificate, not a user's certificate.",
     Reason.UNKNOWN_ISSUER: "The certificate does not chain to a configured trust anchor "
     "(unknown issuer or missing intermediate).",
-    Reason.CHAIN_INVALID: "The certificate chain to a configured trust anchor is invalid.",
+    Reason.CHAIN_INVALID: "The certificate or its chain to a configured trust anchor breaks RFC 5280.",
     Reason.REVOKED: "The certificate is revoked by its issuer's CRL.",
     Reason.CRL_STALE: "The issuer's CRL is too old to decide whether the certificate is revoked.",
-    Reason.REVOCATION_UNKNOWN: "No configured CRL covers the certificate's issuer, and the "
-    "profile requires one.",
+    Reason.REVOCATION_UNKNOWN: "Revocation could not be checked: no usable configured CRL covers "
+    "the certificate's issuer.",
     Reason.NO_EMAIL_ADDRESS: "The certificate names no e-mail address.",
     Reason.EMAIL_MISMATCH: "None of the certificate's e-mail addresses belongs to the user.",
     Reason.WEAK_KEY: "The certificate's public key is too weak or of a disallowed type.",

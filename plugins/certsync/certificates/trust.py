@@ -112,10 +112,6 @@ class TrustConfig:
         )
         return config
 
-    def crls_for(self, issuer: x509.Name) -> list[LoadedCrl]:
-        key = issuer.public_bytes()
-        return [crl for crl in self.crls if crl.issuer == key]
-
 
 def _read(path: Path, what: str) -> bytes:
     try:
