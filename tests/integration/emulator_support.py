@@ -11,13 +11,15 @@ from typing import Any
 import msal
 import requests
 from certsync.directory import DirectoryUser
-from certsync.emulator.tls import private_key_pem, self_signed_builder
+from certsync.emulator.tls import certificate_builder, private_key_pem
+from certsync.exchange.auth import EXCHANGE_SCOPE
+from certsync.exchange.client import ANCHOR_MAILBOX
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-ANCHOR = "APP:SystemMailbox{bb558c35-97f1-4cb9-8ff7-d53741dc928c}@%s"
-SCOPE = ["https://outlook.office365.com/.default"]
+ANCHOR = ANCHOR_MAILBOX
+SCOPE = [EXCHANGE_SCOPE]
 
 
 def directory_user(name: str, *, certificates: tuple[bytes, ...] = ()) -> DirectoryUser:
@@ -48,7 +50,7 @@ class ClientCertificate:
 
 def client_certificate(common_name: str) -> ClientCertificate:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = self_signed_builder(key, common_name, dt.timedelta(days=30)).sign(key, hashes.SHA256())
+    cert = certificate_builder(key, common_name, dt.timedelta(days=30)).sign(key, hashes.SHA256())
     return ClientCertificate(
         key_pem=private_key_pem(key).decode(),
         certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),

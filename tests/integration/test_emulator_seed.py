@@ -205,6 +205,7 @@ def test_get_recipient_defaults_to_1000_results_with_a_warning(tmp_path: Path) -
     assert unlimited.warnings == []
 
 
+@pytest.mark.integration
 def test_seed_from_ad_command_reads_the_directory(populated_dc, tmp_path: Path) -> None:
     password_file = tmp_path / "bind-password"
     password_file.write_text(populated_dc.password)

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from certsync.emulator.cmdlets import MAX_PAGE_SIZE, CmdletRunner, PageRequest
-from certsync.emulator.controls import AUTH_ENDPOINT_TARGET, Controls, EmulatorConfig
+from certsync.emulator.controls import AUTH_ENDPOINT_TARGET, Controls
 from certsync.emulator.errors import CmdletError, aadsts
 from certsync.emulator.requestlog import RequestEntry, RequestLog
 from certsync.emulator.state import StateStore
@@ -51,13 +51,13 @@ class Emulator:
     requests: RequestLog
 
     @classmethod
-    def open(cls, *, home: Path, config: EmulatorConfig | None = None) -> Emulator:
+    def open(cls, *, home: Path) -> Emulator:
         store = StateStore(home=home)
         return cls(
             store=store,
             tokens=TokenService(store=store, home=home),
             runner=CmdletRunner(store=store),
-            controls=Controls(config=config),
+            controls=Controls(),
             requests=RequestLog(),
         )
 

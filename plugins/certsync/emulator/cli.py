@@ -207,5 +207,3 @@ def _parse_fault(text: str) -> dict[str, Any]:
     except ValueError:
         raise click.BadParameter(f"expected CMDLET:COUNT:STATUS, got {text!r}") from None
 
-
-main = emulator

@@ -12,10 +12,15 @@ from typing import Any
 from certsync.emulator import errors
 from certsync.emulator.errors import CmdletError
 from certsync.emulator.rules import write_refusal
-from certsync.emulator.state import Recipient, StateStore
+from certsync.emulator.state import RECIPIENT_TYPES, Recipient, StateStore
 
-MAILBOXES = frozenset({"UserMailbox", "SharedMailbox", "RoomMailbox", "EquipmentMailbox"})
-MAIL_USERS = frozenset({"MailUser", "GuestMailUser"})
+
+def _details_of(recipient_type: str) -> frozenset[str]:
+    return frozenset(d for d, t in RECIPIENT_TYPES.items() if t == recipient_type)
+
+
+MAILBOXES = _details_of("UserMailbox")
+MAIL_USERS = _details_of("MailUser")
 GET_CMDLETS: dict[str, frozenset[str] | None] = {
     "Get-Recipient": None,
     "Get-Mailbox": MAILBOXES,
@@ -30,19 +35,8 @@ SET_CMDLETS = {
 }
 GET_PARAMETERS = frozenset({"Identity", "ResultSize", "RecipientTypeDetails"})
 CERTIFICATE_PARAMETERS = ("UserCertificate", "UserSMimeCertificate")
-KNOWN_TYPE_DETAILS = frozenset(
-    {
-        "UserMailbox",
-        "SharedMailbox",
-        "RoomMailbox",
-        "EquipmentMailbox",
-        "MailUser",
-        "GuestMailUser",
-        "MailContact",
-        "MailUniversalDistributionGroup",
-        "GroupMailbox",
-    }
-)
+# Types a RecipientTypeDetails filter may name: those modelled, and groups (which hold no certificates).
+KNOWN_TYPE_DETAILS = frozenset(RECIPIENT_TYPES) | {"MailUniversalDistributionGroup", "GroupMailbox"}
 DEFAULT_RESULT_SIZE = 1000
 MAX_PAGE_SIZE = 1000
 HASHTABLE_TYPE = "#Exchange.GenericHashTable"

@@ -7,6 +7,8 @@ from typing import Any
 
 import requests
 
+from certsync.emulator.controls import EmulatorConfig
+
 TIMEOUT_S = 10.0
 
 
@@ -49,15 +51,7 @@ class EmulatorControl:
         return dict(self._call("PUT", "config", changes))
 
     def reset_config(self) -> dict[str, Any]:
-        return self.set_config(
-            rate_per_s=None,
-            burst=10,
-            max_concurrency=None,
-            latency_ms=0.0,
-            jitter_ms=0.0,
-            require_anchor_mailbox=True,
-            faults=[],
-        )
+        return self.set_config(**EmulatorConfig().as_dict())
 
     def inject_fault(
         self,

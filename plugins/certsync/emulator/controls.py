@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-TRANSIENT_STATUSES = (408, 500, 502, 503, 504)
 # The fault-rule name that targets the token endpoint instead of a cmdlet.
 AUTH_ENDPOINT_TARGET = "token"
 

@@ -75,9 +75,7 @@ class EmulatorProcess:
         ]
         log_file = open(self.home / "emulator.log", "ab")  # noqa: SIM115 - owned by the child
         try:
-            self._process = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy()
-            )
+            self._process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         finally:
             log_file.close()
         self._endpoint = self._wait_for_endpoint()

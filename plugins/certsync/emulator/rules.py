@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from certsync.emulator.errors import CmdletError, write_scope
-from certsync.emulator.state import Recipient
+from certsync.emulator.state import RECIPIENT_TYPES, Recipient
 
 # Attributes the directory sync owns on a synced recipient unless its Exchange attributes are
 # cloud-managed. Whether certificates follow that switch is unconfirmed; modelled as they do.
@@ -25,5 +25,5 @@ def write_refusal(*, recipient: Recipient, cmdlet: str, attributes: Iterable[str
         cmdlet=cmdlet,
         attribute=owned[0],
         name=recipient.name,
-        kind=_OBJECT_KINDS.get(recipient.recipient_type_details, "object"),
+        kind=_OBJECT_KINDS.get(RECIPIENT_TYPES.get(recipient.recipient_type_details, ""), "object"),
     )

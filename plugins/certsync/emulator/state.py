@@ -165,6 +165,9 @@ class StateStore:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('tenant_domain', ?)",
                 (DEFAULT_TENANT_DOMAIN,),
             )
+        # Written once above and never changed: read them once, not on every request.
+        self.tenant_id = self._meta("tenant_id")
+        self.tenant_domain = self._meta("tenant_domain")
 
     def close(self) -> None:
         with self._lock:
@@ -185,14 +188,6 @@ class StateStore:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(row[0])
-
-    @property
-    def tenant_id(self) -> str:
-        return self._meta("tenant_id")
-
-    @property
-    def tenant_domain(self) -> str:
-        return self._meta("tenant_domain")
 
     def save_client(self, client: RegisteredClient) -> None:
         with self._transaction() as db:
@@ -277,10 +272,6 @@ class StateStore:
                 )
                 count += 1
         return count
-
-    def recipient_count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM recipients").fetchone()[0])
 
     def dump(self) -> dict[str, Any]:
         """The whole state as JSON-ready data (client secrets are never included)."""

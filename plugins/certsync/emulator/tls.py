@@ -71,16 +71,21 @@ def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     write_private_file(path, private_key_pem(key))
 
 
-def self_signed_builder(
-    key: CertificateIssuerPrivateKeyTypes, common_name: str, lifetime: dt.timedelta
+def certificate_builder(
+    key: CertificateIssuerPrivateKeyTypes,
+    common_name: str,
+    lifetime: dt.timedelta,
+    *,
+    issuer: x509.Name | None = None,
 ) -> x509.CertificateBuilder:
-    """A self-signed certificate's builder: subject = issuer, valid from five minutes ago (clock skew)."""
+    """A certificate's builder for `key`: self-signed unless an issuer is given, valid from five
+    minutes ago (clock skew) for `lifetime`."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(issuer or name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
@@ -97,7 +102,7 @@ def private_key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
 def _write_ca(*, cert_path: Path, key_path: Path) -> None:
     key = _new_key()
     cert = (
-        self_signed_builder(key, CA_NAME, CA_LIFETIME)
+        certificate_builder(key, CA_NAME, CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -148,15 +153,8 @@ def _write_server(*, files: TlsFiles, ca_key_path: Path, hostnames: Sequence[str
     ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     key = _new_key()
-    now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + SERVER_LIFETIME)
+        certificate_builder(key, hostnames[0], SERVER_LIFETIME, issuer=ca_cert.subject)
         .add_extension(x509.SubjectAlternativeName(_san_entries(hostnames)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

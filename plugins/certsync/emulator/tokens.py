@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from certsync.emulator.errors import aadsts
 from certsync.emulator.state import RegisteredClient, StateStore
-from certsync.emulator.tls import write_private_file
+from certsync.emulator.tls import private_key_pem, write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +291,5 @@ def _load_or_create_key(path: Path) -> rsa.RSAPrivateKey:
             raise ValueError("the emulator token signing key must be an RSA key")
         return key
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    data = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    write_private_file(path, data)
+    write_private_file(path, private_key_pem(key))
     return key

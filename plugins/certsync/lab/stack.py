@@ -22,7 +22,7 @@ from certsync.directory import DirectoryReader, DirectorySettings
 from certsync.emulator.process import EmulatorProcess
 from certsync.emulator.seed import Shares, seed_from_directory
 from certsync.emulator.state import register_client
-from certsync.emulator.tls import private_key_pem, self_signed_builder
+from certsync.emulator.tls import certificate_builder, private_key_pem, write_private_file
 from certsync.lab.pki import Pki
 from certsync.lab.population import generate_population, load_population
 from certsync.lab.postgres import EmbeddedPostgres
@@ -34,20 +34,15 @@ CLIENT_ID = "certsync-lab"
 DEMO_SHARES = Shares(mailbox=0.7, mailuser=0.12, contact=0.1, missing=0.08, dirsynced=0.5, cloud_managed=0.6)
 
 
-def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600, exist_ok=True)
-    path.write_bytes(data)
-
-
 def app_credentials(directory: Path) -> tuple[Path, Path, str]:
     """The lab application's certificate, private key and client secret (made once, kept 0600)."""
     cert_file, key_file, secret_file = directory / "app.pem", directory / "app.key", directory / "app.secret"
     if not cert_file.exists():
+        directory.mkdir(parents=True, exist_ok=True)
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        cert = self_signed_builder(key, CLIENT_ID, timedelta(days=3650)).sign(key, hashes.SHA256())
-        _write_secret(key_file, private_key_pem(key))
-        _write_secret(secret_file, secrets.token_urlsafe(32).encode())
+        cert = certificate_builder(key, CLIENT_ID, timedelta(days=3650)).sign(key, hashes.SHA256())
+        write_private_file(key_file, private_key_pem(key))
+        write_private_file(secret_file, secrets.token_urlsafe(32).encode())
         cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_file, key_file, secret_file.read_text()
 
