@@ -111,25 +111,13 @@ def app_credential_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 @pytest.fixture(scope="session")
 def emulator_stack(populated_dc: SambaDC, app_credential_files, tmp_path_factory: pytest.TempPathFactory):
     """The Exchange Online emulator, one recipient per seeded user, and the lab's app credentials."""
-    from certsync.directory import DirectoryReader
     from certsync.emulator.process import EmulatorProcess
-    from certsync.emulator.seed import seed_from_directory
-    from certsync.emulator.state import register_client
-    from certsync.lab.stack import CLIENT_ID, DEMO_SHARES
+    from certsync.lab.stack import DEMO_SHARES, seed_tenant
 
     home = tmp_path_factory.mktemp("emulator")
-    cert, _key, secret = app_credential_files
-    register_client(home, CLIENT_ID, secret=secret, certificate_pem=cert.read_text())
-    reader = DirectoryReader(settings=_directory_settings(populated_dc))
-    seed_from_directory(home=home, users=reader.iter_users(), shares=DEMO_SHARES, seed=0)
+    seed_tenant(home=home, samba=populated_dc, credentials=app_credential_files, shares=DEMO_SHARES, seed=0)
     with EmulatorProcess(home=home) as emulator:
         yield emulator
-
-
-def _directory_settings(dc: SambaDC):
-    from certsync.directory import DirectorySettings
-
-    return DirectorySettings(url=dc.ldap_url, bind_dn=dc.bind_dn, password=dc.password, base_dn=dc.users_ou)
 
 
 @pytest.fixture(scope="session")
@@ -137,10 +125,9 @@ def sync_env(
     populated_dc: SambaDC, embedded_pg: EmbeddedPostgres, emulator_stack, trust_files, app_credential_files
 ):
     """AIRFLOW_CONN_* / AIRFLOW_VAR_* for the pipeline against the session's real services."""
-    import json
 
-    from certsync.config import Connection, connection_uri
-    from certsync.lab.stack import lab_connections
+    from certsync.config import Connection
+    from certsync.lab.stack import lab_connections, sync_environment
 
     cert, key, _secret = app_credential_files
     connections = lab_connections(
@@ -148,13 +135,14 @@ def sync_env(
         emulator=emulator_stack,
         credential={"certificate_file": str(cert), "private_key_file": str(key)},
     )
+    embedded_pg.ensure_database("certsync")
     connections["certsync_postgres"] = Connection(
         conn_id="certsync_postgres",
         conn_type="postgres",
         host="127.0.0.1",
         port=embedded_pg.port,
         login="postgres",
-        schema=embedded_pg.ensure_database("certsync").rsplit("/", 1)[1],
+        schema="certsync",
     )
     config = {
         "trust_anchors": str(trust_files.anchors),
@@ -162,5 +150,4 @@ def sync_env(
         "crls": [str(p) for p in trust_files.crls],
         "publish_batch_size": 10,
     }
-    env = {f"AIRFLOW_CONN_{cid.upper()}": connection_uri(conn) for cid, conn in connections.items()}
-    return {**env, "AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps(config)}
+    return sync_environment(connections, config)

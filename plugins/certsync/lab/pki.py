@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
+from certsync.emulator.tls import private_key_pem, write_private_file
+
 log = logging.getLogger(__name__)
 
 EMAIL_PROTECTION = ExtendedKeyUsageOID.EMAIL_PROTECTION.dotted_string
@@ -39,19 +41,6 @@ ENTERPRISE_EKU = (EFS, EMAIL_PROTECTION, CLIENT_AUTH)
 DEFAULT_EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 MS_ENCRYPTION_KEY_PREFERENCE = "1.3.6.1.4.1.311.16.4"
 
-KEY_KINDS = (
-    "rsa1024",
-    "rsa2048",
-    "rsa3072",
-    "ec-p256",
-    "ec-p384",
-    "ec-p521",
-    "ec-secp256k1",
-    "ec-p192",
-    "ed25519",
-    "ed448",
-    "dsa2048",
-)
 _KU_NAMES = (
     "digital_signature",
     "content_commitment",
@@ -142,15 +131,7 @@ class KeyPool:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pem)
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        write_private_file(path, private_key_pem(key))  # created 0600: never readable by others
 
 
 @dataclass
@@ -448,7 +429,6 @@ class Pki:
         *,
         signer: bytes,
         extra: Sequence[bytes] = (),
-        capabilities: bool = True,
         encryption_cert: bytes | None = None,
         ber: bool = False,
     ) -> bytes:
@@ -461,7 +441,7 @@ class Pki:
         if encryption_cert is not None:
             blob = self._outlook_signed(signer, key, [encryption_cert, *extra], encryption_cert)
         else:
-            blob = _cryptography_signed(signer, key, extra, capabilities)
+            blob = _cryptography_signed(signer, key, extra)
         return to_indefinite_length(blob) if ber else blob
 
     def _outlook_signed(
@@ -579,7 +559,7 @@ def _signed_attributes(now: datetime, preferred: asn1_x509.Certificate) -> list[
     ]
 
 
-def _cryptography_signed(signer: bytes, key: PrivateKey, extra: Iterable[bytes], capabilities: bool) -> bytes:
+def _cryptography_signed(signer: bytes, key: PrivateKey, extra: Iterable[bytes]) -> bytes:
     signer_cert = x509.load_der_x509_certificate(signer)
     builder = (
         pkcs7.PKCS7SignatureBuilder()
@@ -592,10 +572,9 @@ def _cryptography_signed(signer: bytes, key: PrivateKey, extra: Iterable[bytes],
     )
     for der in extra:
         builder = builder.add_certificate(x509.load_der_x509_certificate(der))
-    options = [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]
-    if not capabilities:
-        options.append(pkcs7.PKCS7Options.NoCapabilities)
-    return builder.sign(serialization.Encoding.DER, options)
+    return builder.sign(
+        serialization.Encoding.DER, [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]
+    )
 
 
 def _read_tlv(data: bytes, pos: int) -> tuple[int, int, int]:

@@ -102,7 +102,7 @@ def generate_population(
     """Build `count` users deterministically for (seed, at, mail_domain) and the PKI's keys."""
     rng = random.Random(seed)
     scenarios = _assign_scenarios(count, rng)
-    names = _Names(mail_domain)
+    names = _Names()
     users = []
     for index in range(count):
         given, surname = rng.choice(GIVEN_NAMES), rng.choice(SURNAMES)
@@ -139,8 +139,7 @@ class _Identity:
 class _Names:
     """Hands out unique account names, display names and mail local parts."""
 
-    def __init__(self, mail_domain: str) -> None:
-        self.mail_domain = mail_domain
+    def __init__(self) -> None:
         self._taken: set[str] = set()
 
     def claim(self, given: str, surname: str) -> _Identity:
@@ -226,9 +225,6 @@ class _UserBuilder:
             return self.rng.choice(self.aliases)
         return self.mail
 
-    def _current(self, **kwargs: Any) -> bytes:
-        return self._issue(not_before=self.at - timedelta(days=self.rng.randint(20, 700)), **kwargs)
-
     def _expired(self, *, years_ago: int = 1, **kwargs: Any) -> bytes:
         start = self.at - LIFETIME - timedelta(days=365 * years_ago + self.rng.randint(1, 300))
         return self._issue(not_before=start, **kwargs)
@@ -237,11 +233,11 @@ class _UserBuilder:
         """A current certificate plus older renewals that have expired."""
         for years_ago in range(total - 1, 0, -1):
             self._add(self._expired(years_ago=years_ago), "expired")
-        self._add(self._current(), VALID)
+        self._add(self._issue(), VALID)
 
     def _maybe_valid_too(self) -> None:
         if self.rng.random() < 0.5:
-            self._add(self._current(), VALID)
+            self._add(self._issue(), VALID)
 
     # planted scenarios (called by name from build)
 
@@ -254,32 +250,32 @@ class _UserBuilder:
         self._maybe_valid_too()
 
     def _plant_no_email_eku(self) -> None:
-        self._add(self._current(eku=("1.3.6.1.5.5.7.3.2",)), "no_email_eku")
+        self._add(self._issue(eku=("1.3.6.1.5.5.7.3.2",)), "no_email_eku")
         self._maybe_valid_too()
 
     def _plant_unknown_issuer(self) -> None:
-        self._add(self._current(issuer="unknown"), "unknown_issuer")
+        self._add(self._issue(issuer="unknown"), "unknown_issuer")
         self._maybe_valid_too()
 
     def _plant_email_mismatch(self) -> None:
         stranger = f"{self.who.local}@elsewhere.example.com"
-        self._add(self._current(email=stranger), "email_mismatch")
+        self._add(self._issue(email=stranger), "email_mismatch")
         self._maybe_valid_too()
 
     def _plant_weak_key(self) -> None:
-        self._add(self._current(key="rsa1024"), "weak_key")
+        self._add(self._issue(key="rsa1024"), "weak_key")
         self._maybe_valid_too()
 
     def _plant_weak_signature(self) -> None:
-        self._add(self._current(sig_hash="sha1", key="rsa2048"), "weak_signature")
+        self._add(self._issue(sig_hash="sha1", key="rsa2048"), "weak_signature")
         self._maybe_valid_too()
 
     def _plant_revoked(self) -> None:
-        self._add(self._current(revoked=True), "revoked")
+        self._add(self._issue(revoked=True), "revoked")
         self._maybe_valid_too()
 
     def _plant_malformed_truncated(self) -> None:
-        der = self._current()
+        der = self._issue()
         self._add(der[: len(der) // 2], "malformed_truncated")
         self._maybe_valid_too()
 
@@ -294,7 +290,7 @@ class _UserBuilder:
         for n in range(15):
             self._add(self._expired(years_ago=1 + n % 4), "expired")
         for _ in range(3):
-            self._add(self._current(), VALID)
+            self._add(self._issue(), VALID)
 
     def _plant_too_many_valid(self) -> None:
         # A CA that re-issues often: seventeen current certificates, of which only the fifteen
@@ -304,7 +300,7 @@ class _UserBuilder:
             self._add(value, VALID if n < 15 else "over_limit")
 
     def _plant_pkcs7_certs_only(self) -> None:
-        leaf = self._current()
+        leaf = self._issue()
         chain = [leaf, self.pki.ca_der("intermediate")]
         blob = self.pki.pkcs7_certs_only(chain, ber=self.rng.random() < 0.3)
         self._add(blob, VALID, smime=True)
@@ -314,8 +310,8 @@ class _UserBuilder:
     def _plant_pkcs7_signed(self) -> None:
         # Outlook-style blobs (signing time from the PKI's clock, RSA signer) are reproducible;
         # cryptography's own builder stamps the wall-clock time, so it is not used here.
-        signer = self._add(self._current(key="rsa2048"), VALID)
-        encryption = self._current(key="rsa2048")
+        signer = self._add(self._issue(key="rsa2048"), VALID)
+        encryption = self._issue(key="rsa2048")
         extra = [self.pki.ca_der("intermediate")] if self.rng.random() < 0.5 else []
         blob = self.pki.pkcs7_signed(
             signer=signer, encryption_cert=encryption, extra=extra, ber=self.rng.random() < 0.3

@@ -123,9 +123,11 @@ class EmbeddedPostgres:
             lines = pid_file.read_text().splitlines()
         except (FileNotFoundError, PermissionError):
             return None
-        if len(lines) < 4 or not _postgres_alive(int(lines[0])):
+        try:
+            # A server that is still starting may have written only part of the file.
+            return int(lines[3]) if _postgres_alive(int(lines[0])) else None
+        except (IndexError, ValueError):
             return None
-        return int(lines[3])
 
     def _init_cluster(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():
@@ -151,10 +153,11 @@ class EmbeddedPostgres:
     def _choose_port(self) -> int:
         """Requested port, else the last one used by this cluster if free, else a free one."""
         port_file = self.data_dir / PORT_FILE
+        last = int(port_file.read_text()) if port_file.exists() else None
         if self._requested_port is not None:
             port = self._requested_port
-        elif port_file.exists() and _port_free(int(port_file.read_text())):
-            port = int(port_file.read_text())
+        elif last is not None and _port_free(last):
+            port = last
         else:
             port = _free_port()
         port_file.write_text(f"{port}\n")

@@ -22,6 +22,8 @@ from types import TracebackType
 
 import ldap3
 
+from certsync.emulator.tls import write_private_file
+
 log = logging.getLogger(__name__)
 
 LDAP_HOST = "127.0.0.1"
@@ -178,7 +180,7 @@ class SambaDC:
         self.home.mkdir(parents=True, exist_ok=True)
         try:
             password = _new_password()
-            _write_secret(self.home / PASSWORD_FILE, password)
+            write_private_file(self.home / PASSWORD_FILE, f"{password}\n".encode())
             self._samba_tool(self._provision_args(password), secret=password)
             self._disable_admin_expiry(password)
             (self.home / ORIGIN_FILE).write_text(f"{self.home}\n")
@@ -330,12 +332,6 @@ class SambaDC:
 def _new_password() -> str:
     # The suffix guarantees the four character classes AD's complexity rule asks for.
     return f"{secrets.token_urlsafe(24)}aA1!"
-
-
-def _write_secret(path: Path, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(f"{value}\n")
 
 
 def _skip_special(info: tarfile.TarInfo) -> tarfile.TarInfo | None:

@@ -72,12 +72,13 @@ class LabStack:
         self.postgres.start()
         self.samba.start()
         self._seed_directory()
-        cert, _key, secret = app_credentials(self.home / "app")
-        register_client(self.emulator.home, CLIENT_ID, secret=secret, certificate_pem=cert.read_text())
-        report = seed_from_directory(
-            home=self.emulator.home, users=self._reader().iter_users(), shares=self.shares, seed=self.seed
+        seed_tenant(
+            home=self.emulator.home,
+            samba=self.samba,
+            credentials=app_credentials(self.home / "app"),
+            shares=self.shares,
+            seed=self.seed,
         )
-        log.info("emulator recipients: %s", report)
         self.emulator.stop()  # one emulator per home: a leftover from an earlier `lab up` goes first
         self.emulator.start()
         return self
@@ -114,17 +115,6 @@ class LabStack:
             json.dumps({"users": self.users, "seed": self.seed, "at": at.isoformat(), "added": added})
         )
 
-    def directory_settings(self) -> DirectorySettings:
-        return DirectorySettings(
-            url=self.samba.ldap_url,
-            bind_dn=self.samba.bind_dn,
-            password=self.samba.password,
-            base_dn=self.samba.users_ou,
-        )
-
-    def _reader(self) -> DirectoryReader:
-        return DirectoryReader(settings=self.directory_settings())
-
     def connections(self) -> dict[str, Connection]:
         cert, key, secret = app_credentials(self.home / "app")
         return lab_connections(
@@ -148,12 +138,29 @@ class LabStack:
         """AIRFLOW_CONN_* / AIRFLOW_VAR_* for a process (Airflow or the CLI) that runs the sync.
 
         No certsync_postgres connection: the run uses the embedded default under CERTSYNC_HOME."""
-        env = {
-            f"AIRFLOW_CONN_{cid.upper()}": connection_uri(conn) for cid, conn in self.connections().items()
-        }
-        env["AIRFLOW_VAR_CERTSYNC_CONFIG"] = json.dumps(self.config())
-        env["CERTSYNC_HOME"] = str(self.home)
-        return env
+        return {**sync_environment(self.connections(), self.config()), "CERTSYNC_HOME": str(self.home)}
+
+
+def sync_environment(connections: dict[str, Connection], config: dict) -> dict[str, str]:
+    """The AIRFLOW_CONN_* / AIRFLOW_VAR_CERTSYNC_CONFIG variables that carry these settings."""
+    env = {f"AIRFLOW_CONN_{cid.upper()}": connection_uri(conn) for cid, conn in connections.items()}
+    return {**env, "AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps(config)}
+
+
+def seed_tenant(
+    *, home: Path, samba: SambaDC, credentials: tuple[Path, Path, str], shares: Shares, seed: int
+) -> None:
+    """Register the lab application with the emulator in `home` and give it one recipient per
+    mail-enabled user of the DC's users OU."""
+    cert, _key, secret = credentials
+    register_client(home, CLIENT_ID, secret=secret, certificate_pem=cert.read_text())
+    settings = DirectorySettings(
+        url=samba.ldap_url, bind_dn=samba.bind_dn, password=samba.password, base_dn=samba.users_ou
+    )
+    report = seed_from_directory(
+        home=home, users=DirectoryReader(settings=settings).iter_users(), shares=shares, seed=seed
+    )
+    log.info("emulator recipients: %s", report)
 
 
 def lab_connections(
