@@ -206,4 +206,3 @@ def _parse_fault(text: str) -> dict[str, Any]:
         return {"cmdlet": cmdlet, "count": int(count), "status": int(status)}
     except ValueError:
         raise click.BadParameter(f"expected CMDLET:COUNT:STATUS, got {text!r}") from None
-
