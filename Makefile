@@ -8,7 +8,7 @@ setup:
 	@bash scripts/bootstrap.sh
 
 demo: setup
-	$(BIN)/certsync demo
+	$(BIN)/certsync-lab demo
 
 test: setup lint
 	$(BIN)/python -m pytest -q
@@ -25,5 +25,5 @@ bench: setup
 	$(BIN)/python bench/bench_validation.py
 
 clean:
-	-$(BIN)/certsync lab down
+	-$(BIN)/certsync-lab down
 	rm -rf .certsync

@@ -4,7 +4,7 @@
     python bench/bench_pipeline.py --users 10000 --home ../bench-10k --workers 4
 
 Brings up embedded PostgreSQL, a Samba AD DC seeded with --users users and the Exchange Online
-emulator (certsync.lab.stack.LabStack), takes its settings exactly as `certsync demo` does, and runs
+emulator (certsync_lab.stack.LabStack), takes its settings exactly as `certsync demo` does, and runs
 the pipeline's stage functions one by one: begin, extract, read_recipients, validate, plan, publish
 (every batch), finish. Samba serves LDAP on the fixed port 389, so run it in a private network
 namespace when anything else may hold that port:
@@ -35,22 +35,23 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from certsync import pipeline
 from certsync.config import EnvSource, load_settings
-from certsync.emulator.server import read_endpoint
-from certsync.lab.stack import LabStack
 from certsync.pipeline import Services
+from certsync_lab.emulator.server import read_endpoint
+from certsync_lab.stack import LabStack
 
 log = logging.getLogger("bench_pipeline")
 DAG_ID = "certsync-bench"
 SAMPLE_EVERY_S = 0.25
 # Log lines of LabStack.up() that close a seeding phase, in order: (logger prefix, message start, phase).
 SEED_MARKS = (
-    ("certsync.lab.samba", "Samba DC answers", "postgres + samba start"),
-    ("certsync.lab.population", "generated", "generate population (PKI)"),
-    ("certsync.lab.population", "loaded", "load users into AD (LDAP add)"),
-    ("certsync.emulator.seed", "seeded emulator", "seed emulator from AD"),
-    ("certsync.emulator.process", "emulator started", "start emulator"),
+    ("certsync_lab.samba", "Samba DC answers", "postgres + samba start"),
+    ("certsync_lab.population", "generated", "generate population (PKI)"),
+    ("certsync_lab.population", "loaded", "load users into AD (LDAP add)"),
+    ("certsync_lab.emulator.seed", "seeded emulator", "seed emulator from AD"),
+    ("certsync_lab.emulator.process", "emulator started", "start emulator"),
 )
 
 
@@ -170,7 +171,7 @@ def own_peak_rss_mb() -> float:
 def bring_up(stack: LabStack) -> SeedResult:
     """Start the stack (seeding it on first use) and split the time by the lab's own log lines."""
     recorder = _MarkRecorder()
-    lab_loggers = [logging.getLogger(name) for name in ("certsync.lab", "certsync.emulator")]
+    lab_loggers = [logging.getLogger(name) for name in ("certsync_lab", "certsync_lab.emulator")]
     for logger in lab_loggers:
         logger.addHandler(recorder)
         logger.setLevel(logging.INFO)

@@ -27,7 +27,7 @@ from certsync.certificates.parallel import validate_many
 from certsync.certificates.parse import parse_value
 from certsync.certificates.trust import TrustConfig, TrustSpec
 from certsync.certificates.validate import Validator
-from certsync.lab.pki import Pki
+from certsync_lab.pki import Pki
 
 ATTRIBUTE = "userCertificate"
 SEED = 2026

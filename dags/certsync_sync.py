@@ -49,7 +49,7 @@ def certsync():
     def begin() -> int:
         """Check settings against the real systems and register this run."""
         from certsync import pipeline
-        from certsync.airflow_adapter import run_stage
+        from certsync.airflow.adapter import run_stage
 
         ctx = get_current_context()
         return run_stage(
@@ -65,7 +65,7 @@ def certsync():
     def extract(sync_run_id: int) -> dict:
         """Read the directory into staging and merge it into the source view."""
         from certsync import pipeline
-        from certsync.airflow_adapter import run_stage
+        from certsync.airflow.adapter import run_stage
 
         return run_stage(pipeline.extract, run_id=sync_run_id)
 
@@ -73,7 +73,7 @@ def certsync():
     def read_recipients(sync_run_id: int) -> dict:
         """Snapshot Exchange Online's recipients: type, sync state, certificates held."""
         from certsync import pipeline
-        from certsync.airflow_adapter import run_stage
+        from certsync.airflow.adapter import run_stage
 
         return run_stage(pipeline.read_recipients, run_id=sync_run_id)
 
@@ -81,7 +81,7 @@ def certsync():
     def validate(sync_run_id: int, shard: int) -> dict:
         """Validate one shard of the certificates that need a (new) verdict."""
         from certsync import pipeline
-        from certsync.airflow_adapter import run_stage
+        from certsync.airflow.adapter import run_stage
 
         return run_stage(pipeline.validate, run_id=sync_run_id, shard=shard, shards=VALIDATION_SHARDS)
 
@@ -89,7 +89,7 @@ def certsync():
     def plan(sync_run_id: int) -> list[int]:
         """Compute the actions (desired vs what Exchange holds) and return the publish batches."""
         from certsync import pipeline
-        from certsync.airflow_adapter import run_stage
+        from certsync.airflow.adapter import run_stage
 
         allow = bool(get_current_context()["params"]["allow_mass_removal"])
         return run_stage(pipeline.plan, run_id=sync_run_id, allow_mass_removal=allow)
@@ -98,7 +98,7 @@ def certsync():
     def publish(sync_run_id: int, batch: int) -> dict:
         """Publish one batch of actions to Exchange Online, auditing every attempt."""
         from certsync import pipeline
-        from certsync.airflow_adapter import run_stage
+        from certsync.airflow.adapter import run_stage
 
         return run_stage(pipeline.publish, run_id=sync_run_id, batch=batch)
 
@@ -106,7 +106,7 @@ def certsync():
     def finish(sync_run_id: int) -> dict:
         """Write the run summary (counts per outcome and reason) and the audit chain head."""
         from certsync import pipeline
-        from certsync.airflow_adapter import run_stage
+        from certsync.airflow.adapter import run_stage
 
         return run_stage(pipeline.finish, run_id=sync_run_id)
 

@@ -34,9 +34,10 @@ fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=.venv/.certsync-installed
-want=$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat constraints.txt pyproject.toml lab/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+    # Both distributions, editable: the product (with Airflow) and the lab that tests and the demo use.
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[airflow,test]' -e ./lab
     echo "$want" > "$stamp"
 fi

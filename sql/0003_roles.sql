@@ -1,5 +1,5 @@
--- Roles. The application works as certsync_app (the connection does SET ROLE certsync_app), which
--- may read and write working tables but only read and append the audit log. Auditors read only.
+-- Roles. The application works as certsync_app, which may read and write working tables but only
+-- read and append the audit log. Auditors read only.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'certsync_app') THEN

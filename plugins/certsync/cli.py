@@ -1,14 +1,13 @@
-"""The `certsync` command: run the sync without a scheduler, check settings, run the demo stack.
+"""The `certsync` command: migrate the schema, check settings, run the sync without a scheduler,
+validate certificate files, read the summary and the audit chain.
 
-Settings come from the same AIRFLOW_CONN_* / AIRFLOW_VAR_* names the DAG uses.
+Settings come from the same AIRFLOW_CONN_* / AIRFLOW_VAR_* names the DAG uses. The lab's
+`certsync-lab up` writes them for a local stack (`certsync-lab exec certsync run`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shlex
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,18 +15,9 @@ from pathlib import Path
 import click
 
 from certsync.config import ConfigError, EnvSource, load_settings
-from certsync.emulator.cli import emulator
 from certsync.pipeline import Services
 
 log = logging.getLogger("certsync")
-REPO = Path(__file__).resolve().parents[2]
-HOME_OPTION = click.option(
-    "--home",
-    type=click.Path(path_type=Path),
-    default=Path(".certsync"),
-    show_default=True,
-    help="The lab's data.",
-)
 
 
 def _services() -> Services:
@@ -46,7 +36,37 @@ def main(verbose: bool) -> None:
     )
 
 
-main.add_command(emulator)
+@main.group()
+def db() -> None:
+    """The schema in PostgreSQL."""
+
+
+@db.command("upgrade")
+@click.option(
+    "--owner-dsn",
+    envvar="CERTSYNC_OWNER_DSN",
+    default=None,
+    help="The schema owner's DSN (default: the connection certsync_postgres_owner).",
+)
+def db_upgrade(owner_dsn: str | None) -> None:
+    """Apply pending migrations as the schema's owner; sets certsync_app's password from
+    certsync_postgres when that connection has one."""
+    from certsync.config import POSTGRES_CONN_ID, POSTGRES_OWNER_CONN_ID, database_dsn
+    from certsync.store.db import DatabaseError, migrate
+
+    source = EnvSource()
+    try:
+        owner = source.connection(POSTGRES_OWNER_CONN_ID)
+        dsn = owner_dsn or (database_dsn(owner) if owner else None)
+        if not dsn:
+            raise ConfigError(
+                f"connection {POSTGRES_OWNER_CONN_ID!r} is not configured and no --owner-dsn was given"
+            )
+        app = source.connection(POSTGRES_CONN_ID)
+        applied = migrate(dsn, app_password=app.password if app else None)
+    except (ConfigError, DatabaseError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"schema current; applied now: {', '.join(applied) or 'nothing'}")
 
 
 @main.command()
@@ -190,96 +210,6 @@ def expiring(days: int) -> None:
             sa.text("SELECT * FROM certsync.expiring_within(make_interval(days => :d))"), {"d": days}
         ).mappings()
         click.echo(render_table(rows) or f"no certificate expires within {days} days")
-
-
-@main.group()
-def lab() -> None:
-    """The local stack: embedded PostgreSQL, Samba AD DC, Exchange Online emulator."""
-
-
-def _stack(home: Path, users: int):  # type: ignore[no-untyped-def]
-    from certsync.lab.stack import LabStack
-
-    return LabStack(home=home, users=users)
-
-
-@main.command()
-@HOME_OPTION
-@click.option("--users", type=int, default=300, show_default=True, help="Size of the seeded population.")
-def demo(home: Path, users: int) -> None:
-    """Start the lab, run the `certsync` DAG once with Airflow, print what happened, stop the lab."""
-    stack = _stack(home, users)
-    with stack:
-        settings = stack.environment()
-        env = {**os.environ, **settings, **_airflow_env(stack)}
-        click.echo(
-            f"lab up: {users} users in Samba AD, emulator at {stack.emulator.url}, data in {stack.home}"
-        )
-        subprocess.run(
-            [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True
-        )
-        result = subprocess.run(
-            [sys.executable, "-m", "airflow", "dags", "test", "certsync"],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        (stack.home / "last-dag-run.log").write_text(result.stdout + result.stderr)
-        if result.returncode != 0:
-            raise click.ClickException(f"the DAG run failed; its log is in {stack.home / 'last-dag-run.log'}")
-        os.environ.update(settings)
-        services = _services()
-        _print_report(services)
-        _print_agreement(services, stack)
-
-
-def _airflow_env(stack) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    airflow_home = stack.home / "airflow"
-    airflow_home.mkdir(parents=True, exist_ok=True)
-    metadata = stack.postgres.ensure_database("airflow").replace("postgresql://", "postgresql+psycopg://")
-    return {
-        "AIRFLOW_HOME": str(airflow_home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata,
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-    }
-
-
-def _print_agreement(services: Services, stack) -> None:  # type: ignore[no-untyped-def]
-    from certsync.report import emulator_disagreements, latest_run
-
-    state = stack.emulator.control.state()
-    writes = [r for r in stack.emulator.control.requests() if str(r.get("cmdlet", "")).startswith("Set-")]
-    with services.engine.connect() as conn:
-        problems = emulator_disagreements(conn, state, run_id=latest_run(conn).run_id)
-    click.echo("")
-    click.echo(
-        f"Exchange emulator: {len(state['recipients'])} recipients, {len(writes)} Set-* calls in this demo,"
-        f" {len(problems)} writable recipients differ from their users' valid certificates"
-    )
-    for line in problems[:10]:
-        click.echo(f"  {line}")
-
-
-@lab.command("up")
-@HOME_OPTION
-@click.option("--users", type=int, default=300, show_default=True)
-def lab_up(home: Path, users: int) -> None:
-    """Start the lab and print the environment a sync run needs (contains secrets: keep it private)."""
-    stack = _stack(home, users).up()
-    env_file = stack.home / "lab.env"
-    env_file.touch(mode=0o600, exist_ok=True)
-    env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in stack.environment().items()))
-    click.echo(f"lab up; settings written to {env_file} (source it, then run: certsync run)")
-
-
-@lab.command("down")
-@HOME_OPTION
-def lab_down(home: Path) -> None:
-    """Stop the lab's services (their data stays)."""
-    _stack(home, 0).down()
-    click.echo("lab stopped")
 
 
 if __name__ == "__main__":

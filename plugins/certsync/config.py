@@ -10,7 +10,8 @@ Connections
                        start_tls, ca_file, page_size
     certsync_exchange  https://<client id>:<client secret>@outlook.office365.com  extra: tenant_id,
                        authority_host, ca_file, certificate_file, private_key_file
-    certsync_postgres  postgresql://...  (optional: without it an embedded PostgreSQL is started)
+    certsync_postgres  postgresql://certsync_app:<password>@host/db  (required; the run-time login)
+    certsync_postgres_owner  postgresql://<owner>@host/db  (only for `certsync db upgrade`)
 Variable
     certsync_config    JSON: trust_anchors, intermediates, crls, profile, removal_threshold,
                        publish_batch_size, validation_processes
@@ -33,6 +34,7 @@ from certsync.directory import USER_FILTER, DirectorySettings
 LDAP_CONN_ID = "certsync_ldap"
 EXCHANGE_CONN_ID = "certsync_exchange"
 POSTGRES_CONN_ID = "certsync_postgres"
+POSTGRES_OWNER_CONN_ID = "certsync_postgres_owner"
 CONFIG_VARIABLE = "certsync_config"
 
 
@@ -151,7 +153,7 @@ class SyncSettings:
     directory: DirectorySettings
     exchange: ExchangeSettings
     trust: TrustSpec
-    database_dsn: str | None = field(default=None, repr=False)
+    database_dsn: str = field(default="", repr=False)
     removal_threshold: int = 500
     publish_batch_size: int = 200
     validation_processes: int = 2
@@ -219,9 +221,11 @@ def exchange_settings(conn: Connection) -> ExchangeSettings:
     )
 
 
-def database_dsn(conn: Connection | None) -> str | None:
-    if conn is None:
-        return None
+def database_dsn(conn: Connection) -> str:
+    if conn.conn_type not in ("postgres", "postgresql", ""):
+        raise ConfigError(f"connection {conn.conn_id!r}: type must be postgres, not {conn.conn_type!r}")
+    if not conn.host:
+        raise ConfigError(f"connection {conn.conn_id!r}: host is required")
     query = "&".join(f"{k}={quote(str(v))}" for k, v in conn.extra.items())
     return f"postgresql://{_netloc(conn, auth=True)}/{conn.schema or 'postgres'}" + (
         f"?{query}" if query else ""
@@ -277,7 +281,7 @@ def load_settings(source: SettingsSource) -> SyncSettings:
         directory=directory_settings(_require(source.connection(LDAP_CONN_ID), LDAP_CONN_ID)),
         exchange=exchange_settings(_require(source.connection(EXCHANGE_CONN_ID), EXCHANGE_CONN_ID)),
         trust=trust_settings(config),
-        database_dsn=database_dsn(source.connection(POSTGRES_CONN_ID)),
+        database_dsn=database_dsn(_require(source.connection(POSTGRES_CONN_ID), POSTGRES_CONN_ID)),
         removal_threshold=_int_setting(where, config, "removal_threshold", 500, minimum=0),
         publish_batch_size=_int_setting(where, config, "publish_batch_size", 200, minimum=1),
         validation_processes=_int_setting(where, config, "validation_processes", 2, minimum=1),

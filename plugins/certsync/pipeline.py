@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
 from typing import Any, TypeVar
@@ -47,13 +47,10 @@ class Services:
     """What the stages talk to, built lazily once per process (one msal app, one engine)."""
 
     settings: SyncSettings
-    _dsn: str | None = field(default=None, repr=False)
 
     @property
     def dsn(self) -> str:
-        if self._dsn is None:
-            self._dsn = self.settings.database_dsn or db.embedded_dsn()
-        return self._dsn
+        return self.settings.database_dsn
 
     @cached_property
     def engine(self) -> Engine:
@@ -84,9 +81,9 @@ def preflight(services: Services) -> str:
     trust fingerprint. Each failure raises a ConfigError that names the setting."""
     trust = _checked(f"variable {CONFIG_VARIABLE!r}", services.settings.trust.load)
     _checked(f"connection {POSTGRES_CONN_ID!r}", lambda: db.check(services.dsn))
+    _checked(f"connection {POSTGRES_CONN_ID!r}", lambda: db.check_schema(services.engine))
     _checked(f"connection {LDAP_CONN_ID!r}", lambda: services.directory().check())
     _checked(f"connection {EXCHANGE_CONN_ID!r}", lambda: services.exchange.check())
-    db.migrate(services.dsn)
     return trust.fingerprint
 
 

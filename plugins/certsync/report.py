@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,7 +10,6 @@ from sqlalchemy.engine import Connection
 from tabulate import tabulate
 
 from certsync.audit import chain_head, verify
-from certsync.directory import smtp_addresses
 
 # What an auditor asks: what did each recipient get, from which run, and did Exchange accept it?
 AUDITOR_QUERY = """
@@ -86,33 +83,3 @@ def render_auditor_example(conn: Connection) -> str:
             f" head {chain_head(conn)} (keep it: `certsync audit-verify --head` checks against it)",
         ]
     )
-
-
-SELECTED_BY_USER = """
-SELECT u.mail, u.proxy_addresses, r.attribute, array_agg(r.sha256) AS hashes
-FROM certsync.value_result r JOIN certsync.staging_user u USING (run_id, object_guid)
-WHERE r.run_id = :r AND r.selected
-GROUP BY u.mail, u.proxy_addresses, r.attribute
-"""
-
-
-def emulator_disagreements(conn: Connection, state: dict[str, Any], *, run_id: int) -> list[str]:
-    """Writable recipients whose certificates in Exchange are not exactly the valid certificates
-    of their directory user, as selected by run `run_id` (no valid certificate: must hold none)."""
-    wanted: dict[str, dict[str, set[bytes]]] = {}
-    for row in conn.execute(sa.text(SELECTED_BY_USER), {"r": run_id}):
-        for address in smtp_addresses(row.mail, row.proxy_addresses):
-            wanted.setdefault(address, {})[row.attribute] = {bytes(h) for h in row.hashes}
-    problems = []
-    for recipient in state.get("recipients", []):
-        if recipient.get("IsDirSynced") and not recipient.get("IsExchangeCloudManaged"):
-            continue  # owned by directory synchronisation, not by certsync
-        want = wanted.get(str(recipient.get("PrimarySmtpAddress", "")).lower(), {})
-        for attribute, field in (
-            ("userCertificate", "UserCertificate"),
-            ("userSMIMECertificate", "UserSMimeCertificate"),
-        ):
-            held = {hashlib.sha256(base64.b64decode(v)).digest() for v in recipient.get(field, [])}
-            if held != want.get(attribute, set()):
-                problems.append(f"{recipient.get('PrimarySmtpAddress')}: {field} is not the user's valid set")
-    return problems

@@ -15,10 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from certsync.lab.pki import Pki
-from certsync.lab.population import SeedUser, generate_population, load_population
-from certsync.lab.postgres import EmbeddedPostgres
-from certsync.lab.samba import SambaDC
+
+from certsync_lab.pki import Pki
+from certsync_lab.population import SeedUser, generate_population, load_population
+from certsync_lab.postgres import EmbeddedPostgres
+from certsync_lab.samba import SambaDC
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_AT = datetime(2026, 6, 1, tzinfo=UTC)
@@ -103,7 +104,7 @@ def trust_files(lab_pki: Pki, lab_population: list[SeedUser], tmp_path_factory: 
 @pytest.fixture(scope="session")
 def app_credential_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """The lab application's certificate, key and client secret."""
-    from certsync.lab.stack import app_credentials
+    from certsync_lab.stack import app_credentials
 
     return app_credentials(tmp_path_factory.mktemp("app"))
 
@@ -111,8 +112,8 @@ def app_credential_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 @pytest.fixture(scope="session")
 def emulator_stack(populated_dc: SambaDC, app_credential_files, tmp_path_factory: pytest.TempPathFactory):
     """The Exchange Online emulator, one recipient per seeded user, and the lab's app credentials."""
-    from certsync.emulator.process import EmulatorProcess
-    from certsync.lab.stack import DEMO_SHARES, seed_tenant
+    from certsync_lab.emulator.process import EmulatorProcess
+    from certsync_lab.stack import DEMO_SHARES, seed_tenant
 
     home = tmp_path_factory.mktemp("emulator")
     seed_tenant(home=home, samba=populated_dc, credentials=app_credential_files, shares=DEMO_SHARES, seed=0)
@@ -126,8 +127,7 @@ def sync_env(
 ):
     """AIRFLOW_CONN_* / AIRFLOW_VAR_* for the pipeline against the session's real services."""
 
-    from certsync.config import Connection
-    from certsync.lab.stack import lab_connections, sync_environment
+    from certsync_lab.stack import certsync_database, lab_connections, sync_environment
 
     cert, key, _secret = app_credential_files
     connections = lab_connections(
@@ -135,15 +135,7 @@ def sync_env(
         emulator=emulator_stack,
         credential={"certificate_file": str(cert), "private_key_file": str(key)},
     )
-    embedded_pg.ensure_database("certsync")
-    connections["certsync_postgres"] = Connection(
-        conn_id="certsync_postgres",
-        conn_type="postgres",
-        host="127.0.0.1",
-        port=embedded_pg.port,
-        login="postgres",
-        schema="certsync",
-    )
+    connections["certsync_postgres"] = certsync_database(embedded_pg, "certsync")
     config = {
         "trust_anchors": str(trust_files.anchors),
         "intermediates": [str(trust_files.intermediates)],

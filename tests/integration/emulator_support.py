@@ -10,13 +10,14 @@ from typing import Any
 
 import msal
 import requests
-from certsync.directory import DirectoryUser
-from certsync.emulator.tls import certificate_builder, private_key_pem
-from certsync.exchange.auth import EXCHANGE_SCOPE
-from certsync.exchange.client import ANCHOR_MAILBOX
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from certsync.directory import DirectoryUser
+from certsync.exchange.auth import EXCHANGE_SCOPE
+from certsync.exchange.client import ANCHOR_MAILBOX
+from certsync_lab.emulator.tls import certificate_builder, private_key_pem
 
 ANCHOR = ANCHOR_MAILBOX
 SCOPE = [EXCHANGE_SCOPE]

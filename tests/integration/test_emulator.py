@@ -9,10 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from certsync.emulator.cli import emulator as emulator_cli
-from certsync.emulator.process import EmulatorProcess
-from certsync.emulator.seed import Shares, seed_from_directory
-from certsync.emulator.state import register_client
 from click.testing import CliRunner
 from emulator_support import (
     SCOPE,
@@ -22,6 +18,11 @@ from emulator_support import (
     directory_user,
     msal_app,
 )
+
+from certsync_lab.emulator.cli import emulator as emulator_cli
+from certsync_lab.emulator.process import EmulatorProcess
+from certsync_lab.emulator.seed import Shares, seed_from_directory
+from certsync_lab.emulator.state import register_client
 
 pytestmark = pytest.mark.integration
 

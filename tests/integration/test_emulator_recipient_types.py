@@ -7,10 +7,11 @@ import base64
 from collections.abc import Iterator
 
 import pytest
-from certsync.emulator.process import EmulatorProcess
-from certsync.emulator.seed import Shares, seed_from_directory
-from certsync.emulator.state import StateStore, register_client
 from emulator_support import SCOPE, Invoker, directory_user, msal_app
+
+from certsync_lab.emulator.process import EmulatorProcess
+from certsync_lab.emulator.seed import Shares, seed_from_directory
+from certsync_lab.emulator.state import StateStore, register_client
 
 pytestmark = pytest.mark.integration
 

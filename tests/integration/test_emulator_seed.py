@@ -9,13 +9,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from certsync.emulator.cli import emulator as emulator_cli
-from certsync.emulator.cmdlets import CmdletRunner, PageRequest
-from certsync.emulator.seed import SYNC_VALUE_CAP, Shares, seed_from_directory
-from certsync.emulator.state import StateStore, register_client
-from certsync.emulator.tls import ensure_tls
 from click.testing import CliRunner
 from emulator_support import client_certificate, directory_user
+
+from certsync_lab.emulator.cli import emulator as emulator_cli
+from certsync_lab.emulator.cmdlets import CmdletRunner, PageRequest
+from certsync_lab.emulator.seed import SYNC_VALUE_CAP, Shares, seed_from_directory
+from certsync_lab.emulator.state import StateStore, register_client
+from certsync_lab.emulator.tls import ensure_tls
 
 
 def _recipients(home: Path) -> dict[str, dict]:

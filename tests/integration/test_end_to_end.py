@@ -10,13 +10,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import timedelta
 
 import psycopg
 import pytest
+
 from certsync.config import EnvSource
-from certsync.lab.population import SeedUser
+from certsync_lab.population import SeedUser
 
 pytestmark = pytest.mark.integration
 E2E_DATABASE = "certsync_e2e"
@@ -39,13 +39,12 @@ PLANTED_REASONS = {
 def certsync_env(sync_env: dict[str, str], embedded_pg) -> Iterator[dict[str, str]]:
     """The session's settings, with a database of this module's own: other modules' runs (later
     logical dates) must not count as newer views here."""
-    from certsync.config import EnvSource, connection_uri
+    from certsync.config import connection_uri
+    from certsync_lab.stack import certsync_database
 
-    postgres = EnvSource(environ=sync_env).connection("certsync_postgres")
-    embedded_pg.ensure_database(E2E_DATABASE)
     env = {
         **sync_env,
-        "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(replace(postgres, schema=E2E_DATABASE)),
+        "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(certsync_database(embedded_pg, E2E_DATABASE)),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -200,6 +199,7 @@ def _tampered(engine, *statements: str, head: str | None = None) -> list[str]:
     """What the verifier says after a superuser switched the guards off and ran `statements`
     (all rolled back afterwards)."""
     import sqlalchemy as sa
+
     from certsync.audit import ChainHead, verify
 
     with engine.connect() as conn:

@@ -11,18 +11,19 @@ from pathlib import Path
 
 import ldap3
 import pytest
-from certsync.lab.pki import Pki
-from certsync.lab.population import (
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from certsync_lab.pki import Pki
+from certsync_lab.population import (
     DEFECT_TAGS,
     SCENARIO_SHARES,
     SeedUser,
     generate_population,
     load_population,
 )
-from certsync.lab.samba import SambaDC
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import pkcs7
+from certsync_lab.samba import SambaDC
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from certsync.lab.postgres import EmbeddedPostgres, EmbeddedPostgresError
+
+from certsync_lab.postgres import EmbeddedPostgres, EmbeddedPostgresError
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import ldap3
 import pytest
-from certsync.lab.samba import LdapPortBusyError, SambaDC, SambaLabError
+
+from certsync_lab.samba import LdapPortBusyError, SambaDC, SambaLabError
 
 pytestmark = pytest.mark.integration
 

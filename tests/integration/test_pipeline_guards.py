@@ -11,10 +11,8 @@ from datetime import timedelta
 import ldap3
 import psycopg
 import pytest
+
 from certsync.config import ConfigError, EnvSource, load_settings
-from certsync.lab.pki import Pki
-from certsync.lab.population import SeedUser
-from certsync.lab.samba import SambaDC
 from certsync.pipeline import (
     RemovalThresholdExceeded,
     Services,
@@ -26,6 +24,9 @@ from certsync.pipeline import (
     run_all,
     validate,
 )
+from certsync_lab.pki import Pki
+from certsync_lab.population import SeedUser
+from certsync_lab.samba import SambaDC
 
 pytestmark = pytest.mark.integration
 
@@ -271,8 +272,8 @@ def test_client_secret_credential_works_as_well_as_a_certificate(
     sync_env, populated_dc, emulator_stack, app_credential_files
 ) -> None:
     from certsync.config import connection_uri
-    from certsync.lab.stack import lab_connections
     from certsync.pipeline import preflight
+    from certsync_lab.stack import lab_connections
 
     _cert, _key, secret = app_credential_files
     exchange = lab_connections(samba=populated_dc, emulator=emulator_stack, credential=secret)[

@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from certsync.certificates.constraints import MAX_CONSTRAINT_CHECKS
-from certsync.certificates.trust import TrustConfig
-from certsync.certificates.validate import Validator, Verdict
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from certsync.certificates.constraints import MAX_CONSTRAINT_CHECKS
+from certsync.certificates.trust import TrustConfig
+from certsync.certificates.validate import Validator, Verdict
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 CA_USAGE = dict(digital_signature=False, content_commitment=False, key_encipherment=False,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from certsync.certificates.reasons import Reason
 from certsync.certificates.trust import TrustConfig
 from certsync.certificates.validate import Validator, Verdict
-from certsync.lab.pki import Pki
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from certsync_lab.pki import Pki
 
 ATTRIBUTES = st.sampled_from(["userCertificate", "userSMIMECertificate"])
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,12 +6,13 @@ import dataclasses
 import warnings
 
 import pytest
-from certsync.certificates.facts import describe, extension_map
-from certsync.certificates.names import subject_from_der
-from certsync.lab.pki import Pki
 from cryptography import x509
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
+from certsync.certificates.facts import describe, extension_map
+from certsync.certificates.names import subject_from_der
+from certsync_lab.pki import Pki
 
 KNOWN_OIDS = ["550403", "550405", "550406", "550407", "55040a", "55040b", "55042a",
               "0992268993f22c640119", "2a864886f70d010901"]  # fmt: skip

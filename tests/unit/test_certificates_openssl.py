@@ -8,13 +8,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from certsync.certificates.parse import load_certificate, parse_value
 from certsync.certificates.reasons import Reason
 from certsync.certificates.trust import TrustConfig
 from certsync.certificates.validate import Validator
-from certsync.lab.pki import Pki, Planted, planted_values
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from certsync_lab.pki import Pki, Planted, planted_values
 
 STRICTER_POLICY = {
     Reason.NO_EMAIL_PROTECTION_EKU,

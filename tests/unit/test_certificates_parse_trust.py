@@ -8,10 +8,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
 from certsync.certificates.parse import parse_value
 from certsync.certificates.reasons import Reason
 from certsync.certificates.trust import TrustConfig, TrustConfigError, TrustSpec
-from certsync.lab.pki import Pki, pkcs7_without_certificates, to_indefinite_length
+from certsync_lab.pki import Pki, pkcs7_without_certificates, to_indefinite_length
 
 SMIME = "userSMIMECertificate"
 

@@ -8,12 +8,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
 from certsync.certificates.parallel import validate_many
 from certsync.certificates.parse import load_certificate
 from certsync.certificates.report import expiring_soon
 from certsync.certificates.trust import TrustSpec
 from certsync.certificates.validate import Validator
-from certsync.lab.pki import Pki
+from certsync_lab.pki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
 

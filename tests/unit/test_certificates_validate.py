@@ -7,11 +7,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
 from certsync.certificates.reasons import Reason
 from certsync.certificates.select import select_values
 from certsync.certificates.trust import TrustConfig
 from certsync.certificates.validate import Validator, Verdict, email_mismatch, with_email_check
-from certsync.lab.pki import Pki, Planted, TrustFiles, planted_values
+from certsync_lab.pki import Pki, Planted, TrustFiles, planted_values
 
 PROFILES = ("enterprise", "strict")
 

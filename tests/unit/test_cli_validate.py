@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from certsync.cli import main
-from certsync.lab.pki import Pki
 from click.testing import CliRunner
+
+from certsync.cli import main
+from certsync_lab.pki import Pki
 
 AT = datetime(2026, 6, 1, tzinfo=UTC)
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from certsync.config import ConfigError, Connection, EnvSource, connection_uri, load_settings
 
 LDAP_URI = "ldaps://CN%3Dsync%2COU%3DSvc%2CDC%3Dcorp:p%40ss%3Aw0rd@dc1.corp.example:636/?base_dn=OU%3DPeople%2CDC%3Dcorp"
@@ -20,6 +21,7 @@ def env(tmp_path: Path) -> dict[str, str]:
         "AIRFLOW_CONN_CERTSYNC_EXCHANGE": json.dumps(
             {"conn_type": "https", "login": "app-id", "password": "s3cret!", "extra": {"tenant_id": "t1"}}
         ),
+        "AIRFLOW_CONN_CERTSYNC_POSTGRES": "postgres://certsync_app:db%40pw@db.corp.example:5432/certsync",
         "AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps({"trust_anchors": str(anchors), "profile": "strict"}),
     }
 
@@ -33,12 +35,19 @@ def test_uri_and_json_connections_are_read_like_airflow(env: dict[str, str]) -> 
     assert settings.exchange.base_url == "https://outlook.office365.com"
     assert settings.exchange.client_secret == "s3cret!"
     assert settings.trust.profile == "strict"
-    assert settings.database_dsn is None  # the embedded PostgreSQL
+    assert settings.database_dsn == "postgresql://certsync_app:db%40pw@db.corp.example:5432/certsync"
+
+
+def test_a_missing_database_connection_is_a_settings_error_naming_it(env: dict[str, str]) -> None:
+    """Production never starts a database of its own: without certsync_postgres nothing runs."""
+    del env["AIRFLOW_CONN_CERTSYNC_POSTGRES"]
+    with pytest.raises(ConfigError, match="connection 'certsync_postgres' is not configured"):
+        load_settings(EnvSource(environ=env))
 
 
 def test_secrets_stay_out_of_reprs(env: dict[str, str]) -> None:
     text = repr(load_settings(EnvSource(environ=env)))
-    assert "p@ss:w0rd" not in text and "s3cret!" not in text
+    assert "p@ss:w0rd" not in text and "s3cret!" not in text and "db@pw" not in text
 
 
 def test_connection_uri_round_trips(env: dict[str, str]) -> None:

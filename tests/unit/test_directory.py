@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
 from certsync.directory import DirectoryReader, DirectorySettings, smtp_addresses
 
 GUID = uuid.UUID("6f1c2a54-0d2b-4c43-9a51-2f3d4e5f6a7b")

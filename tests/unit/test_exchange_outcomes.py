@@ -8,6 +8,7 @@ import json
 
 import pytest
 import requests
+
 from certsync.exchange.client import Outcome, backoff_s, classify, encode_bytes
 from certsync.exchange.recipients import Recipient
 

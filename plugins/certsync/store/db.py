@@ -1,10 +1,14 @@
-"""The Postgres connection: engine, migrations, the application role, and the embedded default."""
+"""The Postgres connection: engines, the schema check, and migrations with the owner's credentials.
+
+certsync never starts a database: the run-time connection logs in as the least-privileged
+`certsync_app` role, and `certsync db upgrade` applies sql/ as the schema's owner.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
+from importlib import resources
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -12,26 +16,25 @@ from sqlalchemy.engine import Engine, make_url
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parents[3] / "sql"
 APP_ROLE = "certsync_app"
+AUDITOR_ROLE = "certsync_auditor"
 
 
 class DatabaseError(RuntimeError):
     """The database could not be reached or migrated; the message never contains the password."""
 
 
-def certsync_home() -> Path:
-    """Where the embedded services keep their data unless told otherwise."""
-    return Path(os.environ.get("CERTSYNC_HOME", ".certsync")).resolve()
+class SchemaError(DatabaseError):
+    """The schema is not what this version of certsync needs (pending migrations, wrong login)."""
 
 
-def embedded_dsn(home: Path | None = None) -> str:
-    """Start (or reuse) the embedded PostgreSQL under <home>/postgres and return its DSN."""
-    from certsync.lab.postgres import EmbeddedPostgres  # only needed when no DSN is configured
+def sql_dir() -> Path:
+    """The schema files, shipped inside the package (a wheel install carries them too)."""
+    return Path(str(resources.files("certsync.sql")))
 
-    server = EmbeddedPostgres(data_dir=(home or certsync_home()) / "postgres")
-    server.start()
-    return server.dsn
+
+def migration_ids() -> list[str]:
+    return sorted(p.stem for p in sql_dir().glob("*.sql"))
 
 
 def _sqlalchemy_url(dsn: str) -> sa.URL:
@@ -43,19 +46,9 @@ def _safe(dsn: str) -> str:
     return make_url(dsn).render_as_string(hide_password=True)
 
 
-def create_engine(dsn: str, *, app_role: bool = True) -> Engine:
-    """An engine whose connections act as the application role, so the audit log's
-    grants (insert and select only) bind the pipeline even when the DSN names the owner."""
-    engine = sa.create_engine(_sqlalchemy_url(dsn), pool_pre_ping=True, pool_size=2, max_overflow=2)
-    if app_role:
-
-        @sa.event.listens_for(engine, "connect")
-        def _set_role(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            with dbapi_conn.cursor() as cur:
-                cur.execute(f"SET ROLE {APP_ROLE}")
-            dbapi_conn.commit()
-
-    return engine
+def create_engine(dsn: str) -> Engine:
+    """An engine for the run-time login (certsync_app): the audit log's grants bind it."""
+    return sa.create_engine(_sqlalchemy_url(dsn), pool_pre_ping=True, pool_size=2, max_overflow=2)
 
 
 def hash_list(values: Iterable[bytes] | None) -> tuple[bytes, ...]:
@@ -80,23 +73,73 @@ def check(dsn: str) -> None:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except sa.exc.SQLAlchemyError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-        raise DatabaseError(f"cannot connect to database {_safe(dsn)}: {reason}") from None
+        raise DatabaseError(f"cannot connect to database {_safe(dsn)}: {_reason(exc)}") from None
     finally:
         engine.dispose()
 
 
-def migrate(dsn: str) -> list[str]:
-    """Apply the schema files in sql/ in order (yoyo keeps track); returns the ids applied now."""
+def _reason(exc: sa.exc.SQLAlchemyError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+
+
+def check_schema(engine: Engine) -> None:
+    """Fail unless every shipped migration is applied and the login is not the schema's owner or a
+    superuser (which could bypass the audit log's guards)."""
+    try:
+        with engine.connect() as conn:
+            applied = set(conn.execute(sa.text("SELECT migration_id FROM _yoyo_migration")).scalars())
+            powerful = conn.execute(
+                sa.text(
+                    "SELECT r.rolsuper OR pg_has_role(current_user, n.nspowner, 'USAGE')"
+                    " FROM pg_roles r, pg_namespace n WHERE r.rolname = current_user AND n.nspname = 'certsync'"
+                )
+            ).scalar()
+    except sa.exc.ProgrammingError:
+        raise SchemaError("the certsync schema is not installed: run `certsync db upgrade`") from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read the schema's version: {_reason(exc)}") from None
+    pending = [m for m in migration_ids() if m not in applied]
+    if pending:
+        raise SchemaError(
+            f"{len(pending)} migrations pending ({', '.join(pending)}): run `certsync db upgrade`"
+        )
+    if powerful:
+        raise SchemaError(
+            f"logs in as {engine.url.username!r}, a superuser or the schema's owner; log in as {APP_ROLE}"
+        )
+
+
+def migrate(owner_dsn: str, *, app_password: str | None = None) -> list[str]:
+    """Apply the schema files in order as the schema's owner (yoyo keeps track); returns the ids
+    applied now. With `app_password`, certsync_app can then log in with it."""
     from yoyo import get_backend, read_migrations
 
-    check(dsn)
-    backend = get_backend(str(_sqlalchemy_url(dsn).render_as_string(hide_password=False)))
-    migrations = read_migrations(str(SQL_DIR))
+    check(owner_dsn)
+    backend = get_backend(_sqlalchemy_url(owner_dsn).render_as_string(hide_password=False))
+    # The folder is also a Python package: its __init__.py is no migration.
+    migrations = read_migrations(str(sql_dir())).filter(lambda m: m.path.endswith(".sql"))
     with backend.lock():
         pending = backend.to_apply(migrations)
         backend.apply_migrations(pending)
     applied = [m.id for m in pending]
     if applied:
         log.info("applied migrations %s", ", ".join(applied))
+    if app_password:
+        _set_password(owner_dsn, APP_ROLE, app_password)
     return applied
+
+
+def _set_password(owner_dsn: str, role: str, password: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(
+        _sqlalchemy_url(owner_dsn).set(drivername="postgresql").render_as_string(hide_password=False),
+        autocommit=True,
+    ) as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+    log.info("password of role %s set from its connection", role)

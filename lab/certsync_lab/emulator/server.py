@@ -16,8 +16,8 @@ from typing import Any
 
 import uvicorn
 
-from certsync.emulator.app import Emulator, create_app
-from certsync.emulator.tls import TlsFiles, ensure_tls
+from certsync_lab.emulator.app import Emulator, create_app
+from certsync_lab.emulator.tls import TlsFiles, ensure_tls
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-from certsync.emulator.tls import private_key_pem, write_private_file
+from certsync_lab.emulator.tls import private_key_pem, write_private_file
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from certsync.emulator.errors import CmdletError, write_scope
-from certsync.emulator.state import RECIPIENT_TYPES, Recipient
+from certsync_lab.emulator.errors import CmdletError, write_scope
+from certsync_lab.emulator.state import RECIPIENT_TYPES, Recipient
 
 # Attributes the directory sync owns on a synced recipient unless its Exchange attributes are
 # cloud-managed. Whether certificates follow that switch is unconfirmed; modelled as they do.

@@ -22,7 +22,7 @@ from types import TracebackType
 
 import ldap3
 
-from certsync.emulator.tls import write_private_file
+from certsync_lab.emulator.tls import write_private_file
 
 log = logging.getLogger(__name__)
 

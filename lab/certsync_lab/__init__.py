@@ -1,6 +1,6 @@
 """The lab: real services and synthetic data for tests and the demo.
 
-`SambaDC` (a throwaway Samba AD DC), `EmbeddedPostgres`, the synthetic PKI (`certsync.lab.pki`) and the
+`SambaDC` (a throwaway Samba AD DC), `EmbeddedPostgres`, the synthetic PKI (`certsync_lab.pki`) and the
 seeded user population. Names are imported lazily so that using one part does not load the others.
 """
 
@@ -10,11 +10,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "EmbeddedPostgres": "certsync.lab.postgres",
-    "SambaDC": "certsync.lab.samba",
-    "SeedUser": "certsync.lab.population",
-    "generate_population": "certsync.lab.population",
-    "load_population": "certsync.lab.population",
+    "EmbeddedPostgres": "certsync_lab.postgres",
+    "SambaDC": "certsync_lab.samba",
+    "SeedUser": "certsync_lab.population",
+    "generate_population": "certsync_lab.population",
+    "load_population": "certsync_lab.population",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -23,5 +23,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'certsync.lab' has no attribute {name!r}")
+        raise AttributeError(f"module 'certsync_lab' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)

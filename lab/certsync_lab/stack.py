@@ -17,20 +17,22 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from certsync.config import Connection, connection_uri
+from certsync.config import POSTGRES_CONN_ID, Connection, connection_uri
 from certsync.directory import DirectoryReader, DirectorySettings
-from certsync.emulator.process import EmulatorProcess
-from certsync.emulator.seed import Shares, seed_from_directory
-from certsync.emulator.state import register_client
-from certsync.emulator.tls import certificate_builder, private_key_pem, write_private_file
-from certsync.lab.pki import Pki
-from certsync.lab.population import generate_population, load_population
-from certsync.lab.postgres import EmbeddedPostgres
-from certsync.lab.samba import SambaDC
+from certsync.store.db import APP_ROLE, migrate
+from certsync_lab.emulator.process import EmulatorProcess
+from certsync_lab.emulator.seed import Shares, seed_from_directory
+from certsync_lab.emulator.state import register_client
+from certsync_lab.emulator.tls import certificate_builder, private_key_pem, write_private_file
+from certsync_lab.pki import Pki
+from certsync_lab.population import generate_population, load_population
+from certsync_lab.postgres import EmbeddedPostgres
+from certsync_lab.samba import SambaDC
 
 log = logging.getLogger(__name__)
 
 CLIENT_ID = "certsync-lab"
+DATABASE = "certsync"
 DEMO_SHARES = Shares(mailbox=0.7, mailuser=0.12, contact=0.1, missing=0.08, dirsynced=0.5, cloud_managed=0.6)
 
 
@@ -68,8 +70,13 @@ class LabStack:
     def trust_dir(self) -> Path:
         return self.home / "trust"
 
+    def running(self) -> bool:
+        """True when every service of this home is up (a second `up()` then changes nothing)."""
+        return self.postgres.running() and self.samba.running() and self.emulator.running()
+
     def up(self) -> LabStack:
         self.postgres.start()
+        certsync_database(self.postgres, DATABASE)
         self.samba.start()
         self._seed_directory()
         seed_tenant(
@@ -135,10 +142,28 @@ class LabStack:
         }
 
     def environment(self) -> dict[str, str]:
-        """AIRFLOW_CONN_* / AIRFLOW_VAR_* for a process (Airflow or the CLI) that runs the sync.
+        """AIRFLOW_CONN_* / AIRFLOW_VAR_* for a process (Airflow or the CLI) that runs the sync."""
+        connections = {**self.connections(), POSTGRES_CONN_ID: app_connection(self.postgres.port, DATABASE)}
+        return sync_environment(connections, self.config())
 
-        No certsync_postgres connection: the run uses the embedded default under CERTSYNC_HOME."""
-        return {**sync_environment(self.connections(), self.config()), "CERTSYNC_HOME": str(self.home)}
+
+def app_connection(port: int, database: str) -> Connection:
+    """certsync's run-time login (certsync_app; the lab's server trusts local logins)."""
+    return Connection(
+        conn_id=POSTGRES_CONN_ID,
+        conn_type="postgres",
+        host="127.0.0.1",
+        port=port,
+        login=APP_ROLE,
+        schema=database,
+    )
+
+
+def certsync_database(postgres: EmbeddedPostgres, database: str) -> Connection:
+    """Create `database` unless it exists, migrate it as the owner (the lab's superuser) and
+    return the run-time connection, as a DBA and `certsync db upgrade` would."""
+    migrate(postgres.ensure_database(database))
+    return app_connection(postgres.port, database)
 
 
 def sync_environment(connections: dict[str, Connection], config: dict) -> dict[str, str]:

@@ -21,9 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from certsync.emulator.errors import aadsts
-from certsync.emulator.state import RegisteredClient, StateStore
-from certsync.emulator.tls import private_key_pem, write_private_file
+from certsync_lab.emulator.errors import aadsts
+from certsync_lab.emulator.state import RegisteredClient, StateStore
+from certsync_lab.emulator.tls import private_key_pem, write_private_file
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from certsync.emulator.control import EmulatorControl
-from certsync.emulator.server import read_endpoint, serve
-from certsync.emulator.state import StateStore, register_client
+from certsync_lab.emulator.control import EmulatorControl
+from certsync_lab.emulator.server import read_endpoint, serve
+from certsync_lab.emulator.state import StateStore, register_client
 
 PASSWORD_ENV = "CERTSYNC_LDAP_PASSWORD"  # noqa: S105 - a variable name, not a secret
 SECRET_ENV = "CERTSYNC_CLIENT_SECRET"  # noqa: S105 - a variable name, not a secret
@@ -85,7 +85,7 @@ def seed_from_ad(
 ) -> None:
     """Create one recipient per mail-enabled AD user (shares decide type and sync flags)."""
     from certsync.directory import DirectoryReader, DirectorySettings
-    from certsync.emulator.seed import Shares, seed_from_directory
+    from certsync_lab.emulator.seed import Shares, seed_from_directory
 
     password = _read_secret(env_name=PASSWORD_ENV, file=password_file, what="bind password")
     settings = DirectorySettings(

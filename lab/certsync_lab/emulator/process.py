@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from certsync.emulator.control import EmulatorControl
-from certsync.emulator.server import ENDPOINT_FILE, read_endpoint
+from certsync_lab.emulator.control import EmulatorControl
+from certsync_lab.emulator.server import ENDPOINT_FILE, read_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ class EmulatorProcess:
             raise EmulatorError("the emulator is not running")
         return self._endpoint
 
+    def running(self) -> bool:
+        """True when an emulator (this object's or another process's) serves this home."""
+        return self._announced_pid() is not None
+
     def start(self) -> EmulatorProcess:
         if self._process is not None:
             raise EmulatorError("the emulator is already running")
@@ -64,7 +68,7 @@ class EmulatorProcess:
         command = [
             sys.executable,
             "-m",
-            "certsync.emulator",
+            "certsync_lab.emulator",
             "serve",
             "--home",
             str(self.home),
@@ -118,18 +122,22 @@ class EmulatorProcess:
 
     def _stop_announced(self) -> None:
         """Stop an emulator another process started for this home (found by its endpoint file)."""
-        endpoint = read_endpoint(self.home) or {}
-        pid = int(endpoint.get("pid") or 0)
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
-        except OSError:
-            return
-        if b"certsync.emulator" not in cmdline:
+        pid = self._announced_pid()
+        if pid is None:
             return
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def _announced_pid(self) -> int | None:
+        """The pid in this home's endpoint file when that process is a live emulator."""
+        pid = int((read_endpoint(self.home) or {}).get("pid") or 0)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
+        except OSError:
+            return None
+        return pid if b"certsync_lab.emulator" in cmdline else None
 
     def __enter__(self) -> EmulatorProcess:
         return self.start()

@@ -63,7 +63,7 @@ OTHER_DOMAINS = ("legacy.example.org", "acquired.example.net")
 
 
 class IssuingPki(Protocol):
-    """What the generator needs from `certsync.lab.pki.Pki`."""
+    """What the generator needs from `certsync_lab.pki.Pki`."""
 
     def issue(self, **kwargs: Any) -> bytes: ...
     def pkcs7_certs_only(self, ders: Sequence[bytes], *, ber: bool = False) -> bytes: ...

@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from certsync.emulator import errors
-from certsync.emulator.errors import CmdletError
-from certsync.emulator.rules import write_refusal
-from certsync.emulator.state import RECIPIENT_TYPES, Recipient, StateStore
+from certsync_lab.emulator import errors
+from certsync_lab.emulator.errors import CmdletError
+from certsync_lab.emulator.rules import write_refusal
+from certsync_lab.emulator.state import RECIPIENT_TYPES, Recipient, StateStore
 
 
 def _details_of(recipient_type: str) -> frozenset[str]:

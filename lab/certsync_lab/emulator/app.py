@@ -17,12 +17,12 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from certsync.emulator.cmdlets import MAX_PAGE_SIZE, CmdletRunner, PageRequest
-from certsync.emulator.controls import AUTH_ENDPOINT_TARGET, Controls
-from certsync.emulator.errors import CmdletError, aadsts
-from certsync.emulator.requestlog import RequestEntry, RequestLog
-from certsync.emulator.state import StateStore
-from certsync.emulator.tokens import TokenRejected, TokenResult, TokenService
+from certsync_lab.emulator.cmdlets import MAX_PAGE_SIZE, CmdletRunner, PageRequest
+from certsync_lab.emulator.controls import AUTH_ENDPOINT_TARGET, Controls
+from certsync_lab.emulator.errors import CmdletError, aadsts
+from certsync_lab.emulator.requestlog import RequestEntry, RequestLog
+from certsync_lab.emulator.state import StateStore
+from certsync_lab.emulator.tokens import TokenRejected, TokenResult, TokenService
 
 log = logging.getLogger(__name__)
 

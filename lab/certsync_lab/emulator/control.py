@@ -7,7 +7,7 @@ from typing import Any
 
 import requests
 
-from certsync.emulator.controls import EmulatorConfig
+from certsync_lab.emulator.controls import EmulatorConfig
 
 TIMEOUT_S = 10.0
 

@@ -69,6 +69,9 @@ class EmbeddedPostgres:
         """True when this object launched the server (False when it reused a running one)."""
         return self._started_here
 
+    def running(self) -> bool:
+        return self._running_port() is not None
+
     def start(self) -> EmbeddedPostgres:
         began = time.monotonic()
         running = self._running_port()

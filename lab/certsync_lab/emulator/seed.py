@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from certsync.emulator.state import Recipient, StateStore
+from certsync_lab.emulator.state import Recipient, StateStore
 
 if TYPE_CHECKING:
     from certsync.directory import DirectoryUser

@@ -1,0 +1,1 @@
+"""certsync's DAG files (shipped inside the package: point Airflow's dags_folder here)."""

@@ -1,0 +1,1 @@
+"""Airflow integration: connection hooks, the provider registration, and the stage runner."""
