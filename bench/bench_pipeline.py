@@ -4,7 +4,7 @@
     python bench/bench_pipeline.py --users 10000 --home ../bench-10k --workers 4
 
 Brings up embedded PostgreSQL, a Samba AD DC seeded with --users users and the Exchange Online
-emulator (certsync_lab.stack.LabStack), takes its settings exactly as `certsync demo` does, and runs
+emulator (certsync_lab.stack.LabStack), takes its settings exactly as `certsync-lab demo` does, and runs
 the pipeline's stage functions one by one: begin, extract, read_recipients, validate, plan, publish
 (every batch), finish. Samba serves LDAP on the fixed port 389, so run it in a private network
 namespace when anything else may hold that port:
@@ -299,7 +299,7 @@ def measure(stack: LabStack, *, workers: int) -> tuple[SeedResult, list[RunResul
     seed = bring_up(stack)
     # Printed at once: seeding a large directory takes minutes and should not be lost to a later failure.
     print(render_seed(seed, stack.users), flush=True)
-    # The same settings path as `certsync demo`: the lab's AIRFLOW_CONN_*/AIRFLOW_VAR_* names.
+    # The same settings path as `certsync-lab demo`: the lab's AIRFLOW_CONN_*/AIRFLOW_VAR_* names.
     os.environ.update(stack.environment())
     services = Services(settings=load_settings(EnvSource()))
     roots = service_pids(stack)
