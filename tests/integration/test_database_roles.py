@@ -1,0 +1,98 @@
+"""The schema is installed by its owner (`certsync db upgrade`); runs log in as certsync_app and refuse
+a schema that is missing, behind, or a login strong enough to bypass the audit log's guards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import psycopg
+import pytest
+
+from certsync.store import db
+from certsync_lab.postgres import EmbeddedPostgres
+
+pytestmark = pytest.mark.integration
+
+
+def _fresh_database(pg: EmbeddedPostgres) -> str:
+    return pg.ensure_database(f"roles_{uuid.uuid4().hex[:8]}")
+
+
+def _as_app(owner_dsn: str) -> str:
+    return owner_dsn.replace("postgresql://postgres@", f"postgresql://{db.APP_ROLE}@")
+
+
+def _upgrade(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "certsync.cli", "db", "upgrade", *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def test_db_upgrade_applies_every_migration_once(embedded_pg: EmbeddedPostgres) -> None:
+    owner = _fresh_database(embedded_pg)
+    first = _upgrade("--owner-dsn", owner)
+    assert first.returncode == 0, first.stderr
+    assert "applied now: " + ", ".join(db.migration_ids()) in first.stdout
+    again = _upgrade("--owner-dsn", owner)
+    assert again.returncode == 0 and "applied now: nothing" in again.stdout
+    db.check_schema(db.create_engine(_as_app(owner)))  # the app login finds it current
+
+
+def test_db_upgrade_sets_the_app_password_from_its_connection(embedded_pg: EmbeddedPostgres) -> None:
+    owner = _fresh_database(embedded_pg)
+    app_uri = _as_app(owner).replace(f"{db.APP_ROLE}@", f"{db.APP_ROLE}:n3w-s3cret@")
+    result = _upgrade(
+        env={"AIRFLOW_CONN_CERTSYNC_POSTGRES_OWNER": owner, "AIRFLOW_CONN_CERTSYNC_POSTGRES": app_uri}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "n3w-s3cret" not in result.stdout + result.stderr
+    with psycopg.connect(embedded_pg.dsn) as conn:
+        (stored,) = conn.execute(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (db.APP_ROLE,)
+        ).fetchone()
+    assert stored.startswith("SCRAM-SHA-256$")
+
+
+def test_db_upgrade_without_owner_credentials_names_the_connection() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "AIRFLOW_CONN_CERTSYNC_POSTGRES_OWNER"}
+    result = subprocess.run(
+        [sys.executable, "-m", "certsync.cli", "db", "upgrade"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode != 0
+    assert "certsync_postgres_owner" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_refuses_a_database_without_the_schema(embedded_pg: EmbeddedPostgres) -> None:
+    owner = _fresh_database(embedded_pg)
+    with pytest.raises(db.SchemaError, match="not installed: run `certsync db upgrade`"):
+        db.check_schema(db.create_engine(owner))
+
+
+def test_a_run_refuses_a_schema_with_pending_migrations(embedded_pg: EmbeddedPostgres) -> None:
+    owner = _fresh_database(embedded_pg)
+    db.migrate(owner)
+    last = db.migration_ids()[-1]
+    with psycopg.connect(owner, autocommit=True) as conn:
+        conn.execute("DELETE FROM _yoyo_migration WHERE migration_id = %s", (last,))
+    with pytest.raises(db.SchemaError, match=f"1 migrations pending \\({last}\\)"):
+        db.check_schema(db.create_engine(_as_app(owner)))
+
+
+def test_a_run_refuses_to_log_in_as_the_owner_or_a_superuser(embedded_pg: EmbeddedPostgres) -> None:
+    owner = _fresh_database(embedded_pg)
+    db.migrate(owner)
+    with pytest.raises(db.SchemaError, match="superuser or the schema's owner; log in as certsync_app"):
+        db.check_schema(db.create_engine(owner))
+
+
+def test_the_app_login_may_append_to_the_audit_log_but_not_rewrite_it(embedded_pg: EmbeddedPostgres) -> None:
+    owner = _fresh_database(embedded_pg)
+    db.migrate(owner)
+    with psycopg.connect(_as_app(owner)) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (db.APP_ROLE,)
+        for statement in ("UPDATE certsync.audit_log SET outcome = 'x'", "TRUNCATE certsync.audit_log"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+            conn.rollback()
