@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from certsync_lab.compose import compose
 from certsync_lab.emulator.cli import emulator
 
 HOME_OPTION = click.option(
@@ -37,6 +38,7 @@ def main() -> None:
 
 
 main.add_command(emulator)
+main.add_command(compose)
 
 
 def write_env_file(path: Path, environment: dict[str, str]) -> None:
@@ -52,17 +54,19 @@ def write_env_file(path: Path, environment: dict[str, str]) -> None:
 @USERS_OPTION
 def lab_up(home: Path, users: int) -> None:
     """Start the lab (a running lab is left as it is) and write its settings to HOME/lab.env."""
+    from certsync_lab.stack import DATABASE
+
     stack = _stack(home, users)
     was_running = stack.running()
     stack.up()
     env_file = stack.home / "lab.env"
     write_env_file(env_file, stack.environment())
-    state = "already running" if was_running else "up"
-    click.echo(
-        f"lab {state}: PostgreSQL on 127.0.0.1:{stack.postgres.port}, LDAP at {stack.samba.ldap_url},"
-        f" Exchange emulator at {stack.emulator.url}"
-    )
-    click.echo(f"settings in {env_file} (contains secrets; `. {env_file}` then `certsync run`)")
+    click.echo(f"lab {'already running' if was_running else 'up'} in {stack.home}")
+    click.echo(f"  PostgreSQL  127.0.0.1:{stack.postgres.port} (database {DATABASE})")
+    click.echo(f"  LDAP        {stack.samba.ldap_url} (users in {stack.samba.users_ou})")
+    click.echo(f"  Exchange    {stack.emulator.url} (tenant {stack.emulator.tenant_id})")
+    click.echo(f"  settings    {env_file} (owner only: it holds the LDAP password)")
+    click.echo(f"run the sync with `certsync-lab exec --home {stack.home} certsync run`")
 
 
 @main.command("down")
@@ -97,7 +101,13 @@ def exec_command(home: Path, command: tuple[str, ...]) -> None:
     if not stack.running():
         raise click.ClickException(f"no lab is running in {stack.home}: run `certsync-lab up` first")
     stack.up()
-    sys.exit(subprocess.call(list(command), env={**os.environ, **stack.environment()}))
+    # The venv's commands (certsync itself) are found even when the venv is not activated.
+    path = os.pathsep.join(filter(None, (str(Path(sys.executable).parent), os.environ.get("PATH"))))
+    try:
+        code = subprocess.call(list(command), env={**os.environ, **stack.environment(), "PATH": path})
+    except FileNotFoundError:
+        raise click.ClickException(f"command not found: {command[0]}") from None
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 seeded with a synthetic population, and the Exchange Online emulator holding one recipient per user.
 
 Everything lives under one home folder (default `.certsync/`), survives restarts, and is seeded once:
-a second `up()` reuses the directory, the PKI and the emulator's state as they are.
+a second `up()` reuses the directory, the PKI and the emulator's state as they are, and every service
+keeps its port (PostgreSQL and the emulator remember theirs in the home; Samba's LDAP is fixed).
 """
 
 from __future__ import annotations
@@ -72,21 +73,33 @@ class LabStack:
 
     def running(self) -> bool:
         """True when every service of this home is up (a second `up()` then changes nothing)."""
-        return self.postgres.running() and self.samba.running() and self.emulator.running()
+        return self.postgres.running() and self.samba.running and self.emulator.running()
 
     def up(self) -> LabStack:
+        """Start what is not running. On a running lab this only attaches: nothing restarts, nothing
+        is migrated or seeded, and every port stays as it is."""
+        if self.running():
+            log.info("the lab in %s is already running", self.home)
+            return self._attach()
         self.postgres.start()
         certsync_database(self.postgres, DATABASE)
         self.samba.start()
         self._seed_directory()
-        seed_tenant(
-            home=self.emulator.home,
-            samba=self.samba,
-            credentials=app_credentials(self.home / "app"),
-            shares=self.shares,
-            seed=self.seed,
-        )
-        self.emulator.stop()  # one emulator per home: a leftover from an earlier `lab up` goes first
+        if not self.emulator.running():
+            # A running emulator keeps its tenant as it is; only a stopped one is (re)seeded.
+            seed_tenant(
+                home=self.emulator.home,
+                samba=self.samba,
+                credentials=app_credentials(self.home / "app"),
+                shares=self.shares,
+                seed=self.seed,
+            )
+        self.emulator.start()
+        return self
+
+    def _attach(self) -> LabStack:
+        self.postgres.start()
+        self.samba.start()
         self.emulator.start()
         return self
 

@@ -1,4 +1,8 @@
-"""Start and stop the emulator as a child process (tests, the demo, the lab)."""
+"""Start and stop the emulator as a child process (tests, the demo, the lab).
+
+One emulator serves a home at a time: starting a home that an emulator already serves (found by
+its endpoint.json) attaches to that one instead of launching a second.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class EmulatorProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._endpoint: dict[str, object] | None = None
         self._control: EmulatorControl | None = None
+        self._started_here = False
 
     @property
     def url(self) -> str:
@@ -56,13 +61,37 @@ class EmulatorProcess:
             raise EmulatorError("the emulator is not running")
         return self._endpoint
 
+    @property
+    def started_here(self) -> bool:
+        """True when this object launched the emulator (False when it attached to a running one)."""
+        return self._started_here
+
     def running(self) -> bool:
         """True when an emulator (this object's or another process's) serves this home."""
         return self._announced_pid() is not None
 
     def start(self) -> EmulatorProcess:
-        if self._process is not None:
+        if self._endpoint is not None:
             raise EmulatorError("the emulator is already running")
+        if self._announced_pid() is not None:
+            return self._attach()
+        self._launch()
+        self._started_here = True
+        log.info("emulator started at %s (pid %s)", self.url, self._require_endpoint()["pid"])
+        return self
+
+    def _attach(self) -> EmulatorProcess:
+        endpoint = read_endpoint(self.home)
+        if endpoint is None:
+            raise EmulatorError("the running emulator withdrew its endpoint; start again")
+        if self.port and endpoint.get("port") != self.port:
+            log.warning("the running emulator listens on %s, not on port %s", endpoint["url"], self.port)
+        self._endpoint = endpoint
+        self.control.health()
+        log.info("attached to the emulator already serving %s at %s", self.home, self.url)
+        return self
+
+    def _launch(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / ENDPOINT_FILE).unlink(missing_ok=True)
         command = [
@@ -79,13 +108,19 @@ class EmulatorProcess:
         ]
         log_file = open(self.home / "emulator.log", "ab")  # noqa: SIM115 - owned by the child
         try:
-            self._process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+            # Its own session, like the lab's other servers: it outlives the `certsync-lab up` that
+            # launched it and a hangup of that terminal.
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log_file.close()
         self._endpoint = self._wait_for_endpoint()
         self.control.health()
-        log.info("emulator started at %s (pid %s)", self.url, self._process.pid)
-        return self
 
     def _wait_for_endpoint(self) -> dict[str, object]:
         assert self._process is not None
@@ -108,6 +143,7 @@ class EmulatorProcess:
             self._control = None
         process, self._process = self._process, None
         self._endpoint = None
+        self._started_here = False
         if process is None:
             self._stop_announced()
             return
@@ -137,7 +173,9 @@ class EmulatorProcess:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
         except OSError:
             return None
-        return pid if b"certsync_lab.emulator" in cmdline else None
+        # Started as `python -m certsync_lab.emulator`, `exchange-emulator` or `certsync-lab emulator`;
+        # anything else is a stale file whose pid was reused.
+        return pid if b"emulator" in cmdline and b"serve" in cmdline else None
 
     def __enter__(self) -> EmulatorProcess:
         return self.start()
@@ -148,4 +186,9 @@ class EmulatorProcess:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.stop()
+        # An emulator this object only attached to belongs to whoever started it: leave it up.
+        if self._started_here:
+            self.stop()
+        elif self._control is not None:
+            self._control.close()
+            self._control = None

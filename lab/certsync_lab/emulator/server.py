@@ -1,4 +1,8 @@
-"""Run the emulator over TLS and announce where it listens (home/endpoint.json)."""
+"""Run the emulator over TLS and announce where it listens (home/endpoint.json).
+
+The port a home listened on is kept in home/emulator.port and used again by the next start, so
+clients configured with the emulator's URL keep working across restarts.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +26,12 @@ from certsync_lab.emulator.tls import TlsFiles, ensure_tls
 log = logging.getLogger(__name__)
 
 ENDPOINT_FILE = "endpoint.json"
+PORT_FILE = "emulator.port"
 
 
 def serve(*, home: Path, host: str = "127.0.0.1", port: int = 0, tls_hostnames: Sequence[str] = ()) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM); port 0 picks a free port.
+    """Serve until interrupted (SIGINT/SIGTERM); port 0 means the port this home used last, or a
+    free one the first time (or when another process holds the old one).
 
     ``tls_hostnames`` adds names to the server certificate (e.g. a compose service name).
     """
@@ -34,11 +40,7 @@ def serve(*, home: Path, host: str = "127.0.0.1", port: int = 0, tls_hostnames: 
     hostnames = tuple(dict.fromkeys(("localhost", "127.0.0.1", host, *tls_hostnames)))
     tls = ensure_tls(directory=home / "tls", hostnames=hostnames)
     emulator = Emulator.open(home=home)
-    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets that say so, and
-    # without it every response body waits ~40 ms for the client's delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = _bind(home=home, host=host, port=port)
     bound_port = sock.getsockname()[1]
     server = uvicorn.Server(_uvicorn_config(emulator=emulator, tls=tls))
     announcement = {
@@ -59,6 +61,47 @@ def serve(*, home: Path, host: str = "127.0.0.1", port: int = 0, tls_hostnames: 
         with contextlib.suppress(FileNotFoundError):
             (home / ENDPOINT_FILE).unlink()
         emulator.store.close()
+
+
+def _bind(*, home: Path, host: str, port: int) -> socket.socket:
+    """A socket bound to `port`, or for port 0 to the remembered port while it is free; the bound
+    port is remembered for the next start."""
+    remembered = _remembered_port(home) if port == 0 else None
+    try:
+        sock = _tcp_socket(host, remembered or port)
+    except OSError as exc:
+        if remembered is None:
+            raise
+        log.warning(
+            "port %s, which this home listened on before, is taken by another process (%s);"
+            " listening on a new port, so clients configured with the old URL need the new one",
+            remembered,
+            exc.strerror,
+        )
+        sock = _tcp_socket(host, 0)
+    (home / PORT_FILE).write_text(f"{sock.getsockname()[1]}\n")
+    return sock
+
+
+def _tcp_socket(host: str, port: int) -> socket.socket:
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets that say so, and
+    # without it every response body waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    # Lets a restart take its old port while connections of the previous run sit in TIME_WAIT.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _remembered_port(home: Path) -> int | None:
+    try:
+        return int((home / PORT_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _uvicorn_config(*, emulator: Emulator, tls: TlsFiles) -> uvicorn.Config:
