@@ -15,9 +15,19 @@ hash-chained, append-only audit log in Postgres.
 | `publish` | sends each batch of actions with Set-Mailbox / Set-MailUser / Set-MailContact |
 | `finish` | writes the run summary and emits the `certsync://published` asset event |
 
-**Params**: `dry_run` plans without publishing; `allow_mass_removal` overrides the removal
-threshold for one run. Bad settings and a tripped removal threshold fail the task without retries. Settings: connections `certsync_ldap`, `certsync_exchange`,
-`certsync_postgres` (optional) and the variable `certsync_config` (see the README).
+**Params**
+
+| param | default | meaning |
+|---|---|---|
+| `dry_run` | `false` | plan, but publish nothing |
+| `allow_mass_removal` | `false` | ignore the removal threshold for this run |
+| `ldap_conn_id` | `certsync_ldap` | the directory's connection (type *certsync: Active Directory*) |
+| `exchange_conn_id` | `certsync_exchange` | the tenant's connection (type *certsync: Exchange Online*) |
+| `postgres_conn_id` | `certsync_postgres` | the store's connection, logging in as `certsync_app` (required) |
+
+Create the connections in *Admin > Connections* and press *Test*: each type checks what `begin`
+checks. The variable `certsync_config` holds the trust settings (see the README). Bad settings and
+a tripped removal threshold fail the task without retries; a missing connection fails naming it.
 Re-running any task or the whole run is safe: every stage is keyed by the run.
 """
 
@@ -29,6 +39,17 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 PUBLISHED = Asset("certsync://published")
 VALIDATION_SHARDS = 2
+CONN_ID_PARAMS = ("ldap_conn_id", "exchange_conn_id", "postgres_conn_id")
+
+
+def _conn_id(default: str, description: str) -> Param:
+    return Param(default, type="string", pattern=r"^[\w.-]+$", description=description)
+
+
+def _conn_ids() -> dict[str, str]:
+    """This run's connection ids, from its params."""
+    params = get_current_context()["params"]
+    return {name: params[name] for name in CONN_ID_PARAMS}
 
 
 @dag(
@@ -42,6 +63,9 @@ VALIDATION_SHARDS = 2
     params={
         "dry_run": Param(False, type="boolean", description="Plan, but publish nothing."),
         "allow_mass_removal": Param(False, type="boolean", description="Ignore the removal threshold once."),
+        "ldap_conn_id": _conn_id("certsync_ldap", "Connection of the Active Directory to read."),
+        "exchange_conn_id": _conn_id("certsync_exchange", "Connection of the Exchange Online tenant."),
+        "postgres_conn_id": _conn_id("certsync_postgres", "Connection of the store (certsync_app login)."),
     },
 )
 def certsync():
@@ -54,6 +78,7 @@ def certsync():
         ctx = get_current_context()
         return run_stage(
             pipeline.begin,
+            conn_ids=_conn_ids(),
             dag_id=ctx["dag"].dag_id,
             airflow_run_id=ctx["run_id"],
             logical_date=ctx["logical_date"] or ctx["dag_run"].run_after,
@@ -67,7 +92,7 @@ def certsync():
         from certsync import pipeline
         from certsync.airflow.adapter import run_stage
 
-        return run_stage(pipeline.extract, run_id=sync_run_id)
+        return run_stage(pipeline.extract, conn_ids=_conn_ids(), run_id=sync_run_id)
 
     @task
     def read_recipients(sync_run_id: int) -> dict:
@@ -75,7 +100,7 @@ def certsync():
         from certsync import pipeline
         from certsync.airflow.adapter import run_stage
 
-        return run_stage(pipeline.read_recipients, run_id=sync_run_id)
+        return run_stage(pipeline.read_recipients, conn_ids=_conn_ids(), run_id=sync_run_id)
 
     @task
     def validate(sync_run_id: int, shard: int) -> dict:
@@ -83,7 +108,9 @@ def certsync():
         from certsync import pipeline
         from certsync.airflow.adapter import run_stage
 
-        return run_stage(pipeline.validate, run_id=sync_run_id, shard=shard, shards=VALIDATION_SHARDS)
+        return run_stage(
+            pipeline.validate, conn_ids=_conn_ids(), run_id=sync_run_id, shard=shard, shards=VALIDATION_SHARDS
+        )
 
     @task
     def plan(sync_run_id: int) -> list[int]:
@@ -92,7 +119,7 @@ def certsync():
         from certsync.airflow.adapter import run_stage
 
         allow = bool(get_current_context()["params"]["allow_mass_removal"])
-        return run_stage(pipeline.plan, run_id=sync_run_id, allow_mass_removal=allow)
+        return run_stage(pipeline.plan, conn_ids=_conn_ids(), run_id=sync_run_id, allow_mass_removal=allow)
 
     @task(max_active_tis_per_dagrun=4)
     def publish(sync_run_id: int, batch: int) -> dict:
@@ -100,7 +127,7 @@ def certsync():
         from certsync import pipeline
         from certsync.airflow.adapter import run_stage
 
-        return run_stage(pipeline.publish, run_id=sync_run_id, batch=batch)
+        return run_stage(pipeline.publish, conn_ids=_conn_ids(), run_id=sync_run_id, batch=batch)
 
     @task(trigger_rule="none_failed", outlets=[PUBLISHED])
     def finish(sync_run_id: int) -> dict:
@@ -108,7 +135,7 @@ def certsync():
         from certsync import pipeline
         from certsync.airflow.adapter import run_stage
 
-        return run_stage(pipeline.finish, run_id=sync_run_id)
+        return run_stage(pipeline.finish, conn_ids=_conn_ids(), run_id=sync_run_id)
 
     sync_run = begin()
     extracted = extract(sync_run)

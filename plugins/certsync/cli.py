@@ -9,31 +9,59 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
-from certsync.config import ConfigError, EnvSource, load_settings
+from certsync.config import (
+    EXCHANGE_CONN_ID,
+    LDAP_CONN_ID,
+    POSTGRES_CONN_ID,
+    ConfigError,
+    EnvSource,
+    load_settings,
+)
 from certsync.pipeline import Services
 
 log = logging.getLogger("certsync")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _services() -> Services:
+    """The services for the connection ids given to the group (certsync_* by default)."""
+    conn_ids = click.get_current_context().find_root().obj or {}
     try:
-        return Services(settings=load_settings(EnvSource()))
+        return Services(settings=load_settings(EnvSource(), **conn_ids))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
 
+def _conn_id_option(name: str, default: str, what: str) -> Callable[[F], F]:
+    return click.option(
+        f"--{name.replace('_', '-')}",
+        name,
+        default=default,
+        show_default=True,
+        envvar=f"CERTSYNC_{name.upper()}",
+        help=f"Connection id of {what} (read from AIRFLOW_CONN_<ID>).",
+    )
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
-def main(verbose: bool) -> None:
+@_conn_id_option("ldap_conn_id", LDAP_CONN_ID, "the Active Directory")
+@_conn_id_option("exchange_conn_id", EXCHANGE_CONN_ID, "the Exchange Online tenant")
+@_conn_id_option("postgres_conn_id", POSTGRES_CONN_ID, "the store (the certsync_app login)")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, **conn_ids: str) -> None:
     """certsync: S/MIME certificates from Active Directory to Exchange Online."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    ctx.obj = conn_ids
 
 
 @main.group()

@@ -5,12 +5,13 @@ deployment, in `AIRFLOW_CONN_*` / `AIRFLOW_VAR_*` environment variables, and in 
 command line. This module reads them through a small `SettingsSource` so it needs no Airflow import;
 the Airflow adapter supplies a source backed by Airflow's own secrets backends.
 
-Connections
-    certsync_ldap      ldap[s]://<bind DN>:<password>@host:port  extra: base_dn, search_filter,
-                       start_tls, ca_file, page_size
-    certsync_exchange  https://<client id>:<client secret>@outlook.office365.com  extra: tenant_id,
-                       authority_host, ca_file, certificate_file, private_key_file
-    certsync_postgres  postgresql://certsync_app:<password>@host/db  (required; the run-time login)
+Connections (default ids; the DAG's params and the CLI's options choose others)
+    certsync_ldap      type certsync_ldap (or ldap/ldaps): <bind DN>:<password>@host:port
+                       extra: base_dn, search_filter, use_ssl, start_tls, ca_file, page_size
+    certsync_exchange  type certsync_exchange (or https): <client id>:<client secret>@outlook.office365.com
+                       extra: tenant_id, authority_host, ca_file, certificate_file, private_key_file
+    certsync_postgres  type certsync_postgres (or postgres): certsync_app:<password>@host/db
+                       (required; the run-time login)
     certsync_postgres_owner  postgresql://<owner>@host/db  (only for `certsync db upgrade`)
 Variable
     certsync_config    JSON: trust_anchors, intermediates, crls, profile, removal_threshold,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,14 @@ EXCHANGE_CONN_ID = "certsync_exchange"
 POSTGRES_CONN_ID = "certsync_postgres"
 POSTGRES_OWNER_CONN_ID = "certsync_postgres_owner"
 CONFIG_VARIABLE = "certsync_config"
+
+# certsync's own connection types (what its Airflow hooks register); the generic types stay accepted.
+LDAP_CONN_TYPE = "certsync_ldap"
+EXCHANGE_CONN_TYPE = "certsync_exchange"
+POSTGRES_CONN_TYPE = "certsync_postgres"
+LDAP_CONN_TYPES = (LDAP_CONN_TYPE, "ldap", "ldaps", "")
+EXCHANGE_CONN_TYPES = (EXCHANGE_CONN_TYPE, "https", "")
+POSTGRES_CONN_TYPES = (POSTGRES_CONN_TYPE, "postgres", "postgresql", "")
 
 
 class ConfigError(ValueError):
@@ -149,10 +159,27 @@ class ExchangeSettings:
 
 
 @dataclass(frozen=True)
+class SettingNames:
+    """Where the settings were read from, so that every later message names what was used."""
+
+    ldap_conn_id: str = LDAP_CONN_ID
+    exchange_conn_id: str = EXCHANGE_CONN_ID
+    postgres_conn_id: str = POSTGRES_CONN_ID
+    config_variable: str = CONFIG_VARIABLE
+
+    def check(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            # Airflow's own rule for ids; anything else cannot be an env var or a UI entry.
+            if not isinstance(value, str) or not re.fullmatch(r"[\w.-]+", value):
+                raise ConfigError(f"{name} must be a connection or variable id, not {value!r}")
+
+
+@dataclass(frozen=True)
 class SyncSettings:
     directory: DirectorySettings
     exchange: ExchangeSettings
     trust: TrustSpec
+    names: SettingNames = field(default_factory=SettingNames)
     database_dsn: str = field(default="", repr=False)
     removal_threshold: int = 500
     publish_batch_size: int = 200
@@ -173,8 +200,10 @@ def _require(conn: Connection | None, conn_id: str) -> Connection:
 
 def directory_settings(conn: Connection) -> DirectorySettings:
     extra = conn.extra
-    if conn.conn_type not in ("ldap", "ldaps", ""):
-        raise ConfigError(f"connection {conn.conn_id!r}: type must be ldap or ldaps, not {conn.conn_type!r}")
+    if conn.conn_type not in LDAP_CONN_TYPES:
+        raise ConfigError(
+            f"connection {conn.conn_id!r}: type must be {LDAP_CONN_TYPE}, ldap or ldaps, not {conn.conn_type!r}"
+        )
     scheme = "ldaps" if conn.conn_type == "ldaps" or _flag(extra.get("use_ssl", "")) else "ldap"
     if not conn.host:
         raise ConfigError(f"connection {conn.conn_id!r}: host is required")
@@ -197,6 +226,10 @@ def directory_settings(conn: Connection) -> DirectorySettings:
 
 def exchange_settings(conn: Connection) -> ExchangeSettings:
     extra = conn.extra
+    if conn.conn_type not in EXCHANGE_CONN_TYPES:
+        raise ConfigError(
+            f"connection {conn.conn_id!r}: type must be {EXCHANGE_CONN_TYPE} or https, not {conn.conn_type!r}"
+        )
     if not extra.get("tenant_id"):
         raise ConfigError(f"connection {conn.conn_id!r}: extra.tenant_id is required")
     if not conn.login:
@@ -222,8 +255,10 @@ def exchange_settings(conn: Connection) -> ExchangeSettings:
 
 
 def database_dsn(conn: Connection) -> str:
-    if conn.conn_type not in ("postgres", "postgresql", ""):
-        raise ConfigError(f"connection {conn.conn_id!r}: type must be postgres, not {conn.conn_type!r}")
+    if conn.conn_type not in POSTGRES_CONN_TYPES:
+        raise ConfigError(
+            f"connection {conn.conn_id!r}: type must be {POSTGRES_CONN_TYPE} or postgres, not {conn.conn_type!r}"
+        )
     if not conn.host:
         raise ConfigError(f"connection {conn.conn_id!r}: host is required")
     query = "&".join(f"{k}={quote(str(v))}" for k, v in conn.extra.items())
@@ -241,34 +276,31 @@ def _int_setting(where: str, values: Mapping[str, Any], key: str, default: int, 
     return value
 
 
-def _paths_setting(config: Mapping[str, Any], key: str) -> tuple[Path, ...]:
+def _paths_setting(config: Mapping[str, Any], key: str, *, where: str) -> tuple[Path, ...]:
     value = config.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"variable {CONFIG_VARIABLE!r}: {key} must be a list of file paths, not {value!r}")
+        raise ConfigError(f"{where}: {key} must be a list of file paths, not {value!r}")
     return tuple(map(Path, value))
 
 
-def trust_settings(config: Mapping[str, Any]) -> TrustSpec:
+def trust_settings(config: Mapping[str, Any], *, where: str = f"variable {CONFIG_VARIABLE!r}") -> TrustSpec:
     anchors = config.get("trust_anchors")
     if not anchors or not isinstance(anchors, str):
-        raise ConfigError(
-            f"variable {CONFIG_VARIABLE!r}: trust_anchors (PEM file of trusted roots) is required"
-        )
+        raise ConfigError(f"{where}: trust_anchors (PEM file of trusted roots) is required")
     profile = config.get("profile", "enterprise")
     if profile not in PROFILES:
-        raise ConfigError(f"variable {CONFIG_VARIABLE!r}: profile must be one of {PROFILES}, not {profile!r}")
+        raise ConfigError(f"{where}: profile must be one of {PROFILES}, not {profile!r}")
     return TrustSpec(
         anchors=Path(anchors),
-        intermediates=_paths_setting(config, "intermediates"),
-        crls=_paths_setting(config, "crls"),
+        intermediates=_paths_setting(config, "intermediates", where=where),
+        crls=_paths_setting(config, "crls", where=where),
         profile=profile,
     )
 
 
-def load_settings(source: SettingsSource) -> SyncSettings:
-    """Read and check every setting; raises ConfigError naming the first bad one."""
-    raw = source.variable(CONFIG_VARIABLE)
-    where = f"variable {CONFIG_VARIABLE!r}"
+def _config_variable(source: SettingsSource, key: str) -> dict[str, Any]:
+    raw = source.variable(key)
+    where = f"variable {key!r}"
     if raw is None:
         raise ConfigError(f"{where} is not set (JSON with at least trust_anchors)")
     try:
@@ -277,11 +309,34 @@ def load_settings(source: SettingsSource) -> SyncSettings:
         raise ConfigError(f"{where} is not valid JSON: {exc.msg}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{where} must be a JSON object")
+    return config
+
+
+def load_settings(
+    source: SettingsSource,
+    *,
+    ldap_conn_id: str = LDAP_CONN_ID,
+    exchange_conn_id: str = EXCHANGE_CONN_ID,
+    postgres_conn_id: str = POSTGRES_CONN_ID,
+    config_variable: str = CONFIG_VARIABLE,
+) -> SyncSettings:
+    """Read and check every setting from the given connection ids and variable; raises
+    ConfigError naming the first bad one by the id actually used."""
+    names = SettingNames(
+        ldap_conn_id=ldap_conn_id,
+        exchange_conn_id=exchange_conn_id,
+        postgres_conn_id=postgres_conn_id,
+        config_variable=config_variable,
+    )
+    names.check()
+    config = _config_variable(source, config_variable)
+    where = f"variable {config_variable!r}"
     return SyncSettings(
-        directory=directory_settings(_require(source.connection(LDAP_CONN_ID), LDAP_CONN_ID)),
-        exchange=exchange_settings(_require(source.connection(EXCHANGE_CONN_ID), EXCHANGE_CONN_ID)),
-        trust=trust_settings(config),
-        database_dsn=database_dsn(_require(source.connection(POSTGRES_CONN_ID), POSTGRES_CONN_ID)),
+        directory=directory_settings(_require(source.connection(ldap_conn_id), ldap_conn_id)),
+        exchange=exchange_settings(_require(source.connection(exchange_conn_id), exchange_conn_id)),
+        trust=trust_settings(config, where=where),
+        names=names,
+        database_dsn=database_dsn(_require(source.connection(postgres_conn_id), postgres_conn_id)),
         removal_threshold=_int_setting(where, config, "removal_threshold", 500, minimum=0),
         publish_batch_size=_int_setting(where, config, "publish_batch_size", 200, minimum=1),
         validation_processes=_int_setting(where, config, "validation_processes", 2, minimum=1),

@@ -18,14 +18,7 @@ from sqlalchemy.engine import Engine
 from certsync import audit
 from certsync.certificates.parallel import validate_many
 from certsync.certificates.trust import TrustConfigError
-from certsync.config import (
-    CONFIG_VARIABLE,
-    EXCHANGE_CONN_ID,
-    LDAP_CONN_ID,
-    POSTGRES_CONN_ID,
-    ConfigError,
-    SyncSettings,
-)
+from certsync.config import ConfigError, SyncSettings
 from certsync.directory import DirectoryError, DirectoryReader
 from certsync.exchange.auth import AuthError, TokenProvider, http_session
 from certsync.exchange.client import ExchangeClient, ExchangeError, Outcome, backoff_s
@@ -79,11 +72,12 @@ def _checked(setting: str, check: Callable[[], T]) -> T:
 def preflight(services: Services) -> str:
     """Check every setting against the real systems before anything is written; returns the
     trust fingerprint. Each failure raises a ConfigError that names the setting."""
-    trust = _checked(f"variable {CONFIG_VARIABLE!r}", services.settings.trust.load)
-    _checked(f"connection {POSTGRES_CONN_ID!r}", lambda: db.check(services.dsn))
-    _checked(f"connection {POSTGRES_CONN_ID!r}", lambda: db.check_schema(services.engine))
-    _checked(f"connection {LDAP_CONN_ID!r}", lambda: services.directory().check())
-    _checked(f"connection {EXCHANGE_CONN_ID!r}", lambda: services.exchange.check())
+    names = services.settings.names
+    trust = _checked(f"variable {names.config_variable!r}", services.settings.trust.load)
+    _checked(f"connection {names.postgres_conn_id!r}", lambda: db.check(services.dsn))
+    _checked(f"connection {names.postgres_conn_id!r}", lambda: db.check_schema(services.engine))
+    _checked(f"connection {names.ldap_conn_id!r}", lambda: services.directory().check())
+    _checked(f"connection {names.exchange_conn_id!r}", lambda: services.exchange.check())
     return trust.fingerprint
 
 

@@ -57,3 +57,39 @@ def test_dag_file_has_no_heavy_top_level_imports() -> None:
         check=True,
     )
     assert out.stdout.strip() == "", f"imported at parse time: {out.stdout.strip()}"
+
+
+def test_certsync_takes_its_connection_ids_as_params(dagbag: DagBag) -> None:
+    """The connection ids are run params whose defaults are the names a deployment already uses."""
+    params = dagbag.dags["certsync"].params
+    assert {name: params[name] for name in ("ldap_conn_id", "exchange_conn_id", "postgres_conn_id")} == {
+        "ldap_conn_id": "certsync_ldap",
+        "exchange_conn_id": "certsync_exchange",
+        "postgres_conn_id": "certsync_postgres",
+    }
+    assert params["dry_run"] is False and params["allow_mass_removal"] is False
+    for name in ("ldap_conn_id", "exchange_conn_id", "postgres_conn_id"):
+        assert params.get_param(name).description, f"param {name} has no description"
+
+
+@pytest.mark.parametrize("conn_id", ["", "two words", "a/b"])
+def test_a_conn_id_param_must_be_an_airflow_id(dagbag: DagBag, conn_id: str) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    param = dagbag.dags["certsync"].params.get_param("postgres_conn_id")
+    assert param.resolve(value="certsync_postgres.eu-1") == "certsync_postgres.eu-1"
+    with pytest.raises(ParamValidationError):
+        param.resolve(value=conn_id)
+
+
+def test_every_certsync_task_passes_the_run_conn_ids() -> None:
+    """Each task's stage gets this run's connection ids, not the fixed defaults."""
+    import ast
+
+    tree = ast.parse((REPO / "dags" / "certsync_sync.py").read_text())
+    calls = [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "run_stage"
+    ]
+    assert len(calls) == 7
+    for call in calls:
+        assert any(k.arg == "conn_ids" for k in call.keywords), ast.unparse(call)

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from certsync.config import ConfigError, Connection, EnvSource, connection_uri, load_settings
+from certsync.config import (
+    ConfigError,
+    Connection,
+    EnvSource,
+    SettingNames,
+    connection_uri,
+    load_settings,
+)
 
 LDAP_URI = "ldaps://CN%3Dsync%2COU%3DSvc%2CDC%3Dcorp:p%40ss%3Aw0rd@dc1.corp.example:636/?base_dn=OU%3DPeople%2CDC%3Dcorp"
 
@@ -69,7 +76,21 @@ def test_connection_uri_round_trips(env: dict[str, str]) -> None:
     [
         ("AIRFLOW_CONN_CERTSYNC_LDAP", None, "'certsync_ldap' is not configured"),
         ("AIRFLOW_CONN_CERTSYNC_LDAP", "ldap://u:p@h:389/", "'certsync_ldap': ldap base_dn is required"),
-        ("AIRFLOW_CONN_CERTSYNC_LDAP", "http://u:p@h/?base_dn=x", "type must be ldap or ldaps"),
+        (
+            "AIRFLOW_CONN_CERTSYNC_LDAP",
+            "http://u:p@h/?base_dn=x",
+            "type must be certsync_ldap, ldap or ldaps",
+        ),
+        (
+            "AIRFLOW_CONN_CERTSYNC_EXCHANGE",
+            '{"conn_type": "ldap", "login": "a"}',
+            "type must be certsync_exchange",
+        ),
+        (
+            "AIRFLOW_CONN_CERTSYNC_POSTGRES",
+            "mysql://u:p@h/db",
+            "'certsync_postgres': type must be certsync_pos",
+        ),
         ("AIRFLOW_CONN_CERTSYNC_EXCHANGE", '{"login": "a", "password": "s"}', "extra.tenant_id is required"),
         ("AIRFLOW_CONN_CERTSYNC_EXCHANGE", '{"login": "a", "extra": {"tenant_id": "t"}}', "client secret"),
         ("AIRFLOW_CONN_CERTSYNC_EXCHANGE", "{not json", "'certsync_exchange' cannot be parsed"),
@@ -111,3 +132,66 @@ def test_bad_settings_fail_fast_naming_the_setting(env, name, value, message) ->
     with pytest.raises(ConfigError, match=message) as caught:
         load_settings(EnvSource(environ=changed))
     assert "p@ss:w0rd" not in str(caught.value) and "s3cret!" not in str(caught.value)
+
+
+def test_certsyncs_own_connection_types_are_read_like_the_generic_ones(env: dict[str, str]) -> None:
+    """What the Airflow UI writes for certsync's connection types (certsync-ldap://...)."""
+    generic = load_settings(EnvSource(environ=env))
+    own = {
+        **env,
+        "AIRFLOW_CONN_CERTSYNC_LDAP": LDAP_URI.replace("ldaps://", "certsync-ldap://") + "&use_ssl=true",
+        "AIRFLOW_CONN_CERTSYNC_EXCHANGE": env["AIRFLOW_CONN_CERTSYNC_EXCHANGE"].replace(
+            '"https"', '"certsync_exchange"'
+        ),
+        "AIRFLOW_CONN_CERTSYNC_POSTGRES": env["AIRFLOW_CONN_CERTSYNC_POSTGRES"].replace(
+            "postgres://", "certsync-postgres://"
+        ),
+    }
+    assert load_settings(EnvSource(environ=own)) == generic
+
+
+def _renamed(env: dict[str, str], suffix: str) -> dict[str, str]:
+    return {f"{key}{suffix}": value for key, value in env.items()}
+
+
+NAMES_B = {
+    "ldap_conn_id": "certsync_ldap_b",
+    "exchange_conn_id": "certsync_exchange_b",
+    "postgres_conn_id": "certsync_postgres_b",
+    "config_variable": "certsync_config_b",
+}
+
+
+def test_connection_ids_are_parameters_and_recorded(env: dict[str, str]) -> None:
+    settings = load_settings(EnvSource(environ=_renamed(env, "_B")), **NAMES_B)
+    assert settings.directory.bind_dn == "CN=sync,OU=Svc,DC=corp"
+    assert settings.names == SettingNames(**NAMES_B)
+    assert load_settings(EnvSource(environ=env)).names == SettingNames()
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [
+        ("AIRFLOW_CONN_CERTSYNC_POSTGRES_B", "connection 'certsync_postgres_b' is not configured"),
+        ("AIRFLOW_CONN_CERTSYNC_LDAP_B", "connection 'certsync_ldap_b' is not configured"),
+        ("AIRFLOW_VAR_CERTSYNC_CONFIG_B", "variable 'certsync_config_b' is not set"),
+    ],
+)
+def test_errors_name_the_ids_actually_used(env: dict[str, str], missing: str, message: str) -> None:
+    """The default names are set too: only the ids given may be read."""
+    other = {k: v for k, v in _renamed(env, "_B").items() if k != missing}
+    with pytest.raises(ConfigError, match=message):
+        load_settings(EnvSource(environ={**env, **other}), **NAMES_B)
+
+
+def test_a_bad_trust_setting_names_the_variable_used(env: dict[str, str]) -> None:
+    other = _renamed(env, "_B")
+    other["AIRFLOW_VAR_CERTSYNC_CONFIG_B"] = '{"trust_anchors": "a", "profile": "lax"}'
+    with pytest.raises(ConfigError, match="variable 'certsync_config_b': profile must be one of"):
+        load_settings(EnvSource(environ=other), **NAMES_B)
+
+
+@pytest.mark.parametrize("conn_id", ["", "two words", "a/b", None])
+def test_a_connection_id_must_be_an_airflow_id(env: dict[str, str], conn_id) -> None:
+    with pytest.raises(ConfigError, match="ldap_conn_id must be a connection or variable id"):
+        load_settings(EnvSource(environ=env), ldap_conn_id=conn_id)
