@@ -8,8 +8,6 @@ port 389: one DC per machine (or network namespace) at a time.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,17 +41,10 @@ def samba_dc(tmp_path_factory: pytest.TempPathFactory, lab_cache_dir: Path) -> I
 
 
 @pytest.fixture(scope="session")
-def embedded_pg() -> Iterator[EmbeddedPostgres]:
-    """A running PostgreSQL with a fresh cluster for this session (initdb takes under a second).
-
-    Not under pytest's tmp dir: every pytest session resets that to mode 0700, which would lock the
-    server's unprivileged user out of a cluster another session is still using."""
-    home = Path(tempfile.mkdtemp(prefix="certsync-test-pg-"))
-    try:
-        with EmbeddedPostgres(data_dir=home / "data") as pg:
-            yield pg
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+def embedded_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """A running PostgreSQL with a fresh cluster for this session (initdb takes under a second)."""
+    with EmbeddedPostgres(data_dir=tmp_path_factory.mktemp("pg") / "data") as pg:
+        yield pg
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from certsync_lab.postgres import EmbeddedPostgres, EmbeddedPostgresError
+from certsync_lab.postgres import EmbeddedPostgres, EmbeddedPostgresError, _unprivileged_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -70,3 +71,30 @@ def test_refuses_a_foreign_non_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "pg" / "notes.txt").write_text("not a cluster")
     with pytest.raises(EmbeddedPostgresError, match="not empty"):
         EmbeddedPostgres(data_dir=tmp_path / "pg").start()
+
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the user namespace is used only by root")
+
+
+@as_root
+def test_without_user_namespaces_root_gets_a_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no unshare to be found
+    _unprivileged_prefix.cache_clear()
+    try:
+        with pytest.raises(EmbeddedPostgresError, match=r"refuses to run as root.*user namespace"):
+            EmbeddedPostgres(data_dir=tmp_path / "pg").start()
+    finally:
+        _unprivileged_prefix.cache_clear()
+
+
+@as_root
+def test_a_cluster_of_another_account_is_refused_by_name(tmp_path: Path) -> None:
+    data_dir = tmp_path / "pg"
+    with EmbeddedPostgres(data_dir=data_dir):
+        pass
+    # What an older lab left: a cluster owned by the account it ran the server as.
+    os.chown(data_dir, 65534, 65534)
+    with pytest.raises(EmbeddedPostgresError, match=f"belongs to uid 65534, not to uid {os.geteuid()}"):
+        EmbeddedPostgres(data_dir=data_dir).start()
