@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -24,7 +24,9 @@ from certsync.config import (
     EnvSource,
     load_settings,
 )
-from certsync.pipeline import Services
+
+if TYPE_CHECKING:  # the pipeline loads SQLAlchemy, ldap3 and msal: only commands that run it import it
+    from certsync.pipeline import Services
 
 log = logging.getLogger("certsync")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,6 +34,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _services() -> Services:
     """The services for the connection ids given to the group (certsync_* by default)."""
+    from certsync.pipeline import Services
+
     conn_ids = click.get_current_context().find_root().obj or {}
     try:
         return Services(settings=load_settings(EnvSource(), **conn_ids))
@@ -149,13 +153,36 @@ def summary() -> None:
 
 
 def _values(path: Path) -> list[bytes]:
-    """The DER values in a file: every PEM block of a PEM file, else the file's bytes as they are."""
+    """The DER values in a file: every PEM block of a PEM file, else the file's bytes as they are.
+    A block that is not base64 is kept as it is, so it gets its own verdict (malformed)."""
     import base64
+    import binascii
     import re
 
     data = path.read_bytes()
     blocks = re.findall(rb"-----BEGIN [A-Z0-9 ]+-----(.*?)-----END [A-Z0-9 ]+-----", data, re.DOTALL)
-    return [base64.b64decode(b"".join(block.split())) for block in blocks] if blocks else [data]
+    values = []
+    for block in blocks:
+        try:
+            values.append(base64.b64decode(b"".join(block.split()), validate=True))
+        except binascii.Error:
+            values.append(block)
+    return values or [data]
+
+
+def _iso_time(_ctx: click.Context, _param: click.Parameter, text: str | None) -> datetime:
+    """--at as an aware time: naive times are UTC, as the validator takes them; default now."""
+    if text is None:
+        return datetime.now(UTC).replace(microsecond=0)
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"not an ISO 8601 time: {text!r}") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _json_value(value: object) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
 @main.command()
@@ -163,22 +190,33 @@ def _values(path: Path) -> list[bytes]:
     "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option(
-    "--anchors", required=True, type=click.Path(exists=True, path_type=Path), help="PEM trust anchors."
+    "--anchors",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Trust anchors, PEM or DER (repeat for several files).",
 )
-@click.option("--intermediates", multiple=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--crl", "crls", multiple=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--intermediates",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Intermediate CAs, PEM or DER (an empty file holds none).",
+)
+@click.option("--crl", "crls", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--profile", type=click.Choice(["enterprise", "strict"]), default="enterprise", show_default=True
 )
 @click.option(
     "--attribute", type=click.Choice(["userCertificate", "userSMIMECertificate"]), default="userCertificate"
 )
-@click.option("--at", "at_text", default=None, help="Validation time (ISO 8601, default now).")
+@click.option("--at", callback=_iso_time, help="Validation time (ISO 8601; naive is UTC; default now).")
 @click.option("--email", "emails", multiple=True, help="The owner's addresses (adds the e-mail match check).")
-def validate(files, anchors, intermediates, crls, profile, attribute, at_text, emails) -> None:  # type: ignore[no-untyped-def]
-    """Validate certificate files (DER, PEM or PKCS#7) and print one JSON verdict per value.
+def validate(files, anchors, intermediates, crls, profile, attribute, at, emails) -> None:  # type: ignore[no-untyped-def]
+    """Validate certificate files (DER, PEM or PKCS#7) and print one JSON verdict per value, with
+    every rule it fails ("failures"; the first is the reason) and times in ISO 8601.
 
-    Exits 1 when any value is refused, so a test suite can drive it one case at a time."""
+    Exits 0 when every value is valid, 1 when any is refused, 2 on a usage or trust configuration
+    error."""
     import json
 
     from certsync.certificates.trust import TrustConfig, TrustConfigError
@@ -187,20 +225,27 @@ def validate(files, anchors, intermediates, crls, profile, attribute, at_text, e
     try:
         trust = TrustConfig.load(anchors=anchors, intermediates=intermediates, crls=crls, profile=profile)
     except TrustConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
-        at = datetime.fromisoformat(at_text) if at_text else datetime.now(UTC)
-    except ValueError:
-        raise click.BadParameter(f"not an ISO 8601 time: {at_text!r}", param_hint="--at") from None
-    validator = Validator(trust=trust)
+        wrong = (
+            "--intermediates" if exc.path in intermediates else "--crl" if exc.path in crls else "--anchors"
+        )
+        raise click.BadParameter(str(exc), param_hint=f"'{wrong}'") from None
+    validator = Validator(trust=trust, every_rule=True)
     refused = 0
     for path in files:
         for value in _values(path):
             verdict = validator.check(attribute=attribute, value=value, at=at)
-            verdict = with_email_check(verdict, emails) if emails and verdict.ok else verdict
+            verdict = with_email_check(verdict, emails, every_rule=True) if emails else verdict
             refused += not verdict.ok
-            fields = {k: v for k, v in verdict.__dict__.items() if k != "sha256"}
-            click.echo(json.dumps({"file": str(path), "sha256": verdict.sha256_hex, **fields}, default=str))
+            fields = {k: v for k, v in verdict.__dict__.items() if k not in ("sha256", "more_failures")}
+            failures = [failure._asdict() for failure in verdict.failures]
+            record = {
+                "file": str(path),
+                "sha256": verdict.sha256_hex,
+                **fields,
+                "failures": failures,
+                "at": at,
+            }
+            click.echo(json.dumps(record, default=_json_value))
     sys.exit(1 if refused else 0)
 
 

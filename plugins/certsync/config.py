@@ -27,11 +27,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlparse
 
 from certsync.certificates.trust import PROFILES, TrustSpec
-from certsync.directory import USER_FILTER, DirectorySettings
+
+if TYPE_CHECKING:  # the directory module loads ldap3; `certsync validate` reads no settings
+    from certsync.directory import DirectorySettings
 
 LDAP_CONN_ID = "certsync_ldap"
 EXCHANGE_CONN_ID = "certsync_exchange"
@@ -199,6 +201,8 @@ def _require(conn: Connection | None, conn_id: str) -> Connection:
 
 
 def directory_settings(conn: Connection) -> DirectorySettings:
+    from certsync.directory import USER_FILTER, DirectorySettings
+
     extra = conn.extra
     if conn.conn_type not in LDAP_CONN_TYPES:
         raise ConfigError(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -126,3 +128,26 @@ def test_crl_signed_by_another_key_is_a_config_error(pki, tmp_path: Path):
     with pytest.raises(TrustConfigError, match=r"intermediate\.crl"):
         TrustConfig.load(anchors=files.anchors, intermediates=[files.intermediates],
                          crls=[forged_crl])  # fmt: skip
+
+
+def test_several_anchor_files_and_an_empty_intermediates_file(pki, tmp_path: Path):
+    files = pki.write_trust_files(tmp_path)
+    other = Pki(algorithm="ec", seed=4).write_trust_files(tmp_path / "other")
+    empty = tmp_path / "none.pem"
+    empty.write_bytes(b"\n")
+    one = TrustConfig.load(anchors=files.anchors)
+    both = TrustConfig.load(anchors=[files.anchors, other.anchors], intermediates=[empty])
+    assert both.intermediates == () and set(one.anchors) < set(both.anchors)
+    assert both.spec.anchors == (files.anchors, other.anchors)
+    assert TrustSpec(anchors=files.anchors).anchors == (files.anchors,)
+    assert TrustConfig.load(anchors=[files.anchors], intermediates=[empty]).fingerprint != one.fingerprint
+    with pytest.raises(TrustConfigError, match=r"none\.pem") as failed:
+        TrustConfig.load(anchors=[files.anchors, empty])
+    assert failed.value.path == empty
+
+
+def test_reading_settings_does_not_import_cryptography():
+    """Settings name a TrustSpec; only loading the files needs cryptography."""
+    code = "import sys, certsync.certificates.trust as t; t.TrustSpec(anchors='a.pem'); print('cryptography' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -198,3 +198,57 @@ def test_selection_drops_duplicates_and_caps_newest_first(pki, trust_files):
     assert reasons.count(Reason.OVER_LIMIT) == 5
     assert refused not in selection.kept
     assert all(v is not refused for v, _ in selection.dropped)
+
+
+def test_every_rule_mode_keeps_the_reason_first(verdicts, pki, planted, trust_files):
+    """Listing every failing rule never changes a verdict: the first listed is the reason."""
+    profile, results = verdicts
+    every = Validator(trust=load(trust_files, profile), every_rule=True)
+    for p in planted:
+        verdict = every.check(attribute=p.attribute, value=p.value, at=pki.now)
+        fast = results[p.name]
+        assert (verdict.ok, verdict.reason, verdict.rule, verdict.detail) == (
+            fast.ok, fast.reason, fast.rule, fast.detail,
+        ), p.name  # fmt: skip
+        assert fast.more_failures == ()
+        if not verdict.ok:
+            assert verdict.failures[0] == (fast.reason, fast.rule, fast.detail)
+            assert len(set(verdict.failures)) == len(verdict.failures)
+            for failure in verdict.failures:
+                assert failure.detail.startswith(Reason(failure.reason).sentence)
+    ca_as_leaf = every.check(attribute="userCertificate", value=_planted(planted, "ca-as-leaf"), at=pki.now)
+    assert [f.rule for f in ca_as_leaf.failures] == [
+        f"{profile}.{rule}" for rule in ("end_entity", "key_usage", "encryption_capable", "email_present")
+    ]
+
+
+def _planted(planted: list[Planted], name: str) -> bytes:
+    return next(p for p in planted if p.name == name).value
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_failing_rule_is_listed_in_rule_order(pki, profile, tmp_path: Path):
+    """Weak key, no emailProtection, expired and revoked: four rules, in the order they are applied;
+    the chain is still judged although the leaf's own dates are past."""
+    der = pki.issue(email="many-faults@example.org", key="rsa1024", eku=None, revoked=True,
+                    not_before=pki.now - timedelta(days=90), not_after=pki.now - timedelta(days=1))  # fmt: skip
+    files = pki.write_trust_files(tmp_path)
+    trust = load(files, profile)
+    fast = Validator(trust=trust).check(attribute="userCertificate", value=der, at=pki.now)
+    every = Validator(trust=trust, every_rule=True).check(attribute="userCertificate", value=der, at=pki.now)
+    want = [
+        (Reason.WEAK_KEY, "rsa_key_size"),
+        (Reason.NO_EMAIL_PROTECTION_EKU, "eku_email"),
+        (Reason.EXPIRED, "validity"),
+        (Reason.REVOKED, "not_revoked"),
+    ]
+    assert [(f.reason, f.rule) for f in every.failures] == [(r.value, f"{profile}.{n}") for r, n in want]
+    assert fast.failures == every.failures[:1] and not every.ok
+    assert (every.reason, every.rule) == (Reason.WEAK_KEY, f"{profile}.rsa_key_size")
+    mismatch = with_email_check(every, ["other@example.org"], every_rule=True)
+    assert mismatch.failures[-1].rule == "any.email_matches_user" and mismatch.reason == every.reason
+    assert with_email_check(every, ["other@example.org"]) is every  # the pipeline's form: reason only
+    malformed = Validator(trust=trust, every_rule=True).check(
+        attribute="userCertificate", value=b"x", at=pki.now
+    )
+    assert with_email_check(malformed, ["a@example.org"], every_rule=True).failures == malformed.failures

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -24,7 +24,8 @@ from certsync.certificates.constraints import check_subject_emails, email_constr
 from certsync.certificates.facts import name_text
 from certsync.certificates.policy import ANY_EKU, EMAIL_PROTECTION, Refusal, forbidden_ekus
 from certsync.certificates.reasons import Reason
-from certsync.certificates.trust import LoadedCrl, TrustConfig, crl_usable_from
+from certsync.certificates.trust import LoadedCrl, TrustConfig
+from certsync.certificates.trust_files import crl_usable_from
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,13 @@ class IssuerState:
 
     ca: x509.Certificate
     name: str
-    refusal: Refusal | None  # the CA chain itself fails the profile or is revoked
+    refusal: Refusal | None  # the CA chain itself fails the profile or is revoked (the first rule)
     until: datetime | None  # earliest CA expiry or CA-level CRL deadline
     crl: LoadedCrl | None  # the freshest CRL of this CA that it really signed
     crl_deadline: datetime | None  # next update plus grace
     configured: bool = False  # the CA is in the trust config, not only in some value's blob
     email_constraints: tuple[x509.NameConstraints, ...] = ()  # rfc822 limits set by the chain's CAs
+    refusals: tuple[Refusal, ...] = ()  # every CA-level rule the chain fails, `refusal` first
 
     @functools.cached_property
     def leaf_until(self) -> datetime | None:
@@ -88,6 +90,51 @@ class ChainChecker:
         """Verify the leaf's chain and revocation at `at`; return until when that holds and the
         issuer's name. `subject_emails` are addresses read from the subject DN (no SAN), which the
         chain's rfc822 name constraints must also cover."""
+        state = self._state(leaf, extra, at)
+        if state.refusal is not None:
+            raise state.refusal
+        check_subject_emails(subject_emails, state.email_constraints, self._profile)
+        return self._leaf_revocation(serial, state, at), state.name
+
+    def refusals(
+        self,
+        leaf: x509.Certificate,
+        serial: int,
+        extra: Sequence[x509.Certificate],
+        at: datetime,
+        *,
+        subject_emails: Sequence[str] = (),
+        path_at: datetime | None = None,
+        leaf_refused: bool = False,
+    ) -> list[Refusal]:
+        """Every rule of the chain that `check` would apply and the leaf fails, in `check`'s order.
+
+        `path_at`, a time within the leaf's own validity, builds the path when the leaf is outside
+        it at `at`: its dates are a rule of their own, and the verifier would otherwise stop at them.
+        The chain's CAs and CRLs are still judged at `at`. `leaf_refused` says the leaf already
+        fails rules of its own: the verifier re-checks some of them (serial, CA flag, signature
+        hash, SAN) without naming the certificate at fault, so its generic refusals would most
+        likely repeat them and are left out."""
+        found: list[Refusal] = []
+        try:
+            if path_at is None:
+                state = self._state(leaf, extra, at)
+            else:
+                verifier = self._verifier(self._anchors, path_at)
+                cas = tuple(verifier.verify(leaf, [*self._intermediates, *extra]).chain[1:])
+                found += _cas_outside(cas, at, self._profile)
+                state = self._issuer_state(cas, at, cache=False)
+        except (xv.VerificationError, Refusal) as exc:
+            refusal = exc if isinstance(exc, Refusal) else self._refusal(str(exc))
+            generic = (f"{self._profile}.chain", f"{self._profile}.chain_signature_hash")
+            return [] if leaf_refused and refusal.rule in generic else [refusal]
+        found += state.refusals
+        _collect(found, lambda: check_subject_emails(subject_emails, state.email_constraints, self._profile))
+        _collect(found, lambda: self._not_revoked(state.crl, serial, what="certificate"))
+        return found
+
+    def _state(self, leaf: x509.Certificate, extra: Sequence[x509.Certificate], at: datetime) -> IssuerState:
+        """The issuer's state for this leaf at `at`; raises the Refusal of a path that fails."""
         if at != self._at:
             self._at = at
             self._reset()
@@ -97,10 +144,7 @@ class ChainChecker:
             cas = tuple(chain[1:])
             state = self._states.get(cas) or self._issuer_state(cas, at)
             self._maybe_promote(chain, state, at)
-        if state.refusal is not None:
-            raise state.refusal
-        check_subject_emails(subject_emails, state.email_constraints, self._profile)
-        return self._leaf_revocation(serial, state, at), state.name
+        return state
 
     # -- path building ----------------------------------------------------------------------
 
@@ -191,31 +235,41 @@ class ChainChecker:
 
     # -- CA rules and revocation --------------------------------------------------------------
 
-    def _issuer_state(self, cas: tuple[x509.Certificate, ...], at: datetime) -> IssuerState:
+    def _issuer_state(
+        self, cas: tuple[x509.Certificate, ...], at: datetime, *, cache: bool = True
+    ) -> IssuerState:
+        """The CA-level rules, each checked even when an earlier one failed (once per chain)."""
         issuer = cas[0]
-        refusal, until = None, earliest(c.not_valid_after_utc for c in cas)
-        try:
-            for index, ca in enumerate(cas[:-1]):
-                self._strict_ca_eku(ca, is_root=False)
-                self._strict_ca_profile(ca, is_root=False)
+        found: list[Refusal] = []
+        until = earliest(c.not_valid_after_utc for c in cas)
+        for index, ca in enumerate(cas[:-1]):
+            _collect(found, lambda ca=ca: self._strict_ca_eku(ca, is_root=False))
+            _collect(found, lambda ca=ca: self._strict_ca_profile(ca, is_root=False))
+            try:
                 crl, deadline = self._crl_for(cas[index + 1], at, what="CA")
                 self._not_revoked(crl, ca.serial_number, what="CA")
                 until = earliest([until, deadline])
-            self._strict_ca_eku(cas[-1], is_root=True)
-            self._strict_ca_profile(cas[-1], is_root=True)
+            except Refusal as refusal:
+                found.append(refusal)
+        _collect(found, lambda: self._strict_ca_eku(cas[-1], is_root=True))
+        _collect(found, lambda: self._strict_ca_profile(cas[-1], is_root=True))
+        crl, deadline = None, None
+        try:
             crl, deadline = self._crl_for(issuer, at, what="certificate")
-        except Refusal as exc:
-            refusal, crl, deadline = exc, None, None
+        except Refusal as refusal:
+            found.append(refusal)
         state = IssuerState(
             ca=issuer,
             name=name_text(issuer, "subject"),
-            refusal=refusal,
+            refusal=found[0] if found else None,
             until=until,
             crl=crl,
             crl_deadline=deadline,
             email_constraints=email_constraints(cas),
+            refusals=tuple(found),
         )
-        self._states[cas] = state
+        if cache:
+            self._states[cas] = state
         return state
 
     def _strict_ca_eku(self, ca: x509.Certificate, *, is_root: bool) -> None:
@@ -287,6 +341,23 @@ class ChainChecker:
     def _leaf_revocation(self, serial: int, state: IssuerState, at: datetime) -> datetime | None:
         self._not_revoked(state.crl, serial, what="certificate")
         return state.leaf_until
+
+
+def _collect(found: list[Refusal], check: Callable[[], object]) -> None:
+    try:
+        check()
+    except Refusal as refusal:
+        found.append(refusal)
+
+
+def _cas_outside(cas: Sequence[x509.Certificate], at: datetime, profile: str) -> list[Refusal]:
+    """The CAs of a path built at another time that are outside their validity at `at`."""
+    outside = [ca for ca in cas if not ca.not_valid_before_utc <= at <= ca.not_valid_after_utc]
+    if not outside:
+        return []
+    names = "; ".join(name_text(ca, "subject") for ca in outside)
+    text = f"Chain validation failed: CA certificate not valid at {at.isoformat()}: {names}."
+    return [Refusal(Reason.CHAIN_INVALID, f"{profile}.chain", text)]
 
 
 def _check_root_aki(aki: x509.AuthorityKeyIdentifier, ski: x509.ExtensionType) -> None:

@@ -7,6 +7,7 @@ Baseline Requirements. Every refusal names its rule as "<profile>.<rule>".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -92,6 +93,28 @@ class LeafPolicy:
         self.check_eku(extensions)
         self.check_key_usage(extensions, family)
         self.check_encryption_capable(extensions, family)
+
+    def static_refusals(
+        self, cert: x509.Certificate, serial: int, extensions: Extensions, *, subject_rdns: int | None = None
+    ) -> list[Refusal]:
+        """Every rule check_static checks that the certificate fails, in check_static's order.
+        Key usage is judged for the key's family even when the key itself is refused."""
+        found: list[Refusal] = []
+        checks: list[Callable[[], object]] = [
+            lambda: self.check_serial(serial),
+            lambda: self.check_end_entity(extensions),
+            lambda: self.check_san_critical(cert, extensions, subject_rdns=subject_rdns),
+            lambda: self.check_signature_algorithm(cert),
+            lambda: self.check_key(cert),
+            lambda: self.check_eku(extensions),
+        ]
+        for check in checks:
+            _collect(found, check)
+        family = key_family(cert)
+        if family is not None:
+            _collect(found, lambda: self.check_key_usage(extensions, family))
+            _collect(found, lambda: self.check_encryption_capable(extensions, family))
+        return found
 
     def check_serial(self, serial: int) -> None:
         if serial <= 0:
@@ -209,6 +232,28 @@ class LeafPolicy:
         if self.profile == "strict" and not from_san:
             detail = "The e-mail address is only in the subject DN; the profile requires a SAN."
             raise Refusal(Reason.NO_EMAIL_ADDRESS, self.rule("san_rfc822"), detail)
+
+
+def _collect(found: list[Refusal], check: Callable[[], object]) -> None:
+    try:
+        check()
+    except Refusal as refusal:
+        found.append(refusal)
+
+
+def key_family(cert: x509.Certificate) -> str | None:
+    """ "rsa", "ec" or "edwards" for the key types S/MIME allows (whatever their size), else None."""
+    try:
+        key = cert.public_key()
+    except Exception:  # unsupported curve or algorithm
+        return None
+    if isinstance(key, rsa.RSAPublicKey):
+        return "rsa"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "ec"
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return "edwards"
+    return None
 
 
 def forbidden_ekus(eku: x509.ExtendedKeyUsage) -> list[str]:

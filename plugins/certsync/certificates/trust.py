@@ -3,6 +3,9 @@
 Loaded once and failed fast: a missing or unreadable file is a configuration error naming the file,
 never a per-certificate refusal. The fingerprint changes whenever anything that can change a verdict
 changes, so stored verdicts can be invalidated by comparing it.
+
+This module does not import cryptography: settings name a TrustSpec without paying for it, and the
+files are read by trust_files when a configuration is loaded.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-
-from certsync.certificates.parse import load_certificate
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +28,28 @@ DEFAULT_CRL_GRACE = timedelta(hours=24)
 
 
 class TrustConfigError(ValueError):
-    """The trust configuration cannot be used; the message names the offending file."""
+    """The trust configuration cannot be used; the message names the offending file (`path`)."""
+
+    def __init__(self, message: str, *, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass(frozen=True)
 class TrustSpec:
-    """Picklable description of a trust configuration (paths and settings, no parsed objects)."""
+    """Picklable description of a trust configuration (paths and settings, no parsed objects).
+    `anchors` may be given as one path; it is kept as a tuple of paths."""
 
-    anchors: Path
+    anchors: tuple[Path, ...]
     intermediates: tuple[Path, ...] = ()
     crls: tuple[Path, ...] = ()
     profile: str = "enterprise"
     crl_max_age_after_next_update: timedelta = DEFAULT_CRL_GRACE
+
+    def __post_init__(self) -> None:
+        anchors = self.anchors
+        paths = (anchors,) if isinstance(anchors, str | Path) else anchors
+        object.__setattr__(self, "anchors", tuple(Path(p) for p in paths))
 
     def load(self) -> TrustConfig:
         return TrustConfig.load(
@@ -74,38 +87,42 @@ class TrustConfig:
     def load(
         cls,
         *,
-        anchors: Path,
+        anchors: Path | Sequence[Path],
         intermediates: Sequence[Path] = (),
         crls: Sequence[Path] = (),
         profile: str = "enterprise",
         crl_max_age_after_next_update: timedelta = DEFAULT_CRL_GRACE,
     ) -> TrustConfig:
+        """Read every file; an empty intermediates file holds no intermediate, an anchor file
+        without a certificate is an error."""
+        from certsync.certificates import trust_files
+
         if profile not in PROFILES:
             raise TrustConfigError(f"unknown validation profile {profile!r}; use one of {PROFILES}")
         spec = TrustSpec(
-            anchors=Path(anchors),
+            anchors=anchors,  # type: ignore[arg-type]  # one path or several; normalised by the spec
             intermediates=tuple(Path(p) for p in intermediates),
             crls=tuple(Path(p) for p in crls),
             profile=profile,
             crl_max_age_after_next_update=crl_max_age_after_next_update,
         )
-        roots = _load_certificates(spec.anchors)
-        if not roots:
-            raise TrustConfigError(f"trust anchor file {spec.anchors} holds no certificate")
-        subs = [c for path in spec.intermediates for c in _load_certificates(path)]
-        loaded = tuple(_load_crl(path) for path in spec.crls)
-        _check_crl_signatures(loaded, [*roots, *subs])
+        if not spec.anchors:
+            raise TrustConfigError("no trust anchor file given")
+        roots = [trust_files.load_anchors(path) for path in spec.anchors]
+        subs = [c for path in spec.intermediates for c in trust_files.load_certificates(path)]
+        loaded = tuple(trust_files.load_crl(path) for path in spec.crls)
+        trust_files.check_crl_signatures(loaded, [*(c for r in roots for c in r), *subs])
         config = cls(
             spec=spec,
             fingerprint=_fingerprint(spec),
-            anchors=tuple(roots),
+            anchors=tuple(c for r in roots for c in r),
             intermediates=tuple(subs),
             crls=loaded,
         )
         log.info(
             "trust config %s: %d anchors, %d intermediates, %d CRLs, profile %s",
             config.fingerprint[:16],
-            len(roots),
+            len(config.anchors),
             len(subs),
             len(loaded),
             profile,
@@ -113,79 +130,11 @@ class TrustConfig:
         return config
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise TrustConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
-
-
-def _load_certificates(path: Path) -> list[x509.Certificate]:
-    data = _read(path, "certificate")
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [load_certificate(data)]
-    except ValueError as exc:
-        raise TrustConfigError(f"certificate file {path} is not PEM or DER: {exc}") from None
-
-
-def _load_crl(path: Path) -> LoadedCrl:
-    data = _read(path, "CRL")
-    try:
-        loader = x509.load_pem_x509_crl if b"-----BEGIN" in data else x509.load_der_x509_crl
-        crl = loader(data)
-        revoked = frozenset(entry.serial_number for entry in crl)
-    except ValueError as exc:
-        raise TrustConfigError(f"CRL file {path} is not a PEM or DER CRL: {exc}") from None
-    return LoadedCrl(
-        path=path,
-        issuer=crl.issuer.public_bytes(),
-        this_update=crl.last_update_utc,
-        next_update=crl.next_update_utc,
-        revoked=revoked,
-        crl=crl,
-    )
-
-
-def _check_crl_signatures(crls: Sequence[LoadedCrl], cas: Sequence[x509.Certificate]) -> None:
-    """A CRL issued by a configured CA must verify now; others are checked against each chain."""
-    by_subject: dict[bytes, list[x509.Certificate]] = {}
-    for ca in cas:
-        by_subject.setdefault(ca.subject.public_bytes(), []).append(ca)
-    for loaded in crls:
-        candidates = by_subject.get(loaded.issuer, [])
-        if candidates and not any(crl_signed_by(loaded, ca) for ca in candidates):
-            raise TrustConfigError(f"CRL file {loaded.path} is not signed by the configured CA that it names")
-
-
-def crl_signed_by(loaded: LoadedCrl, ca: x509.Certificate) -> bool:
-    try:
-        return loaded.crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-    except Exception:  # unsupported key types simply do not verify
-        return False
-
-
-def crl_usable_from(loaded: LoadedCrl, ca: x509.Certificate) -> bool:
-    """True when `ca` signed the CRL and may sign CRLs at all (RFC 5280 6.3.3 (f): cRLSign)."""
-    return _may_sign_crls(ca) and crl_signed_by(loaded, ca)
-
-
-def _may_sign_crls(ca: x509.Certificate) -> bool:
-    try:
-        usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return True  # no key usage: the key is unrestricted
-    except Exception:  # unreadable extensions: the path check reports them
-        return False
-    return usage.crl_sign
-
-
 def _fingerprint(spec: TrustSpec) -> str:
     digest = hashlib.sha256()
     grace = int(spec.crl_max_age_after_next_update.total_seconds())
     digest.update(f"profile={spec.profile};grace={grace}\n".encode())
-    groups = (("anchors", (spec.anchors,)), ("intermediates", spec.intermediates), ("crls", spec.crls))
+    groups = (("anchors", spec.anchors), ("intermediates", spec.intermediates), ("crls", spec.crls))
     for label, paths in groups:
         hashes = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)
         digest.update(f"{label}={','.join(hashes)}\n".encode())

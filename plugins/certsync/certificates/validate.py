@@ -1,7 +1,9 @@
 """Validate one attribute value at a point in time and return a Verdict (never raises).
 
 Use one Validator per process and a fixed `at` per run: verified intermediates and CRL signature
-checks are cached per validation time.
+checks are cached per validation time. A refusal stops at the first failing rule; with
+`every_rule=True` (for people reading verdicts, not for runs) the refused value is checked once more
+against every rule, so the verdict lists them all.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ import logging
 from datetime import UTC, datetime
 
 from certsync.certificates.chain import ChainChecker, earliest
-from certsync.certificates.facts import Facts, describe, extension_map, name_text
+from certsync.certificates.facts import Extensions, Facts, describe, extension_map, name_text
 from certsync.certificates.parse import Parsed, parse_value
 from certsync.certificates.policy import LeafPolicy, Refusal, check_validity
 from certsync.certificates.reasons import Reason
 from certsync.certificates.trust import TrustConfig
-from certsync.certificates.verdict import Verdict, email_mismatch, with_email_check
+from certsync.certificates.verdict import Failure, Verdict, email_mismatch, with_email_check
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +25,9 @@ __all__ = ["Validator", "Verdict", "email_mismatch", "with_email_check"]
 
 
 class Validator:
-    def __init__(self, *, trust: TrustConfig) -> None:
+    def __init__(self, *, trust: TrustConfig, every_rule: bool = False) -> None:
         self.trust = trust
+        self.every_rule = every_rule
         self._policy = LeafPolicy(profile=trust.profile)
         self._chains = ChainChecker(trust=trust)
         self._at_given: datetime | None = None  # callers pass one `at` per run; normalise it once
@@ -74,13 +77,78 @@ class Validator:
             )
         except Refusal as refusal:
             issuer = name_text(cert, "issuer")
-            return _verdict(parsed, facts, issuer, refusal=refusal)
+            more = self._more_refusals(parsed, facts, extensions, at, refusal) if self.every_rule else ()
+            return _verdict(parsed, facts, issuer, refusal=refusal, more=more)
         until = facts.not_after if chain_until is None else earliest([facts.not_after, chain_until])
         return _verdict(parsed, facts, issuer, refusal=None, until=until)
 
+    def _more_refusals(
+        self, parsed: Parsed, facts: Facts, extensions: Extensions, at: datetime, first: Refusal
+    ) -> tuple[Refusal, ...]:
+        """The rules the value fails besides `first`, in the order _check_parsed applies them."""
+        try:
+            return self._every_refusal(parsed, facts, extensions, at, first)
+        except Exception as exc:  # the reason is known; a hostile value must not lose it
+            log.warning(
+                "unexpected %s listing the rules value %s fails", type(exc).__name__, parsed.sha256.hex()
+            )
+            return ()
+
+    def _every_refusal(
+        self, parsed: Parsed, facts: Facts, extensions: Extensions, at: datetime, first: Refusal
+    ) -> tuple[Refusal, ...]:
+        cert = parsed.certificate
+        assert cert is not None
+        serial = facts.serial_number
+        found = self._policy.static_refusals(cert, serial, extensions, subject_rdns=facts.subject_rdns)
+        path_at = None
+        try:
+            check_validity(facts.not_before, facts.not_after, at, self.trust.profile)
+        except Refusal as refusal:
+            found.append(refusal)
+            path_at = _within(facts.not_before, facts.not_after, at)
+        try:
+            self._policy.check_emails(facts.emails, facts.san_emails)
+        except Refusal as refusal:
+            found.append(refusal)
+        subject_emails = () if facts.san_emails else facts.emails
+        found += self._chains.refusals(
+            cert,
+            serial,
+            parsed.extra_certificates,
+            at,
+            subject_emails=subject_emails,
+            path_at=path_at,
+            leaf_refused=bool(found),
+        )
+        seen = {(first.rule, first.detail)}
+        more = []
+        for refusal in found:
+            if (refusal.rule, refusal.detail) not in seen:
+                seen.add((refusal.rule, refusal.detail))
+                more.append(refusal)
+        return tuple(more)
+
+
+def _within(not_before: datetime | None, not_after: datetime | None, at: datetime) -> datetime | None:
+    """The moment of the leaf's validity nearest to `at`, a time outside it (None: dates unreadable)."""
+    if not_before is None or not_after is None:
+        return None
+    return not_before if at < not_before else not_after
+
+
+def _failure(refusal: Refusal) -> Failure:
+    return Failure(refusal.reason.value, refusal.rule, f"{refusal.reason.sentence} {refusal.detail}")
+
 
 def _verdict(
-    parsed: Parsed, facts: Facts, issuer: str, *, refusal: Refusal | None, until: datetime | None = None
+    parsed: Parsed,
+    facts: Facts,
+    issuer: str,
+    *,
+    refusal: Refusal | None,
+    until: datetime | None = None,
+    more: tuple[Refusal, ...] = (),
 ) -> Verdict:
     return Verdict(
         sha256=parsed.sha256,
@@ -96,6 +164,7 @@ def _verdict(
         not_after=facts.not_after,
         valid_until=refusal.until if refusal else until,
         emails=facts.emails,
+        more_failures=tuple(map(_failure, more)) if more else (),
     )
 
 

@@ -6,15 +6,27 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from certsync.certificates.reasons import Reason
 
 EMAIL_MATCH_RULE = "any.email_matches_user"
 
 
+class Failure(NamedTuple):
+    """One rule a value fails: its reason code, the rule's name and a sentence with the details."""
+
+    reason: str
+    rule: str
+    detail: str
+
+
 @dataclass(frozen=True)
 class Verdict:
-    """Frozen and picklable: crosses process boundaries and is stored per value sha256."""
+    """Frozen and picklable: crosses process boundaries and is stored per value sha256.
+
+    A refused verdict's reason, rule and detail are its first failing rule; `more_failures` holds
+    the others when the validator was asked for every rule (the pipeline stops at the first)."""
 
     sha256: bytes
     attribute: str
@@ -29,10 +41,18 @@ class Verdict:
     not_after: datetime | None = None
     valid_until: datetime | None = None
     emails: tuple[str, ...] = ()
+    more_failures: tuple[Failure, ...] = ()
 
     @property
     def sha256_hex(self) -> str:
         return self.sha256.hex()
+
+    @property
+    def failures(self) -> tuple[Failure, ...]:
+        """Every failing rule known, the reason first; empty for a valid value."""
+        if self.ok or self.reason is None:
+            return ()
+        return (Failure(self.reason, self.rule or "", self.detail), *self.more_failures)
 
 
 def normalise_address(address: str) -> str | None:
@@ -52,16 +72,21 @@ def email_mismatch(verdict: Verdict, addresses: Iterable[str]) -> bool:
     return not mine.intersection(verdict.emails)
 
 
-def with_email_check(verdict: Verdict, addresses: Iterable[str]) -> Verdict:
-    """The verdict for this user: a valid certificate for someone else's address is refused."""
-    if not verdict.ok or not email_mismatch(verdict, addresses):
+def with_email_check(verdict: Verdict, addresses: Iterable[str], *, every_rule: bool = False) -> Verdict:
+    """The verdict for this user: a valid certificate for someone else's address is refused.
+    With `every_rule`, a refused certificate that was read also lists the mismatch as one more
+    failing rule."""
+    read = bool(verdict.serial)  # values that could not be parsed have no addresses to compare
+    if not (verdict.ok or (every_rule and read)) or not email_mismatch(verdict, addresses):
         return verdict
     shown = ", ".join(verdict.emails[:5]) or "none"
+    failure = Failure(
+        Reason.EMAIL_MISMATCH.value,
+        EMAIL_MATCH_RULE,
+        f"{Reason.EMAIL_MISMATCH.sentence} Certificate addresses: {shown}.",
+    )
+    if not verdict.ok:
+        return dataclasses.replace(verdict, more_failures=(*verdict.more_failures, failure))
     return dataclasses.replace(
-        verdict,
-        ok=False,
-        reason=Reason.EMAIL_MISMATCH.value,
-        rule=EMAIL_MATCH_RULE,
-        detail=f"{Reason.EMAIL_MISMATCH.sentence} Certificate addresses: {shown}.",
-        valid_until=None,
+        verdict, ok=False, reason=failure.reason, rule=failure.rule, detail=failure.detail, valid_until=None
     )
