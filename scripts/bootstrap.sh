@@ -8,6 +8,9 @@ need_apt=()
 command -v samba >/dev/null 2>&1 || need_apt+=(samba-ad-dc samba-ad-provision)
 command -v samba-tool >/dev/null 2>&1 || need_apt+=(samba-ad-provision)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# PostgreSQL and Redis servers: the compose test runs the stack's database and broker services with them.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_apt+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "missing system packages: ${need_apt[*]} (run as root, or: sudo apt-get install ${need_apt[*]})" >&2
@@ -38,6 +41,6 @@ want=$(cat constraints.txt pyproject.toml lab/pyproject.toml | sha256sum | cut -
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     # Both distributions, editable: the product (with Airflow) and the lab that tests and the demo use.
-    .venv/bin/python -m pip install -q -c constraints.txt -e '.[airflow,test]' -e ./lab
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[airflow,celery,test]' -e ./lab
     echo "$want" > "$stamp"
 fi

@@ -1,6 +1,7 @@
 """A throwaway Samba AD domain controller, provisioned and run entirely inside one home directory.
 
 LDAP listens on 127.0.0.1:389 (Samba has no option to move it), so only one lab DC can run at a time.
+`interfaces` adds listen interfaces (e.g. a compose service's eth0); loopback is always served.
 Provisioning takes seconds; a provisioned domain is cached as a tarball and restored in about a second.
 """
 
@@ -55,6 +56,7 @@ class SambaDC:
         host_name: str = "dc1",
         users_ou_name: str = "People",
         start_timeout: float = 60.0,
+        interfaces: tuple[str, ...] = ("lo",),
     ) -> None:
         self.home = Path(home).expanduser().absolute()
         self.realm = realm.upper()
@@ -63,6 +65,8 @@ class SambaDC:
         self.host_name = host_name
         self.users_ou_name = users_ou_name
         self.start_timeout = start_timeout
+        # Loopback stays first: the readiness check and the local tools bind over 127.0.0.1.
+        self.interfaces = tuple(dict.fromkeys(("lo", *interfaces)))
         self.timings: dict[str, float] = {}
         self.restored_from_cache: bool | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -270,6 +274,8 @@ class SambaDC:
         cmd = ["samba", "-s", str(self.smb_conf), "-F", "-M", "single", "--debug-stdout", "-d0"]
         # Without this, simple binds over ldap:// get strongerAuthRequired; provision cannot set it.
         cmd.append("--option=ldap server require strong auth=no")
+        # Given at start, not provision: a cached domain serves whichever interfaces this DC asks for.
+        cmd.append(f"--option=interfaces={' '.join(self.interfaces)}")
         env = {**os.environ, "TDB_NO_FSYNC": "1"}
         with open(self.home / "log" / "samba.stdout", "ab") as out:
             self._proc = subprocess.Popen(
