@@ -219,7 +219,10 @@ def _unprivileged_prefix() -> tuple[str, ...]:
     """The command prefix that runs a PostgreSQL binary as a non-root uid (none when not root)."""
     if os.geteuid() != 0:
         return ()
-    entry = pwd.getpwnam(NAMESPACE_USER)
+    try:
+        entry = pwd.getpwnam(NAMESPACE_USER)
+    except KeyError:
+        raise EmbeddedPostgresError(f"no account {NAMESPACE_USER!r} for PostgreSQL to run as") from None
     prefix = (
         shutil.which("unshare") or "unshare",
         "--user",
