@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from asn1crypto import core as asn1_core
-from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
@@ -78,6 +76,8 @@ def name_text(cert: x509.Certificate, which: str) -> str:
 
 
 def _asn1_name_text(cert: x509.Certificate, which: str) -> str:
+    from asn1crypto import x509 as asn1_x509  # rare fallback; asn1crypto is slow to import
+
     try:
         der = cert.tbs_certificate_bytes
         tbs = asn1_x509.TbsCertificate.load(der)
@@ -101,6 +101,8 @@ def _san_emails(extensions: Extensions) -> list[str]:
 
 
 def _utf8_mailbox(value: bytes) -> list[str]:
+    from asn1crypto import core as asn1_core  # SmtpUTF8Mailbox names are rare; asn1crypto is slow to import
+
     try:
         return [asn1_core.UTF8String.load(value).native.lower()]
     except Exception:  # a broken otherName is ignored; other addresses may still match

@@ -11,11 +11,14 @@ import hashlib
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from asn1crypto import cms
 from cryptography import x509
 
 from certsync.certificates.reasons import Reason
+
+if TYPE_CHECKING:
+    from asn1crypto import cms
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,10 @@ def parse_value(*, attribute: str, value: bytes, max_bytes: int = MAX_VALUE_BYTE
 
 
 def _parse_pkcs7(attribute: str, digest: bytes, value: bytes) -> Parsed:
+    # Imported here: asn1crypto's CMS module costs as much to import as cryptography's x509, and only
+    # userSMIMECertificate values need it.
+    from asn1crypto import cms
+
     info = cms.ContentInfo.load(value, strict=True)
     if info["content_type"].native != "signed_data":
         detail = f"PKCS#7 content type {info['content_type'].dotted} is not SignedData"
@@ -146,6 +153,8 @@ def _preferred_keys(signed: cms.SignedData) -> list[tuple[bytes, int]]:
 
 
 def _preference_from(attr: cms.CMSAttribute) -> list[tuple[bytes, int]]:
+    from asn1crypto import cms
+
     kind = attr["type"].dotted
     keys = []
     for value in attr["values"]:
