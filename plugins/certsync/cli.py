@@ -20,6 +20,7 @@ from certsync.config import (
     EXCHANGE_CONN_ID,
     LDAP_CONN_ID,
     POSTGRES_CONN_ID,
+    POSTGRES_OWNER_CONN_ID,
     ConfigError,
     EnvSource,
     load_settings,
@@ -78,23 +79,25 @@ def db() -> None:
     "--owner-dsn",
     envvar="CERTSYNC_OWNER_DSN",
     default=None,
-    help="The schema owner's DSN (default: the connection certsync_postgres_owner).",
+    help="The schema owner's DSN (default: the owner's connection).",
 )
-def db_upgrade(owner_dsn: str | None) -> None:
-    """Apply pending migrations as the schema's owner; sets certsync_app's password from
-    certsync_postgres when that connection has one."""
-    from certsync.config import POSTGRES_CONN_ID, POSTGRES_OWNER_CONN_ID, database_dsn
+@_conn_id_option("owner_conn_id", POSTGRES_OWNER_CONN_ID, "the schema's owner")
+def db_upgrade(owner_dsn: str | None, owner_conn_id: str) -> None:
+    """Apply pending migrations as the schema's owner; sets certsync_app's password from the
+    store's connection when that has one."""
+    from certsync.config import database_dsn
     from certsync.store.db import DatabaseError, migrate
 
     source = EnvSource()
+    app_conn_id = (click.get_current_context().find_root().obj or {}).get(
+        "postgres_conn_id", POSTGRES_CONN_ID
+    )
     try:
-        owner = source.connection(POSTGRES_OWNER_CONN_ID)
+        owner = source.connection(owner_conn_id)
         dsn = owner_dsn or (database_dsn(owner) if owner else None)
         if not dsn:
-            raise ConfigError(
-                f"connection {POSTGRES_OWNER_CONN_ID!r} is not configured and no --owner-dsn was given"
-            )
-        app = source.connection(POSTGRES_CONN_ID)
+            raise ConfigError(f"connection {owner_conn_id!r} is not configured and no --owner-dsn was given")
+        app = source.connection(app_conn_id)
         applied = migrate(dsn, app_password=app.password if app else None)
     except (ConfigError, DatabaseError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -103,7 +106,7 @@ def db_upgrade(owner_dsn: str | None) -> None:
 
 @main.command()
 def check() -> None:
-    """Check every setting against the real systems; writes nothing but the schema."""
+    """Check every setting against the real systems (and that the schema is current); writes nothing."""
     from certsync.pipeline import preflight
 
     try:
