@@ -21,6 +21,7 @@ Variable
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -40,6 +41,16 @@ EXCHANGE_CONN_ID = "certsync_exchange"
 POSTGRES_CONN_ID = "certsync_postgres"
 POSTGRES_OWNER_CONN_ID = "certsync_postgres_owner"
 CONFIG_VARIABLE = "certsync_config"
+# Every key certsync_config may hold; anything else is refused.
+CONFIG_KEYS = (
+    "trust_anchors",
+    "intermediates",
+    "crls",
+    "profile",
+    "removal_threshold",
+    "publish_batch_size",
+    "validation_processes",
+)
 
 # certsync's own connection types (what its Airflow hooks register); the generic types stay accepted.
 LDAP_CONN_TYPE = "certsync_ldap"
@@ -313,7 +324,25 @@ def _config_variable(source: SettingsSource, key: str) -> dict[str, Any]:
         raise ConfigError(f"{where} is not valid JSON: {exc.msg}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{where} must be a JSON object")
+    _refuse_unknown_keys(config, where=where)
     return config
+
+
+def _refuse_unknown_keys(config: Mapping[str, Any], *, where: str) -> None:
+    """A misspelt key would otherwise be ignored and its default used silently (a mistyped
+    removal_threshold would leave mass removals guarded by the default): refuse it, naming the
+    nearest valid key."""
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        near = difflib.get_close_matches(str(key), CONFIG_KEYS, n=1, cutoff=0.6)
+        hints.append(f"{key!r} (did you mean {near[0]!r}?)" if near else repr(key))
+    raise ConfigError(
+        f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)};"
+        f" valid keys: {', '.join(CONFIG_KEYS)}"
+    )
 
 
 def load_settings(

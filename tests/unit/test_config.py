@@ -195,3 +195,43 @@ def test_a_bad_trust_setting_names_the_variable_used(env: dict[str, str]) -> Non
 def test_a_connection_id_must_be_an_airflow_id(env: dict[str, str], conn_id) -> None:
     with pytest.raises(ConfigError, match="ldap_conn_id must be a connection or variable id"):
         load_settings(EnvSource(environ=env), ldap_conn_id=conn_id)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"removal_treshold": 10}, "unknown key 'removal_treshold' (did you mean 'removal_threshold'?)"),
+        ({"trust_anchor": "x"}, "'trust_anchor' (did you mean 'trust_anchors'?)"),
+        (
+            {"publish_batchsize": 5, "crl": []},
+            "unknown keys 'crl' (did you mean 'crls'?), 'publish_batchsize'",
+        ),
+        ({"colour": "blue"}, "unknown key 'colour'; valid keys: trust_anchors,"),
+    ],
+)
+def test_unknown_config_keys_are_refused_with_the_nearest_valid_name(env, config, message) -> None:
+    """A misspelt key must not be ignored: its default would apply without anyone noticing."""
+    base = json.loads(env["AIRFLOW_VAR_CERTSYNC_CONFIG"])
+    env["AIRFLOW_VAR_CERTSYNC_CONFIG"] = json.dumps({**base, **config})
+    with pytest.raises(ConfigError) as raised:
+        load_settings(EnvSource(environ=env))
+    assert message in str(raised.value)
+    assert str(raised.value).startswith("variable 'certsync_config': ")
+
+
+def test_every_documented_config_key_is_accepted(env, tmp_path: Path) -> None:
+    config = {
+        **json.loads(env["AIRFLOW_VAR_CERTSYNC_CONFIG"]),
+        "intermediates": [str(tmp_path / "i.pem")],
+        "crls": [str(tmp_path / "c.crl")],
+        "removal_threshold": 7,
+        "publish_batch_size": 3,
+        "validation_processes": 1,
+    }
+    env["AIRFLOW_VAR_CERTSYNC_CONFIG"] = json.dumps(config)
+    settings = load_settings(EnvSource(environ=env))
+    assert (settings.removal_threshold, settings.publish_batch_size, settings.validation_processes) == (
+        7,
+        3,
+        1,
+    )
