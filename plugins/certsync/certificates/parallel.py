@@ -6,8 +6,12 @@ configuration once and keeps one Validator, so its verified-intermediate cache i
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
@@ -19,10 +23,27 @@ from certsync.certificates.verdict import Verdict
 log = logging.getLogger(__name__)
 
 _worker_validator: Validator | None = None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(spec: TrustSpec) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this worker when the process that started it dies, however it dies
+    (a task killed with SIGKILL runs no cleanup of its own); elsewhere, only the pool's shutdown
+    stops workers."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    # The parent may have died before prctl took effect: then nobody would ever signal us.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _init_worker(spec: TrustSpec, parent_pid: int | None = None) -> None:
     global _worker_validator
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     _worker_validator = Validator(trust=spec.load())
 
 
@@ -52,8 +73,25 @@ def validate_many(
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     context = multiprocessing.get_context("spawn")  # fork would copy the caller's threads and pools
     log.info("validating %d values in %d batches on %d processes", len(items), len(batches), processes)
-    with ProcessPoolExecutor(
-        max_workers=processes, mp_context=context, initializer=_init_worker, initargs=(trust,)
-    ) as pool:
-        results = pool.map(_check_batch, batches, [at] * len(batches))
-        return [verdict for batch in results for verdict in batch]
+    pool = ProcessPoolExecutor(
+        max_workers=processes, mp_context=context, initializer=_init_worker, initargs=(trust, os.getpid())
+    )
+    try:
+        results = list(pool.map(_check_batch, batches, [at] * len(batches)))
+    except BaseException:
+        # Interrupted (task timeout, SIGTERM, a worker's failure): stop the workers now rather than
+        # let them finish batches nobody will read.
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
+    return [verdict for batch in results for verdict in batch]
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # no public handle before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)

@@ -1,0 +1,79 @@
+"""The validation pool's worker processes never outlive the process that started them: a task
+killed with SIGKILL (timeout, OOM killer, an operator) runs no cleanup, so the workers must go by
+themselves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from certsync_lab.pki import Pki
+
+# Validates the same certificates over and over, long enough to be killed in the middle.
+WORKLOAD = """
+import sys
+from datetime import datetime
+from pathlib import Path
+from certsync.certificates.parallel import validate_many
+from certsync.certificates.trust import TrustSpec
+
+home = Path(sys.argv[1])
+spec = TrustSpec(anchors=home / "anchors.pem", intermediates=(home / "intermediates.pem",))
+items = [("userCertificate", (home / f"leaf{i}.der").read_bytes()) for i in range(20)] * 20000
+at = datetime.fromisoformat(sys.argv[2])
+validate_many(items, trust=spec, at=at, processes=2, batch_size=200)
+print("finished before it was killed")
+"""
+
+
+def _workers(parent: psutil.Process, deadline: float) -> list[psutil.Process]:
+    """The pool's worker processes, once both are up."""
+    while time.monotonic() < deadline:
+        workers = [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
+        if len(workers) == 2:
+            return workers
+        time.sleep(0.05)
+    raise AssertionError(f"no pool workers appeared: {[c.cmdline() for c in parent.children()]}")
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_killing_the_task_process_leaves_no_worker_behind(tmp_path: Path) -> None:
+    pki = Pki(algorithm="ec", seed=3)
+    files = pki.write_trust_files(tmp_path)
+    for i in range(20):
+        (tmp_path / f"leaf{i}.der").write_bytes(pki.issue(email=f"u{i}@example.org"))
+    os.replace(files.anchors, tmp_path / "anchors.pem")
+    os.replace(files.intermediates, tmp_path / "intermediates.pem")
+    task = subprocess.Popen(
+        [sys.executable, "-c", WORKLOAD, str(tmp_path), pki.now.isoformat()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        workers = _workers(psutil.Process(task.pid), time.monotonic() + 60)
+        time.sleep(0.5)  # mid-batch
+        assert task.poll() is None, task.communicate()
+        os.kill(task.pid, signal.SIGKILL)
+        task.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not all(_gone(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = [w.pid for w in workers if not _gone(w)]
+        assert alive == [], f"workers {alive} outlived their killed parent"
+    finally:
+        if task.poll() is None:
+            task.kill()
+            task.wait()
