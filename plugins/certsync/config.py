@@ -15,7 +15,7 @@ Connections (default ids; the DAG's params and the CLI's options choose others)
     certsync_postgres_owner  postgresql://<owner>@host/db  (only for `certsync db upgrade`)
 Variable
     certsync_config    JSON: trust_anchors, intermediates, crls, profile, removal_threshold,
-                       publish_batch_size, validation_processes
+                       publish_batch_size, validation_processes, run_lock_wait_s
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ CONFIG_KEYS = (
     "removal_threshold",
     "publish_batch_size",
     "validation_processes",
+    "run_lock_wait_s",
 )
 
 # certsync's own connection types (what its Airflow hooks register); the generic types stay accepted.
@@ -197,6 +198,8 @@ class SyncSettings:
     removal_threshold: int = 500
     publish_batch_size: int = 200
     validation_processes: int = 2
+    # How long a stage waits for another run to finish before it is refused (0: refuse at once).
+    run_lock_wait_s: int = 600
 
 
 def _flag(value: Any) -> bool:
@@ -373,4 +376,5 @@ def load_settings(
         removal_threshold=_int_setting(where, config, "removal_threshold", 500, minimum=0),
         publish_batch_size=_int_setting(where, config, "publish_batch_size", 200, minimum=1),
         validation_processes=_int_setting(where, config, "validation_processes", 2, minimum=1),
+        run_lock_wait_s=_int_setting(where, config, "run_lock_wait_s", 600, minimum=0),
     )
