@@ -179,7 +179,8 @@ def test_transient_failures_are_retried_and_every_attempt_audited(
     finally:
         emulator_stack.control.set_config(faults=[])
     rows = db.execute(
-        "SELECT attempt, outcome, http_status FROM certsync.audit_log WHERE primary_smtp = %s ORDER BY seq DESC LIMIT 3",
+        "SELECT attempt, outcome, http_status FROM certsync.audit_log WHERE primary_smtp = %s AND phase = 'outcome'"
+        " ORDER BY seq DESC LIMIT 3",
         (user.mail,),
     ).fetchall()
     assert sorted(rows) == [(1, "failed", 503), (2, "failed", 429), (3, "accepted", 200)]
@@ -236,9 +237,10 @@ def test_late_backfill_never_overwrites_a_newer_view(
     user = _writable_user(emulator_stack, lab_population, None, nth=3)
     _give_new_certificate(populated_dc, lab_pki, user, older)  # valid at both times
     emulator_stack.control.clear_requests()
-    summary = _run(settled, older)  # an older logical date, run late
+    summary = _run(settled, older)  # an older logical date, run late: superseded, sends nothing
     assert _set_calls(emulator_stack) == []
-    assert summary["not_published_by_reason"].get("newer_run_published") == 1, summary
+    assert summary["not_published_by_reason"].get("superseded") == 1, summary
+    assert summary["superseded_by"] is not None
 
 
 def test_removal_threshold_stops_mass_removal(settled, sync_env, emulator_stack, db, lab_at) -> None:

@@ -36,6 +36,8 @@ RECIPIENT_FIELDS = (
     "UserSMimeCertificate",
 )
 MAX_RETRY_AFTER_S = 120.0
+# Error codes of a Get-* that found no recipient by that identity.
+NOT_FOUND_CODES = frozenset({"ManagementObjectNotFoundException", "NotFound"})
 # Marks of Exchange's refusal to write an object that directory synchronisation owns.
 DIRSYNC_MARKS = ("synchronized from your on-premises", "out of the current user's write scope")
 
@@ -196,16 +198,45 @@ class ExchangeClient:
         identity: str,
         user_certificate: Sequence[bytes],
         user_smime_certificate: Sequence[bytes],
+        request_id: uuid.UUID | None = None,
     ) -> Outcome:
-        """One attempt to replace both certificate attributes of a recipient."""
+        """One attempt to replace both certificate attributes of a recipient. `request_id` is the
+        client-request-id the write-ahead audit recorded for it (a new one when not given)."""
         parameters = {
             "Identity": identity,
             "UserCertificate": encode_bytes(user_certificate),
             "UserSMimeCertificate": encode_bytes(user_smime_certificate),
         }
-        request_id = uuid.uuid4()
+        request_id = request_id or uuid.uuid4()
         try:
             outcome = classify(self._post(self._url, cmdlet, parameters, request_id))
         except ExchangeError as exc:
             outcome = Outcome(kind="retry", status=None, code="ConnectionError", detail=str(exc))
         return dataclasses.replace(outcome, client_request_id=request_id)
+
+    def held_certificates(self, identity: str) -> tuple[list[str], list[str]] | None:
+        """Read one recipient back (Get-Recipient -Identity): the base64 values of UserCertificate
+        and UserSMimeCertificate it holds now, or None when Exchange knows no such recipient. Used
+        only to settle a write whose answer was lost."""
+        try:
+            found = list(
+                self.read(
+                    "Get-Recipient",
+                    {"Identity": identity},
+                    select=("UserCertificate", "UserSMimeCertificate"),
+                )
+            )
+        except ExchangeError as exc:
+            if exc.code in NOT_FOUND_CODES:
+                return None
+            raise
+        if not found:
+            return None
+        return list(found[0].get("UserCertificate") or ()), list(found[0].get("UserSMimeCertificate") or ())
+
+
+def outcome_unknown(outcome: Outcome) -> bool:
+    """True when the write may or may not have been applied: no answer at all (timeout, broken
+    connection) or a gateway/server error. Throttling (429), 408 and 503 come before the cmdlet
+    runs, and every other answer is Exchange's verdict on the write."""
+    return outcome.kind == "retry" and (outcome.status is None or outcome.status in (500, 502, 504))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -15,21 +16,24 @@ from certsync.exchange.recipients import Recipient
 from certsync.plan import Plan, SourceUser
 from certsync.store.db import copy_rows, hash_list
 
+# Each value with the verdict that holds at the run's time (made at or before it, not yet run out):
+# a backfill's verdicts for an older time, or a newer run's for a later one, are never used.
 USERS_WITH_VERDICTS = """
 SELECT u.object_guid, u.mail, u.proxy_addresses,
        v.attribute, v.sha256, c.ok, c.reason, c.rule, c.detail, c.subject, c.issuer, c.serial,
        c.not_before, c.not_after, c.valid_until, c.emails
 FROM certsync.source_user u
 LEFT JOIN certsync.source_value v ON v.object_guid = u.object_guid
-LEFT JOIN certsync.cert_verdict c
-       ON c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
+LEFT JOIN LATERAL certsync.verdict_at(v.sha256, v.attribute, :fp, :at) c ON true
 ORDER BY u.object_guid, v.attribute, v.ordinal
 """
 
 
 def _verdict(row: sa.Row) -> Verdict:
     if row.ok is None:  # validation did not run for this value: never publish it unchecked
-        raise RuntimeError(f"value {bytes(row.sha256).hex()} has no verdict; run validation first")
+        raise RuntimeError(
+            f"value {bytes(row.sha256).hex()} has no verdict valid at the run's time; run validation first"
+        )
     return Verdict(
         sha256=bytes(row.sha256),
         attribute=row.attribute,
@@ -47,11 +51,11 @@ def _verdict(row: sa.Row) -> Verdict:
     )
 
 
-def source_users(conn: Connection, *, fingerprint: str) -> Iterator[SourceUser]:
-    """Every user of the source view with the verdicts of its values, streamed."""
+def source_users(conn: Connection, *, fingerprint: str, at: datetime) -> Iterator[SourceUser]:
+    """Every user of the source view with the verdicts of its values valid at `at`, streamed."""
     rows = conn.execute(
         sa.text(USERS_WITH_VERDICTS),
-        {"fp": fingerprint},
+        {"fp": fingerprint, "at": at},
         execution_options={"stream_results": True, "yield_per": 5000},
     )
     for guid, group in itertools.groupby(rows, key=lambda r: r.object_guid):
@@ -63,11 +67,12 @@ def source_users(conn: Connection, *, fingerprint: str) -> Iterator[SourceUser]:
 
 
 def save_recipients(conn: Connection, *, run_id: int, recipients: Iterable[Recipient]) -> int:
+    """Replace this run's snapshot of Exchange (other runs keep theirs)."""
     params = [
         {**r.__dict__, "uc": list(r.user_certificate), "us": list(r.user_smime_certificate), "run_id": run_id}
         for r in recipients
     ]
-    conn.execute(sa.text("DELETE FROM certsync.exo_recipient"))
+    conn.execute(sa.text("DELETE FROM certsync.exo_recipient WHERE seen_run_id = :r"), {"r": run_id})
     if params:
         conn.execute(
             sa.text(
@@ -81,12 +86,29 @@ def save_recipients(conn: Connection, *, run_id: int, recipients: Iterable[Recip
     return len(params)
 
 
-def recipients(conn: Connection) -> list[Recipient]:
+def purge_old_snapshots(conn: Connection, *, keep_runs: int = 3) -> int:
+    """Drop the snapshots of closed runs except the latest few (the newest one feeds
+    certsync.expiring_within); a run still running keeps its own."""
+    return conn.execute(
+        sa.text(
+            "DELETE FROM certsync.exo_recipient e USING certsync.sync_run s"
+            " WHERE s.run_id = e.seen_run_id AND s.state <> 'running' AND e.seen_run_id < ("
+            "  SELECT coalesce(min(run_id), 0) FROM ("
+            "   SELECT DISTINCT seen_run_id AS run_id FROM certsync.exo_recipient"
+            "   ORDER BY 1 DESC LIMIT :k) latest)"
+        ),
+        {"k": keep_runs},
+    ).rowcount
+
+
+def recipients(conn: Connection, *, run_id: int) -> list[Recipient]:
+    """The run's own snapshot of Exchange."""
     rows = conn.execute(
         sa.text(
             "SELECT recipient_id, primary_smtp, recipient_type, is_dir_synced, is_cloud_managed,"
-            " user_certificate, user_smime_certificate FROM certsync.exo_recipient"
-        )
+            " user_certificate, user_smime_certificate FROM certsync.exo_recipient WHERE seen_run_id = :r"
+        ),
+        {"r": run_id},
     )
     return [
         Recipient(
@@ -106,26 +128,32 @@ def published_owners(conn: Connection) -> dict[str, uuid.UUID]:
     return {r.recipient_id: r.object_guid for r in rows}
 
 
-def _action_rows(run_id: int, plan: Plan, *, first_no: int, batch_size: int) -> tuple[list[tuple], int]:
-    """planned_action rows, publishable actions spread over batches; returns (rows, batches)."""
+def _action_rows(
+    run_id: int, plan: Plan, *, first_no: int, batch_size: int, superseded: bool
+) -> tuple[list[tuple], int]:
+    """planned_action rows, publishable actions spread over batches; returns (rows, batches). A
+    superseded run keeps its plan for the record, with nothing to publish."""
     publishable = 0
     rows = []
     for action_no, action in enumerate(plan.actions, start=first_no):
         batch = -1
-        if action.kind in ("add", "replace", "remove"):
+        reason = action.reason
+        if action.kind in ("add", "replace", "remove") and not superseded:
             batch = publishable // batch_size
             publishable += 1
+        elif action.kind in ("add", "replace", "remove"):
+            reason = "superseded"
         state = "pending" if batch >= 0 else ("conflict" if action.kind == "conflict" else "skipped")
         r = action.recipient
         rows.append(
             (run_id, action_no, action.object_guid, r.recipient_id if r else None, r.primary_smtp if r else None,
              r.cmdlet if r else None, action.kind, list(action.user_certificate),
-             list(action.user_smime_certificate), batch, state, action.reason)
+             list(action.user_smime_certificate), batch, state, reason)
         )  # fmt: skip
     return rows, -(-publishable // batch_size)
 
 
-def save_plan(conn: Connection, *, run_id: int, plan: Plan, batch_size: int) -> int:
+def save_plan(conn: Connection, *, run_id: int, plan: Plan, batch_size: int, superseded: bool = False) -> int:
     """Save this run's plan and return the number of publish batches. Re-planning a run (retry,
     clear) replaces what is still open but keeps the actions it already published, as history."""
     conn.execute(sa.text("DELETE FROM certsync.value_result WHERE run_id = :r"), {"r": run_id})
@@ -146,7 +174,9 @@ def save_plan(conn: Connection, *, run_id: int, plan: Plan, batch_size: int) -> 
         sa.text("SELECT coalesce(max(action_no), 0) + 1 FROM certsync.planned_action WHERE run_id = :r"),
         {"r": run_id},
     ).scalar_one()
-    rows, batches = _action_rows(run_id, plan, first_no=first_no, batch_size=batch_size)
+    rows, batches = _action_rows(
+        run_id, plan, first_no=first_no, batch_size=batch_size, superseded=superseded
+    )
     copy_rows(
         conn,
         "COPY certsync.planned_action (run_id, action_no, object_guid, recipient_id, primary_smtp, cmdlet, kind,"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -70,61 +72,254 @@ def newer_view_published(conn: Connection, *, run: RunInfo, recipient_id: str) -
 
 
 def attempts_so_far(conn: Connection, *, run_id: int, recipient_id: str) -> int:
-    """Attempts this run already made for this recipient (a retried task continues the count)."""
+    """Requests this run already sent (or meant to send) this recipient: a retried task continues
+    the count. Rows from before write-ahead auditing count one each, intents count one each."""
     return conn.execute(
-        sa.text("SELECT count(*) FROM certsync.audit_log WHERE run_id = :r AND recipient_id = :id"),
+        sa.text(
+            "SELECT count(*) FROM certsync.audit_log WHERE run_id = :r AND recipient_id = :id"
+            " AND (phase IS NULL OR phase = 'intent')"
+        ),
         {"r": run_id, "id": recipient_id},
     ).scalar_one()
 
 
-def record_attempt(
-    conn: Connection, *, run: RunInfo, action: PendingAction, attempt: int, outcome: Outcome
-) -> None:
-    conn.execute(
-        sa.text(
-            "INSERT INTO certsync.audit_log (run_id, dag_id, airflow_run_id, object_guid, recipient_id,"
-            " primary_smtp, cmdlet, action, user_certificate, user_smime_certificate, attempt, outcome,"
-            " http_status, error_code, detail, client_request_id, seq, prev_hash, row_hash)"
-            " VALUES (:run_id, :dag_id, :airflow_run_id, :object_guid, :recipient_id, :primary_smtp,"
-            " :cmdlet, :action, :uc, :us, :attempt, :outcome, :status, :code, :detail, :crid,"
-            " 0, '', '')"  # seq and hashes are set by the chaining trigger
-        ),
+AUDIT_INSERT = """
+INSERT INTO certsync.audit_log (run_id, dag_id, airflow_run_id, object_guid, recipient_id, primary_smtp,
+    cmdlet, action, user_certificate, user_smime_certificate, attempt, outcome, http_status, error_code,
+    detail, client_request_id, phase, intent_seq, action_no, task_try, settled_by_run_id,
+    seq, prev_hash, row_hash)
+VALUES (:run_id, :dag_id, :airflow_run_id, :object_guid, :recipient_id, :primary_smtp, :cmdlet, :action,
+    :uc, :us, :attempt, :outcome, :status, :code, :detail, :crid, :phase, :intent_seq, :action_no,
+    :task_try, :settled_by, 0, '', '')
+RETURNING seq
+"""  # seq and hashes are set by the chaining trigger
+
+
+@dataclass(frozen=True, kw_only=True)
+class Intent:
+    """An intent row: what one Set-* request was about to send, to whom, for which run and try."""
+
+    seq: int
+    run_id: int
+    dag_id: str
+    airflow_run_id: str
+    logical_date: datetime
+    action_no: int
+    object_guid: uuid.UUID
+    recipient_id: str
+    primary_smtp: str
+    cmdlet: str
+    action: str
+    user_certificate: tuple[bytes, ...]
+    user_smime_certificate: tuple[bytes, ...]
+    attempt: int
+    client_request_id: uuid.UUID
+    task_try: int
+    batch: int | None  # of its planned action, when that row still exists
+    age_s: float  # seconds since the intent committed, by the database's clock
+
+
+def _insert(conn: Connection, values: dict) -> int:
+    return conn.execute(sa.text(AUDIT_INSERT), values).scalar_one()
+
+
+def record_intent(
+    conn: Connection,
+    *,
+    run: RunInfo,
+    action: PendingAction,
+    attempt: int,
+    task_try: int,
+    request_id: uuid.UUID,
+) -> Intent:
+    """Write (the caller commits) the intent of one request before it is sent."""
+    values = {
+        "run_id": run.run_id,
+        "dag_id": run.dag_id,
+        "airflow_run_id": run.airflow_run_id,
+        "object_guid": action.object_guid,
+        "recipient_id": action.recipient_id,
+        "primary_smtp": action.primary_smtp,
+        "cmdlet": action.cmdlet,
+        "action": action.kind,
+        "uc": list(action.user_certificate),
+        "us": list(action.user_smime_certificate),
+        "attempt": attempt,
+        "outcome": None,
+        "status": None,
+        "code": None,
+        "detail": None,
+        "crid": request_id,
+        "phase": "intent",
+        "intent_seq": None,
+        "action_no": action.action_no,
+        "task_try": task_try,
+        "settled_by": None,
+    }
+    seq = _insert(conn, values)
+    return Intent(
+        seq=seq,
+        run_id=run.run_id,
+        dag_id=run.dag_id,
+        airflow_run_id=run.airflow_run_id,
+        logical_date=run.logical_date,
+        action_no=action.action_no,
+        object_guid=action.object_guid,
+        recipient_id=action.recipient_id,
+        primary_smtp=action.primary_smtp,
+        cmdlet=action.cmdlet,
+        action=action.kind,
+        user_certificate=action.user_certificate,
+        user_smime_certificate=action.user_smime_certificate,
+        attempt=attempt,
+        client_request_id=request_id,
+        task_try=task_try,
+        batch=None,
+        age_s=0.0,
+    )
+
+
+def _closing_values(intent: Intent, *, task_try: int) -> dict:
+    return {
+        "run_id": intent.run_id,
+        "dag_id": intent.dag_id,
+        "airflow_run_id": intent.airflow_run_id,
+        "object_guid": intent.object_guid,
+        "recipient_id": intent.recipient_id,
+        "primary_smtp": intent.primary_smtp,
+        "cmdlet": intent.cmdlet,
+        "action": intent.action,
+        "uc": list(intent.user_certificate),
+        "us": list(intent.user_smime_certificate),
+        "attempt": intent.attempt,
+        "crid": intent.client_request_id,
+        "intent_seq": intent.seq,
+        "action_no": intent.action_no,
+        "task_try": task_try,
+        "settled_by": None,
+    }
+
+
+def record_outcome(conn: Connection, *, intent: Intent, outcome: Outcome, task_try: int) -> None:
+    """Close an intent with Exchange's answer (a retryable answer is recorded as failed)."""
+    _insert(
+        conn,
         {
-            "run_id": run.run_id,
-            "dag_id": run.dag_id,
-            "airflow_run_id": run.airflow_run_id,
-            "object_guid": action.object_guid,
-            "recipient_id": action.recipient_id,
-            "primary_smtp": action.primary_smtp,
-            "cmdlet": action.cmdlet,
-            "action": action.kind,
-            "uc": list(action.user_certificate),
-            "us": list(action.user_smime_certificate),
-            "attempt": attempt,
+            **_closing_values(intent, task_try=task_try),
+            "phase": "outcome",
             "outcome": "failed" if outcome.kind == "retry" else outcome.kind,
             "status": outcome.status,
             "code": outcome.code,
             "detail": (outcome.detail or "")[:2000] or None,
-            "crid": outcome.client_request_id,
         },
     )
 
 
-def mark_published(conn: Connection, *, run: RunInfo, action: PendingAction) -> None:
-    """Exchange accepted: record what it now holds, so a re-planned run finds nothing left to do,
-    and move the published state, but never back to an older run's view."""
+def record_settlement(
+    conn: Connection,
+    *,
+    intent: Intent,
+    applied: bool,
+    by_run_id: int,
+    task_try: int,
+    detail: str,
+    status: int | None = None,
+    code: str | None = None,
+) -> None:
+    """Close an intent whose answer was lost, with what reading the recipient back showed."""
+    _insert(
+        conn,
+        {
+            **_closing_values(intent, task_try=task_try),
+            "phase": "settlement",
+            "outcome": "applied" if applied else "not_applied",
+            "status": status,
+            "code": code,
+            "detail": detail[:2000],
+            "settled_by": by_run_id,
+        },
+    )
+
+
+OPEN_INTENTS = """
+SELECT i.seq, i.run_id, i.dag_id, i.airflow_run_id, s.logical_date, i.action_no, i.object_guid,
+       i.recipient_id, i.primary_smtp, i.cmdlet, i.action, i.user_certificate, i.user_smime_certificate,
+       i.attempt, i.client_request_id, i.task_try, p.batch,
+       extract(epoch FROM clock_timestamp() - i.at)::float AS age_s
+FROM certsync.audit_log i
+JOIN certsync.sync_run s ON s.run_id = i.run_id
+LEFT JOIN certsync.planned_action p ON p.run_id = i.run_id AND p.action_no = i.action_no
+WHERE i.phase = 'intent' AND NOT EXISTS (SELECT FROM certsync.audit_log c WHERE c.intent_seq = i.seq)
+ORDER BY i.seq
+"""
+
+
+def open_intents(conn: Connection) -> list[Intent]:
+    """Intents no outcome or settlement closes yet: requests whose fate nobody recorded."""
+    return [
+        Intent(
+            **{
+                **r._mapping,
+                "user_certificate": hash_list(r.user_certificate),
+                "user_smime_certificate": hash_list(r.user_smime_certificate),
+            }
+        )
+        for r in conn.execute(sa.text(OPEN_INTENTS))
+    ]
+
+
+def settle_applied(conn: Connection, *, intent: Intent, snapshot_run_ids: tuple[int, ...]) -> None:
+    """The intent's write is in Exchange: its action is published, and the published state and the
+    given runs' snapshots say what the recipient holds now."""
+    run = RunInfo(
+        run_id=intent.run_id,
+        dag_id=intent.dag_id,
+        airflow_run_id=intent.airflow_run_id,
+        logical_date=intent.logical_date,
+        dry_run=False,
+        trust_fingerprint="",
+    )
+    action = PendingAction(
+        action_no=intent.action_no,
+        object_guid=intent.object_guid,
+        recipient_id=intent.recipient_id,
+        primary_smtp=intent.primary_smtp,
+        cmdlet=intent.cmdlet,
+        kind=intent.action,
+        user_certificate=intent.user_certificate,
+        user_smime_certificate=intent.user_smime_certificate,
+    )
+    for run_id in snapshot_run_ids:
+        mark_published(conn, run=dataclasses.replace(run, run_id=run_id), action=action, state_run=run)
+    conn.execute(
+        sa.text(
+            "UPDATE certsync.planned_action SET state = 'published', reason = NULL"
+            " WHERE run_id = :r AND action_no = :n AND state IN ('pending', 'failed')"
+        ),
+        {"r": intent.run_id, "n": intent.action_no},
+    )
+
+
+def mark_published(
+    conn: Connection, *, run: RunInfo, action: PendingAction, state_run: RunInfo | None = None
+) -> None:
+    """Exchange accepted: record what it now holds in `run`'s snapshot, so a re-planned run finds
+    nothing left to do, and move the published state (as of `state_run`, the run that sent it, by
+    default `run`), but never back to an older run's view."""
+    sender = state_run or run
     values = {
         "id": action.recipient_id,
         "guid": action.object_guid,
         "uc": list(action.user_certificate),
         "us": list(action.user_smime_certificate),
-        "run_id": run.run_id,
-        "d": run.logical_date,
+        "run_id": sender.run_id,
+        "snapshot": run.run_id,
+        "d": sender.logical_date,
     }
     conn.execute(
         sa.text(
             "UPDATE certsync.exo_recipient SET user_certificate = :uc, user_smime_certificate = :us"
-            " WHERE recipient_id = :id"
+            " WHERE recipient_id = :id AND seen_run_id = :snapshot"
         ),
         values,
     )
@@ -141,6 +336,17 @@ def mark_published(conn: Connection, *, run: RunInfo, action: PendingAction) -> 
         ),
         values,
     )
+
+
+def skip_batch(conn: Connection, *, run_id: int, batch: int, reason: str) -> int:
+    """Mark a batch's pending actions skipped (the run was superseded): nothing of it is sent."""
+    return conn.execute(
+        sa.text(
+            "UPDATE certsync.planned_action SET state = 'skipped', reason = :reason"
+            " WHERE run_id = :r AND batch = :b AND state = 'pending'"
+        ),
+        {"r": run_id, "b": batch, "reason": reason},
+    ).rowcount
 
 
 def set_action_state(

@@ -10,17 +10,15 @@ from sqlalchemy.engine import Connection
 
 from certsync.certificates.verdict import Verdict
 
-# Values in the source view with no verdict for this trust configuration, or whose verdict does not
-# cover the run's time: a verdict holds from the time it was made (checked_at) until valid_until, so
-# only what time or configuration can have changed is re-checked, and a backfill (an older run time)
-# re-checks rather than trusting a verdict made for a later time.
+# Values in the source view with no verdict that holds at the run's time for this trust
+# configuration. A verdict holds from the time it was made (checked_at) until valid_until; verdicts
+# are kept per check time, so a backfill (an older run time) adds its own verdict next to a newer
+# run's instead of replacing it, and each run plans with the verdict of its own time.
 PENDING = """
 SELECT DISTINCT v.attribute, b.value
 FROM certsync.source_value v
 JOIN certsync.cert_blob b ON b.sha256 = v.sha256
-LEFT JOIN certsync.cert_verdict c
-       ON c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
-WHERE (c.sha256 IS NULL OR :at < c.checked_at OR c.valid_until <= :at)
+WHERE NOT EXISTS (SELECT FROM certsync.verdict_at(v.sha256, v.attribute, :fp, :at))
   AND get_byte(b.sha256, 0) % :shards = :shard
 """
 
@@ -29,7 +27,7 @@ INSERT INTO certsync.cert_verdict (sha256, attribute, trust_fingerprint, ok, rea
     subject, issuer, serial, not_before, not_after, valid_until, emails, checked_run_id, checked_at)
 VALUES (:sha256, :attribute, :fp, :ok, :reason, :rule, :detail, :subject, :issuer, :serial,
     :not_before, :not_after, :valid_until, :emails, :run_id, :at)
-ON CONFLICT (sha256, attribute, trust_fingerprint) DO UPDATE SET
+ON CONFLICT (sha256, attribute, trust_fingerprint, checked_at) DO UPDATE SET
     ok = EXCLUDED.ok, reason = EXCLUDED.reason, rule = EXCLUDED.rule, detail = EXCLUDED.detail,
     subject = EXCLUDED.subject, issuer = EXCLUDED.issuer, serial = EXCLUDED.serial,
     not_before = EXCLUDED.not_before, not_after = EXCLUDED.not_after,
