@@ -256,11 +256,17 @@ async def _admitted(emulator: Emulator, request: Request, call: _Call) -> tuple[
     delay = emulator.controls.latency_s()
     if delay > 0:
         await asyncio.sleep(delay)
+    hold = emulator.controls.take_hold(call.cmdlet)
+    if hold is not None and hold.before_ms > 0:
+        await asyncio.sleep(hold.before_ms / 1000.0)
     fault = emulator.controls.take_fault(call.cmdlet)
     if fault is not None:
         return _fault_response(fault, rate_headers), f"Fault{fault.status}"
     response, outcome = _run_cmdlet(emulator, request, call)
     response.headers.update(rate_headers)
+    if hold is not None and hold.after_ms > 0:
+        # Applied, not yet answered; the handler goes on even when the client has gone.
+        await asyncio.sleep(hold.after_ms / 1000.0)
     return response, outcome
 
 

@@ -75,3 +75,11 @@ class EmulatorControl:
             }
         )
         return self.set_config(faults=faults)
+
+    def hold(
+        self, *, cmdlet: str, count: int, before_ms: float = 0.0, after_ms: float = 0.0
+    ) -> dict[str, Any]:
+        """Hold the next `count` calls of `cmdlet` before and/or after the cmdlet runs."""
+        holds = list(self.config()["holds"])
+        holds.append({"cmdlet": cmdlet, "count": count, "before_ms": before_ms, "after_ms": after_ms})
+        return self.set_config(holds=holds)

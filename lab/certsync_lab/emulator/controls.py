@@ -35,6 +35,21 @@ class FaultRule:
 
 
 @dataclass(kw_only=True)
+class HoldRule:
+    """Hold the next ``count`` requests for ``cmdlet`` ("*" = any): ``before_ms`` before the cmdlet
+    runs (a fault answered then leaves nothing applied) and ``after_ms`` after it ran, i.e. applied
+    but not yet answered: the window in which a client times out or dies without knowing."""
+
+    cmdlet: str
+    count: int
+    before_ms: float = 0.0
+    after_ms: float = 0.0
+
+    def matches(self, cmdlet: str) -> bool:
+        return self.count > 0 and self.cmdlet in ("*", cmdlet)
+
+
+@dataclass(kw_only=True)
 class EmulatorConfig:
     rate_per_s: float | None = None
     burst: int = 10
@@ -43,6 +58,7 @@ class EmulatorConfig:
     jitter_ms: float = 0.0
     require_anchor_mailbox: bool = True
     faults: list[FaultRule] = field(default_factory=list)
+    holds: list[HoldRule] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +117,7 @@ class Controls:
             if unknown:
                 raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
             merged["faults"] = [FaultRule(**rule) for rule in merged.get("faults") or []]
+            merged["holds"] = [HoldRule(**rule) for rule in merged.get("holds") or []]
             config = EmulatorConfig(**merged)
             _validate(config)
             self.config = config
@@ -133,6 +150,14 @@ class Controls:
                     return FaultRule(**asdict(rule))
             return None
 
+    def take_hold(self, cmdlet: str) -> HoldRule | None:
+        with self._lock:
+            for rule in self.config.holds:
+                if rule.matches(cmdlet):
+                    rule.count -= 1
+                    return HoldRule(**asdict(rule))
+            return None
+
     def latency_s(self) -> float:
         config = self.config
         jitter = random.uniform(0.0, config.jitter_ms) if config.jitter_ms > 0 else 0.0
@@ -153,3 +178,6 @@ def _validate(config: EmulatorConfig) -> None:
             raise ValueError(f"fault status must be an HTTP error status, got {rule.status}")
         if rule.count < 0:
             raise ValueError("fault count must not be negative")
+    for hold in config.holds:
+        if hold.count < 0 or hold.before_ms < 0 or hold.after_ms < 0:
+            raise ValueError("hold count, before_ms and after_ms must not be negative")
