@@ -1,0 +1,434 @@
+"""Write-ahead auditing and one run at a time, against the real DC, PostgreSQL and emulator.
+
+A worker process runs `certsync.pipeline.run_all` and is killed with SIGKILL at each point of a
+publish: before its intent commits (the test holds the audit chain's lock, so the insert waits),
+between the intent and Exchange applying the write (the emulator holds the request, then refuses it),
+and after Exchange applied it but before the answer arrived (the emulator holds the answer). Also:
+PostgreSQL stopped mid-publish, a client timeout whose write Exchange applied late, two runs at
+once, the same run key twice, and an older run after a newer one.
+
+After each recovery: every Set-* in the emulator's request log has exactly one intent row and one
+closing row (outcome or settlement), no write is sent again once applied, no intent is left open,
+and Exchange holds what a clean run left there (the valid certificates).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+
+import psycopg
+import pytest
+
+from certsync.config import EnvSource, connection_uri, load_settings
+from certsync.pipeline import Services, run_all
+
+pytestmark = pytest.mark.integration
+DATABASE = "certsync_recovery"
+TIMEOUT_S = 2.0  # the workers' Exchange client timeout: settling waits for it after a death
+DRIFTED = 3  # mailboxes whose certificates are wiped in Exchange before each scenario
+
+WORKER = """
+import dataclasses, logging, sys
+from datetime import datetime
+from certsync.config import EnvSource, load_settings
+from certsync.pipeline import Services, run_all
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+settings = load_settings(EnvSource())
+exchange = dataclasses.replace(settings.exchange, timeout_s=float(sys.argv[3]))
+services = Services(settings=dataclasses.replace(settings, exchange=exchange))
+run_all(services, dag_id="recovery", airflow_run_id=sys.argv[1], logical_date=datetime.fromisoformat(sys.argv[2]))
+"""
+
+
+@pytest.fixture(scope="module")
+def env(sync_env: dict[str, str], embedded_pg) -> dict[str, str]:
+    from certsync_lab.stack import certsync_database
+
+    conn = certsync_database(embedded_pg, DATABASE)
+    return {**sync_env, "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(conn)}
+
+
+def _services(env: dict[str, str], **config) -> Services:
+    settings = load_settings(EnvSource(environ=env))
+    exchange = dataclasses.replace(settings.exchange, timeout_s=TIMEOUT_S)
+    return Services(settings=dataclasses.replace(settings, exchange=exchange, **config))
+
+
+@pytest.fixture(scope="module")
+def db(env, embedded_pg) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(embedded_pg.dsn_for(DATABASE), autocommit=True) as conn:
+        yield conn
+
+
+class Clock:
+    """Each run of this module one minute after the previous one (older runs are superseded)."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def next(self) -> datetime:
+        self.now += timedelta(minutes=1)
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def clock(lab_at) -> Clock:
+    return Clock(lab_at + timedelta(hours=1))  # inside the CRLs' validity
+
+
+def _held(emulator) -> dict[str, tuple[frozenset[bytes], frozenset[bytes]]]:
+    """What Exchange holds: recipient id -> (userCertificate hashes, userSMIMECertificate hashes)."""
+
+    def hashes(values: list[str]) -> frozenset[bytes]:
+        return frozenset(hashlib.sha256(base64.b64decode(v)).digest() for v in values)
+
+    return {
+        r["ExternalDirectoryObjectId"]: (hashes(r["UserCertificate"]), hashes(r["UserSMimeCertificate"]))
+        for r in emulator.control.state()["recipients"]
+    }
+
+
+@pytest.fixture(scope="module")
+def baseline(env, emulator_stack, clock, db) -> dict:
+    """A clean run first: what Exchange holds afterwards is the valid certificates (the oracle)."""
+    emulator_stack.control.reset_config()
+    run_all(_services(env), dag_id="recovery", airflow_run_id="baseline", logical_date=clock.next())
+    assert not _open_intents(db)
+    return _held(emulator_stack)
+
+
+def _drift(env, emulator, baseline, count: int = DRIFTED) -> list[str]:
+    """Wipe the certificates of `count` writable mailboxes behind certsync's back; returns their ids."""
+    mailboxes = sorted(
+        r["ExternalDirectoryObjectId"]
+        for r in emulator.control.state()["recipients"]
+        if r["RecipientTypeDetails"] == "UserMailbox"
+        and (not r["IsDirSynced"] or r["IsExchangeCloudManaged"])
+        and baseline[r["ExternalDirectoryObjectId"]][0]
+    )[:count]
+    client = _services(env).exchange
+    for identity in mailboxes:
+        wiped = client.set_certificates(
+            cmdlet="Set-Mailbox", identity=identity, user_certificate=[], user_smime_certificate=[]
+        )
+        assert wiped.kind == "accepted", wiped
+    emulator.control.clear_requests()
+    assert len(mailboxes) == count
+    return mailboxes
+
+
+def _open_intents(db) -> list[tuple]:
+    return db.execute(
+        "SELECT i.seq, i.recipient_id, i.user_certificate FROM certsync.audit_log i"
+        " WHERE i.phase = 'intent' AND NOT EXISTS"
+        " (SELECT FROM certsync.audit_log c WHERE c.intent_seq = i.seq) ORDER BY i.seq"
+    ).fetchall()
+
+
+def _set_calls(emulator) -> list[dict]:
+    return [r for r in emulator.control.requests() if str(r.get("cmdlet") or "").startswith("Set-")]
+
+
+def _check_recovered(db, emulator, baseline, drifted: list[str]) -> list[dict]:
+    """The invariants after recovery; returns the Set-* requests of the scenario."""
+    calls = _set_calls(emulator)
+    assert not _open_intents(db)
+    for call in calls:
+        rows = db.execute(
+            "SELECT phase, count(*) FROM certsync.audit_log WHERE client_request_id = %s GROUP BY 1",
+            (call["client_request_id"],),
+        ).fetchall()
+        phases = dict(rows)
+        assert phases.get("intent") == 1, (call, phases)
+        assert phases.get("outcome", 0) + phases.get("settlement", 0) == 1, (call, phases)
+    for identity in drifted:
+        sent = [c for c in calls if c["identity"] == identity]
+        applied = [i for i, c in enumerate(sent) if c["status"] == 200]
+        assert len(applied) == 1 and applied[0] == len(sent) - 1, (identity, sent)  # nothing after it
+    assert {c["identity"] for c in calls} <= set(drifted)
+    assert _held(emulator) == baseline
+    return calls
+
+
+def _worker(env: dict[str, str], run_key: str, when: datetime, **config) -> subprocess.Popen:
+    config_env = {}
+    if config:
+        merged = {**json.loads(env["AIRFLOW_VAR_CERTSYNC_CONFIG"]), **config}
+        config_env = {"AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps(merged)}
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, run_key, when.isoformat(), str(TIMEOUT_S)],
+        env={**os.environ, **env, **config_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(
+    what: str, check: Callable[[], object], timeout_s: float = 120.0, worker: subprocess.Popen | None = None
+) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        if worker is not None and worker.poll() is not None:
+            raise AssertionError(f"the worker ended before {what}: {worker.communicate()[0][-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill(worker: subprocess.Popen) -> str:
+    worker.send_signal(signal.SIGKILL)
+    output, _ = worker.communicate(timeout=30)
+    return output
+
+
+def _resume(env, run_key: str, when: datetime) -> None:
+    """The retry: the same run key again, in this process."""
+    run_all(_services(env), dag_id="recovery", airflow_run_id=run_key, logical_date=when)
+
+
+def _intent_of(db, seq: int) -> tuple:
+    return db.execute(
+        "SELECT recipient_id, user_certificate FROM certsync.audit_log WHERE seq = %s", (seq,)
+    ).fetchone()
+
+
+def _closing(db, identity: str) -> list[tuple]:
+    return db.execute(
+        "SELECT c.phase, c.outcome FROM certsync.audit_log c JOIN certsync.audit_log i ON i.seq = c.intent_seq"
+        " WHERE i.recipient_id = %s AND i.run_id = (SELECT max(run_id) FROM certsync.sync_run) ORDER BY c.seq",
+        (identity,),
+    ).fetchall()
+
+
+def test_killed_before_the_intent_commits(env, db, emulator_stack, baseline, clock, embedded_pg) -> None:
+    drifted = _drift(env, emulator_stack, baseline)
+    when, key = clock.next(), f"before-intent-{uuid.uuid4()}"
+    with psycopg.connect(embedded_pg.dsn_for(DATABASE)) as blocker:
+        blocker.execute("SELECT pg_advisory_xact_lock(hashtext('certsync.audit_log'))")  # the chain's lock
+        worker = _worker(env, key, when)
+        waiting = _wait_for(
+            "the intent insert to wait for the chain lock",
+            lambda: db.execute(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%INSERT INTO certsync.audit_log%'"
+            ).fetchone(),
+            worker=worker,
+        )
+        _kill(worker)
+        blocker.rollback()
+    _wait_for(
+        "the killed session to end",
+        lambda: not db.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", waiting).fetchone(),
+    )
+    assert not _open_intents(db)  # the intent never committed ...
+    assert _set_calls(emulator_stack) == []  # ... and so nothing was sent
+    _resume(env, key, when)
+    calls = _check_recovered(db, emulator_stack, baseline, drifted)
+    assert len(calls) == len(drifted)
+
+
+def test_killed_between_intent_and_request(env, db, emulator_stack, baseline, clock) -> None:
+    drifted = _drift(env, emulator_stack, baseline)
+    when, key = clock.next(), f"between-{uuid.uuid4()}"
+    # The first Set-Mailbox is held 5 s, then refused: the worker dies before Exchange applies anything.
+    emulator_stack.control.hold(cmdlet="Set-Mailbox", count=1, before_ms=5000)
+    emulator_stack.control.inject_fault(cmdlet="Set-Mailbox", count=1, status=503)
+    try:
+        worker = _worker(env, key, when)
+        (_seq, identity, _certs), *_ = _wait_for("an open intent", lambda: _open_intents(db), worker=worker)
+        _kill(worker)
+        _wait_for("the held request to be refused", lambda: _set_calls(emulator_stack), timeout_s=10)
+    finally:
+        emulator_stack.control.set_config(holds=[], faults=[])
+    assert _held(emulator_stack)[identity] != baseline[identity]  # not applied
+    _resume(env, key, when)
+    calls = _check_recovered(db, emulator_stack, baseline, drifted)
+    assert [c["status"] for c in calls if c["identity"] == identity] == [503, 200]
+    assert _closing(db, identity) == [("settlement", "not_applied"), ("outcome", "accepted")]
+    assert len(calls) == len(drifted) + 1
+
+
+def test_killed_after_exchange_applied_before_the_outcome(env, db, emulator_stack, baseline, clock) -> None:
+    drifted = _drift(env, emulator_stack, baseline)
+    when, key = clock.next(), f"after-apply-{uuid.uuid4()}"
+    emulator_stack.control.hold(cmdlet="Set-Mailbox", count=1, after_ms=6000)  # applied, answer late
+    try:
+        worker = _worker(env, key, when)
+        (_seq, identity, _certs), *_ = _wait_for("an open intent", lambda: _open_intents(db), worker=worker)
+        _wait_for("Exchange to apply it", lambda: _held(emulator_stack)[identity] == baseline[identity])
+        _kill(worker)
+        assert _open_intents(db)  # applied in Exchange, no outcome recorded
+        _wait_for("the held answer", lambda: _set_calls(emulator_stack), timeout_s=15)
+    finally:
+        emulator_stack.control.set_config(holds=[])
+    _resume(env, key, when)
+    calls = _check_recovered(db, emulator_stack, baseline, drifted)
+    assert len(calls) == len(drifted)  # the applied write was settled, not sent again
+    assert _closing(db, identity) == [("settlement", "applied")]
+
+
+def test_postgres_stopped_mid_publish(env, db, emulator_stack, baseline, clock, embedded_pg) -> None:
+    drifted = _drift(env, emulator_stack, baseline)
+    when, key = clock.next(), f"pg-restart-{uuid.uuid4()}"
+    emulator_stack.control.hold(cmdlet="Set-Mailbox", count=1, after_ms=3000)
+    db.close()
+    try:
+        with psycopg.connect(embedded_pg.dsn_for(DATABASE), autocommit=True) as watcher:
+            worker = _worker(env, key, when)
+            (_seq, identity, _c), *_ = _wait_for("an open intent", lambda: _open_intents(watcher))
+        embedded_pg.stop()  # while Exchange applies the write and holds its answer
+        worker.wait(timeout=120)  # the worker cannot record the outcome and stops
+        assert worker.returncode != 0
+        embedded_pg.start()
+    finally:
+        emulator_stack.control.set_config(holds=[])
+        if not embedded_pg.running():
+            embedded_pg.start()
+    with psycopg.connect(embedded_pg.dsn_for(DATABASE), autocommit=True) as conn:
+        assert [r[1] for r in _open_intents(conn)] == [identity]
+        _resume(env, key, when)
+        calls = _check_recovered(conn, emulator_stack, baseline, drifted)
+        assert len(calls) == len(drifted)
+        assert _closing(conn, identity) == [("settlement", "applied")]
+
+
+@pytest.fixture
+def db_again(embedded_pg) -> Iterator[psycopg.Connection]:
+    """A fresh connection (the module's may have been closed by the restart test)."""
+    with psycopg.connect(embedded_pg.dsn_for(DATABASE), autocommit=True) as conn:
+        yield conn
+
+
+def test_client_timeout_with_a_late_applied_write(env, db_again, emulator_stack, baseline, clock) -> None:
+    db = db_again
+    drifted = _drift(env, emulator_stack, baseline)
+    emulator_stack.control.hold(cmdlet="Set-Mailbox", count=1, before_ms=(TIMEOUT_S + 1.0) * 1000)
+    try:
+        run_all(
+            _services(env),
+            dag_id="recovery",
+            airflow_run_id=f"late-{uuid.uuid4()}",
+            logical_date=clock.next(),
+        )
+    finally:
+        emulator_stack.control.set_config(holds=[])
+    calls = _check_recovered(db, emulator_stack, baseline, drifted)
+    assert len(calls) == len(drifted)  # the timed-out write was applied late: read back, not resent
+    settled = db.execute(
+        "SELECT outcome, error_code FROM certsync.audit_log WHERE phase = 'settlement'"
+        " AND run_id = (SELECT max(run_id) FROM certsync.sync_run)"
+    ).fetchall()
+    assert settled == [("applied", "ConnectionError")]
+
+
+def test_normal_run_reads_nothing_back(env, db_again, emulator_stack, baseline, clock) -> None:
+    drifted = _drift(env, emulator_stack, baseline)
+    run_all(
+        _services(env), dag_id="recovery", airflow_run_id=f"normal-{uuid.uuid4()}", logical_date=clock.next()
+    )
+    _check_recovered(db_again, emulator_stack, baseline, drifted)
+    requests = emulator_stack.control.requests()
+    read_backs = [r for r in requests if r.get("cmdlet") == "Get-Recipient" and r.get("identity")]
+    extra_per_changed = len(read_backs) / len(drifted)
+    print(f"\nextra requests per changed recipient (normal case): {extra_per_changed}")
+    assert extra_per_changed == 0
+
+
+def test_two_runs_started_together_never_interleave(env, db_again, emulator_stack, baseline, clock) -> None:
+    drifted = _drift(env, emulator_stack, baseline)
+    first, second = clock.next(), clock.next()
+    workers = [_worker(env, f"together-{i}-{uuid.uuid4()}", when) for i, when in enumerate((first, second))]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert any("waits for run" in o for o in outputs), outputs
+    calls = _check_recovered(db_again, emulator_stack, baseline, drifted)
+    assert len(calls) == len(drifted)
+
+
+def test_a_second_run_is_refused_naming_the_holder(env, db_again, emulator_stack, baseline, clock) -> None:
+    from certsync.store import runlock
+
+    services = _services(env)
+    holder = db_again.execute("SELECT max(run_id) FROM certsync.sync_run").fetchone()[0]
+    with runlock.hold(services.engine, run_id=holder, stage="test", wait_s=0):
+        worker = _worker(env, f"refused-{uuid.uuid4()}", clock.next(), run_lock_wait_s=0)
+        output = worker.communicate(timeout=300)[0]
+    assert worker.returncode != 0
+    assert f"run {holder} (recovery / " in output and "holds the certsync run lock" in output, output[-3000:]
+    assert "UniqueViolation" not in output
+
+
+def test_the_same_run_key_twice_waits_and_does_not_crash(
+    env, db_again, emulator_stack, baseline, clock
+) -> None:
+    drifted = _drift(env, emulator_stack, baseline)
+    when, key = clock.next(), f"twice-{uuid.uuid4()}"
+    workers = [_worker(env, key, when) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert not any("UniqueViolation" in o for o in outputs)
+    calls = _check_recovered(db_again, emulator_stack, baseline, drifted)
+    assert len(calls) == len(drifted)
+
+
+def test_an_older_run_after_a_newer_one_is_superseded(env, db_again, emulator_stack, baseline, clock) -> None:
+    newer = clock.next()
+    run_all(_services(env), dag_id="recovery", airflow_run_id=f"newer-{uuid.uuid4()}", logical_date=newer)
+    drifted = _drift(env, emulator_stack, baseline)
+    key = f"older-{uuid.uuid4()}"
+    summary = run_all(
+        _services(env), dag_id="recovery", airflow_run_id=key, logical_date=newer - timedelta(seconds=30)
+    )
+    assert _set_calls(emulator_stack) == []
+    state = db_again.execute(
+        "SELECT state FROM certsync.sync_run WHERE airflow_run_id = %s", (key,)
+    ).fetchone()
+    assert state == ("superseded",)
+    assert summary["not_published_by_reason"].get("superseded") == len(drifted), summary
+    run_all(
+        _services(env), dag_id="recovery", airflow_run_id=f"newest-{uuid.uuid4()}", logical_date=clock.next()
+    )
+    _check_recovered(db_again, emulator_stack, baseline, drifted)
+
+
+def test_the_chain_covers_the_new_rows(env, db_again, embedded_pg, baseline) -> None:
+    import sqlalchemy as sa
+
+    from certsync.audit import verify
+
+    engine = sa.create_engine(embedded_pg.dsn_for(DATABASE).replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as conn:
+            assert verify(conn) == []
+            seq = conn.execute(
+                sa.text("SELECT min(seq) FROM certsync.audit_log WHERE phase = 'settlement'")
+            ).scalar()
+            conn.rollback()
+            transaction = conn.begin()
+            conn.execute(sa.text("ALTER TABLE certsync.audit_log DISABLE TRIGGER USER"))
+            conn.execute(
+                sa.text(
+                    "UPDATE certsync.audit_log SET outcome = CASE outcome WHEN 'applied' THEN 'not_applied'"
+                    " ELSE 'applied' END WHERE seq = :s"
+                ),
+                {"s": seq},
+            )
+            assert verify(conn) == [f"row {seq}: altered_row"]
+            transaction.rollback()
+    finally:
+        engine.dispose()
