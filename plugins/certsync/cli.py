@@ -123,6 +123,7 @@ def check() -> None:
 def run(dry_run: bool, allow_mass_removal: bool, airflow_run_id: str | None) -> None:
     """Run every stage once, in this process (what the DAG does, without a scheduler)."""
     from certsync import pipeline
+    from certsync.store.runlock import RunLocked, RunLockLost
 
     services = _services()
     now = datetime.now(UTC)
@@ -135,7 +136,7 @@ def run(dry_run: bool, allow_mass_removal: bool, airflow_run_id: str | None) -> 
             dry_run=dry_run,
             allow_mass_removal=allow_mass_removal,
         )
-    except (ConfigError, pipeline.RemovalThresholdExceeded) as exc:
+    except (ConfigError, pipeline.RemovalThresholdExceeded, RunLocked, RunLockLost) as exc:
         raise click.ClickException(str(exc)) from None
     _print_report(services)
 

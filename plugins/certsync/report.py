@@ -12,12 +12,12 @@ from tabulate import tabulate
 from certsync.audit import chain_head, verify
 
 # What an auditor asks: what did each recipient get, from which run, and did Exchange accept it?
+# One row per request: its intent (written before it was sent) and what became of it.
 AUDITOR_QUERY = """
-SELECT a.seq, a.at::timestamp(0) AS at_utc, a.primary_smtp, a.cmdlet, a.action,
-       cardinality(a.user_certificate) AS user_certs, cardinality(a.user_smime_certificate) AS smime_blobs,
-       a.outcome, a.airflow_run_id
-FROM certsync.audit_log a
-ORDER BY a.seq DESC
+SELECT r.intent_seq, r.intended_at::timestamp(0) AS at_utc, r.primary_smtp, r.cmdlet, r.action,
+       r.user_certs, r.smime_blobs, r.outcome, r.closed_by, r.airflow_run_id
+FROM certsync.publish_requests r
+ORDER BY r.intent_seq DESC
 LIMIT 5
 """
 

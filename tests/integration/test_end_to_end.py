@@ -137,13 +137,21 @@ def test_directory_synced_recipients_are_conflicts_not_writes(first_run, emulato
     assert conflicts > 0
 
 
-def test_one_audit_row_per_publish_attempt(first_run, db) -> None:
+def test_an_intent_and_an_outcome_per_publish_request(first_run, db) -> None:
     _, requests = first_run
-    rows = db.execute("SELECT count(*), count(DISTINCT client_request_id) FROM certsync.audit_log").fetchone()
+    rows = db.execute(
+        "SELECT count(*), count(DISTINCT client_request_id) FROM certsync.audit_log WHERE phase = 'intent'"
+    ).fetchone()
     assert rows[0] == rows[1] == len(_set_calls(requests))
     sent = {r["client_request_id"] for r in _set_calls(requests)}
-    audited = {str(r[0]) for r in db.execute("SELECT client_request_id FROM certsync.audit_log")}
-    assert sent == audited
+    for phase in ("intent", "outcome"):
+        audited = db.execute("SELECT client_request_id FROM certsync.audit_log WHERE phase = %s", (phase,))
+        assert {str(r[0]) for r in audited} == sent
+    # Each intent was written before its outcome, and closed once.
+    assert db.execute(
+        "SELECT count(*) FROM certsync.audit_log o JOIN certsync.audit_log i ON i.seq = o.intent_seq"
+        " WHERE o.phase = 'outcome' AND i.seq < o.seq AND i.client_request_id = o.client_request_id"
+    ).fetchone()[0] == len(sent)
 
 
 def test_summary_gives_a_reason_for_every_planted_defect(
@@ -237,8 +245,8 @@ def test_verifier_finds_altered_removed_inserted_rows_and_a_cut_tail(first_run, 
     inserted = (
         "INSERT INTO certsync.audit_log SELECT seq + 1000, at, run_id, dag_id, airflow_run_id, object_guid,"
         " recipient_id, primary_smtp, cmdlet, action, user_certificate, user_smime_certificate, attempt,"
-        " 'accepted', http_status, error_code, detail, client_request_id, prev_hash, row_hash"
-        " FROM certsync.audit_log WHERE seq = 5"
+        " outcome, http_status, error_code, detail, client_request_id, prev_hash, row_hash, phase,"
+        " intent_seq, action_no, task_try, settled_by_run_id FROM certsync.audit_log WHERE seq = 5"
     )
     assert _tampered(owner_engine, inserted)  # a copied row lands out of sequence and off the chain
     cut = f"DELETE FROM certsync.audit_log WHERE seq > {last - 2}"  # noqa: S608 - an int
