@@ -375,7 +375,13 @@ class NamespaceStack:
     def down(self) -> None:
         """Stop services in reverse start order: SIGTERM, then SIGKILL of the PID namespace."""
         for name in reversed(list(self.running)):
-            self._stop(self.running[name])
+            run = self.running[name]
+            try:
+                self._stop(run)
+            except (OSError, subprocess.SubprocessError):
+                log.exception("stopping %s failed; killing its namespace", name)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(run.init_pid, signal.SIGKILL)
         self._checks.shutdown(wait=True, cancel_futures=True)
         if self._client is not None:
             self._client.shutdown(wait=True)
