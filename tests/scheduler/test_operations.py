@@ -1,0 +1,134 @@
+"""The certsync DAG operated through a real Airflow scheduler as operators do: manual triggers with and
+without a logical date, a dry run, clearing a whole run, and a worker killed in the middle of publish.
+
+The tests share one Airflow and one lab (see conftest.py). A first run publishes the tenant's
+initial state (synced_lab), and each test changes a few users in the directory so that its run has
+something to publish. The scheduler creates no runs of its own (use_job_schedule is
+off): every run here is one a test made.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.scheduler.harness import SchedulerLab, now
+
+pytestmark = pytest.mark.integration
+
+RUN_TIMEOUT_S = 180.0
+
+
+def test_dry_run_with_a_logical_date_publishes_nothing(synced_lab: SchedulerLab) -> None:
+    lab = synced_lab
+    removed = lab.drop_certificates(2)
+    try:
+        since = len(lab.requests())
+        at = now()
+        run_id = lab.trigger(logical_date=at, conf={"dry_run": True})
+        assert lab.wait_for_run(run_id, timeout=RUN_TIMEOUT_S) == "success", lab.describe_tasks(run_id)
+        assert lab.writes(since) == [], "a dry run sent Set-* requests"
+        record = lab.sync_run(run_id)
+        assert record is not None and record["dry_run"] and record["logical_date"] == at, record
+        held_back = lab.query(
+            "SELECT count(*) FROM certsync.planned_action WHERE run_id = %s AND state = 'dry_run'",
+            (record["run_id"],),
+        )[0][0]
+        assert held_back >= 2, f"the dry run planned {held_back} changes for 2 changed users"
+    finally:
+        lab.restore_certificates(removed)
+
+
+def _published_actions(lab: SchedulerLab, sync_run_id: int) -> list[tuple]:
+    return lab.query(
+        "SELECT action_no, recipient_id FROM certsync.planned_action"
+        " WHERE run_id = %s AND state = 'published' ORDER BY action_no",
+        (sync_run_id,),
+    )
+
+
+def test_clearing_a_successful_run_changes_nothing_twice(synced_lab: SchedulerLab) -> None:
+    lab = synced_lab
+    lab.drop_certificates(2)
+    since = len(lab.requests())
+    at = now()
+    run_id = lab.trigger(logical_date=at)
+    assert lab.wait_for_run(run_id, timeout=RUN_TIMEOUT_S) == "success", lab.describe_tasks(run_id)
+    first = lab.writes(since)
+    assert len(first) >= 2, f"the run sent {len(first)} Set-* for 2 changed users"
+    record = lab.sync_run(run_id)
+    assert record is not None
+    audit = lab.query("SELECT seq, phase, outcome FROM certsync.audit_log WHERE run_id = %s ORDER BY seq",
+                      (record["run_id"],))  # fmt: skip
+    published = _published_actions(lab, record["run_id"])
+    assert len(published) >= 2, f"the run published {published} for 2 changed users"
+
+    mid = len(lab.requests())
+    lab.clear_tasks(at)
+    assert lab.wait_for_run(run_id, timeout=RUN_TIMEOUT_S) == "success", lab.describe_tasks(run_id)
+    tries = {t["task_id"]: t["try_number"] for t in lab.task_instances(run_id)}
+    assert tries["begin"] >= 2 and tries["finish"] >= 2, f"the clear did not re-run the run: {tries}"
+    again = lab.writes(mid)
+    assert again == [], f"the cleared run sent {len(again)} Set-* again: {[w['identity'] for w in again]}"
+    after = lab.query("SELECT seq, phase, outcome FROM certsync.audit_log WHERE run_id = %s ORDER BY seq",
+                      (record["run_id"],))  # fmt: skip
+    assert after == audit, "the cleared run wrote audit rows for changes it had already made"
+    assert _published_actions(lab, record["run_id"]) == published, "the clear lost published actions"
+    assert lab.sync_run(run_id)["state"] == "succeeded"
+    assert lab.disagreements(record["run_id"]) == []
+
+
+def _wait_for_write(lab: SchedulerLab, since: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not lab.writes(since):
+        assert time.monotonic() < deadline, "publish sent no Set-* in time"
+        time.sleep(0.2)
+
+
+def _wait_for_loss(lab: SchedulerLab, run_id: str, killed: dict[str, Any], timeout: float = 60.0) -> str:
+    """The state the scheduler gives the killed try (each try has its own task instance id)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ti = next(
+            t
+            for t in lab.task_instances(run_id)
+            if t["task_id"] == "publish" and t["map_index"] == killed["map_index"]
+        )
+        if ti["state"] in {"up_for_retry", "failed"}:
+            return str(ti["state"])
+        time.sleep(0.5)
+    raise AssertionError(
+        f"the killed publish[{killed['map_index']}] was never failed: {lab.describe_tasks(run_id)}"
+    )
+
+
+def test_worker_killed_during_publish_then_cleared_publishes_every_change_once(
+    synced_lab: SchedulerLab,
+) -> None:
+    lab = synced_lab
+    lab.drop_certificates(6)
+    since = len(lab.requests())
+    # Slow writes keep publish busy long enough to kill it between (or during) its requests.
+    lab.set_emulator(latency_ms=1500)
+    at = now()
+    run_id = lab.trigger(logical_date=at)
+    publish = lab.wait_for_task(run_id, "publish", {"running"}, timeout=RUN_TIMEOUT_S)
+    _wait_for_write(lab, since)
+    lab.kill_task_process(publish["id"])
+    _wait_for_loss(lab, run_id, publish)
+    lab.reset_emulator()
+    # The DAG waits minutes before a retry; an operator clears the task instead.
+    lab.clear_tasks(at, task_regex="publish")
+    assert lab.wait_for_run(run_id, timeout=RUN_TIMEOUT_S) == "success", lab.describe_tasks(run_id)
+
+    writes = lab.writes(since)
+    assert len(writes) >= 6, f"{len(writes)} Set-* for 6 changed users"
+    assert lab.unaudited(writes) == []
+    accepted = Counter(w["identity"] for w in writes if w["status"] == 200)
+    assert [i for i, n in accepted.items() if n > 1] == [], f"changes sent twice: {accepted}"
+    record = lab.sync_run(run_id)
+    assert record is not None and record["state"] == "succeeded", record
+    assert lab.disagreements(record["run_id"]) == []
