@@ -5,6 +5,7 @@ ids and counts, and any stage can be re-run (retry, clear, backfill) without dou
 
 from __future__ import annotations
 
+import getpass
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from certsync.directory import DirectoryError, DirectoryReader
 from certsync.exchange.auth import AuthError, TokenProvider, http_session
 from certsync.exchange.client import ExchangeClient, ExchangeError, Outcome, backoff_s
 from certsync.exchange.recipients import Recipient
+from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
 from certsync.plan import build_plan
 from certsync.store import db, planning, publishing, runs, source, validation
 from certsync.store.db import DatabaseError
@@ -63,15 +65,23 @@ SETTING_ERRORS = (TrustConfigError, DatabaseError, DirectoryError, AuthError, Ex
 
 
 def _checked(setting: str, check: Callable[[], T]) -> T:
+    """Run one check; a system that is down or busy is Unavailable (the task retries), anything
+    else it raises is a settings error naming `setting` (the task fails at once)."""
     try:
         return check()
-    except SETTING_ERRORS as exc:
-        raise ConfigError(f"{setting}: {exc}") from None
+    except Exception as exc:
+        reason = transient_reason(exc)
+        if reason:
+            raise Unavailable(f"{setting}: {reason}: {short_message(exc)}") from None
+        if isinstance(exc, SETTING_ERRORS):
+            raise ConfigError(f"{setting}: {exc}") from None
+        raise
 
 
 def preflight(services: Services) -> str:
     """Check every setting against the real systems before anything is written; returns the
-    trust fingerprint. Each failure raises a ConfigError that names the setting."""
+    trust fingerprint. A wrong setting raises a ConfigError that names it; a system that cannot be
+    reached raises Unavailable."""
     names = services.settings.names
     trust = _checked(f"variable {names.config_variable!r}", services.settings.trust.load)
     _checked(f"connection {names.postgres_conn_id!r}", lambda: db.check(services.dsn))
@@ -81,11 +91,46 @@ def preflight(services: Services) -> str:
     return trust.fingerprint
 
 
+# Leases this process holds on the runs it began (released by finish, or by the process's end):
+# while held, no other run's begin takes the run for abandoned.
+_held_leases: dict[tuple[str, int], Any] = {}
+
+
+def _is_live(conn: Any, run: runs.OpenRun, live: Callable[[runs.OpenRun], bool] | None) -> bool:
+    return runs.leased(conn, run.run_id) or (live is not None and live(run))
+
+
+def _close_abandoned(
+    conn: Any, *, dag_id: str, airflow_run_id: str, live: Callable[[runs.OpenRun], bool] | None
+) -> list[int]:
+    """Close as `abandoned` every other run still marked running that no process works on any more."""
+    closed = []
+    for run in runs.open_runs(conn):
+        if (run.dag_id, run.airflow_run_id) == (dag_id, airflow_run_id) or _is_live(conn, run, live):
+            continue
+        if runs.close_abandoned(conn, run_id=run.run_id):
+            log.warning("run %s (%s/%s) was abandoned; closed it", run.run_id, run.dag_id, run.airflow_run_id)
+            closed.append(run.run_id)
+    return closed
+
+
 def begin(
-    services: Services, *, dag_id: str, airflow_run_id: str, logical_date: datetime, mode: str, dry_run: bool
+    services: Services,
+    *,
+    dag_id: str,
+    airflow_run_id: str,
+    logical_date: datetime,
+    mode: str,
+    dry_run: bool,
+    record: runs.RunRecord | None = None,
+    live: Callable[[runs.OpenRun], bool] | None = None,
 ) -> int:
+    """Check the settings, close runs whose process died (`live` says which runs without a lease
+    are still alive elsewhere, e.g. between two Airflow tasks), and register this run."""
     fingerprint = preflight(services)
+    record = record or runs.RunRecord(allow_mass_removal=False)
     with services.engine.begin() as conn:
+        abandoned = _close_abandoned(conn, dag_id=dag_id, airflow_run_id=airflow_run_id, live=live)
         run_id = runs.begin_run(
             conn,
             dag_id=dag_id,
@@ -94,9 +139,43 @@ def begin(
             mode=mode,
             dry_run=dry_run,
             trust_fingerprint=fingerprint,
+            record=record,
         )
-    log.info("run %s registered for %s/%s (%s, dry_run=%s)", run_id, dag_id, airflow_run_id, mode, dry_run)
+        if abandoned:
+            runs.note_closed_by(conn, run_ids=abandoned, closed_by=run_id)
+    _hold_lease(services, run_id)
+    log.info(
+        "run %s registered for %s/%s (%s, time from %s, dry_run=%s, allow_mass_removal=%s, by %s/%s)",
+        run_id,
+        dag_id,
+        airflow_run_id,
+        mode,
+        record.date_source,
+        dry_run,
+        record.allow_mass_removal,
+        record.run_type,
+        record.triggered_by,
+    )
+    if record.allow_mass_removal:
+        log.warning("run %s may remove more certificates than removal_threshold (allow_mass_removal)", run_id)
     return run_id
+
+
+def _hold_lease(services: Services, run_id: int) -> None:
+    key = (services.dsn, run_id)  # run ids repeat across databases
+    if key not in _held_leases:
+        conn = services.engine.connect()
+        runs.take_lease(conn, run_id)
+        _held_leases[key] = conn
+
+
+def _drop_lease(services: Services, run_id: int) -> None:
+    conn = _held_leases.pop((services.dsn, run_id), None)
+    if conn is not None:
+        try:
+            runs.release_lease(conn, run_id)
+        finally:
+            conn.close()
 
 
 def extract(services: Services, *, run_id: int) -> dict[str, int]:
@@ -250,17 +329,56 @@ def _record(
     return state
 
 
+def _problems(summary: dict[str, Any]) -> list[str]:
+    """Why the run must show failed: actions failed or left pending, or no plan was saved."""
+    actions = summary["actions"]
+    failed = sum(n for key, n in actions.items() if key.endswith(":failed"))
+    pending = sum(n for key, n in actions.items() if key.endswith(":pending"))
+    problems = []
+    if not summary["run"]["planned"]:
+        problems.append("the run stopped before its plan was saved (see the failed task)")
+    if failed:
+        reasons = ", ".join(f"{k}: {n}" for k, n in summary["failed_by_reason"].items())
+        problems.append(f"{failed} actions failed ({reasons})")
+    if pending:
+        problems.append(f"{pending} actions were never sent (still pending)")
+    return problems
+
+
 def finish(services: Services, *, run_id: int) -> dict[str, Any]:
     """Summarise the run from its rows, close it, and hand out the audit chain head so that a copy
-    of it lives outside the database (the task log and XCom)."""
-    with services.engine.begin() as conn:
+    of it lives outside the database (the task log and XCom). Raises RunFailed, after closing the
+    run as failed, when any action failed or stayed pending: a run like that must not look green."""
+    with services.run_lock(run_id, "finish"), services.engine.begin() as conn:
         summary = runs.summarize(conn, run_id)
+        summary["run"] = runs.run_record(conn, run_id)
+        summary["failed_by_reason"] = runs.failed_by_reason(conn, run_id)
         head = audit.chain_head(conn)
         summary["audit_head"] = str(head) if head else None
-        failed = sum(n for key, n in summary["actions"].items() if key.endswith(":failed"))
-        runs.finish_run(conn, run_id=run_id, state="failed" if failed else "succeeded", summary=summary)
+        problems = _problems(summary)
+        state = "failed" if problems else "succeeded"
+        if runs.is_superseded(conn, run_id):  # a newer run's view stands; this run sent nothing
+            state, problems = "superseded", []
+            summary["superseded_by"] = runs.superseded_by(conn, run_id)
+        runs.finish_run(conn, run_id=run_id, state=state, summary=summary)
+    _drop_lease(services, run_id)
     log.info("run %s finished; audit chain head %s", run_id, summary["audit_head"])
+    if problems:
+        raise RunFailed(f"run {run_id} failed: {'; '.join(problems)}")
     return summary
+
+
+def _os_user() -> str | None:
+    """Who ran the command line, for the run's record (None where the OS cannot say)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+def published_count(summary: dict[str, Any]) -> int:
+    """How many recipients this run changed in Exchange Online."""
+    return sum(n for key, n in summary["actions"].items() if key.endswith(":published"))
 
 
 def run_all(
@@ -280,6 +398,7 @@ def run_all(
         logical_date=logical_date,
         mode="full",
         dry_run=dry_run,
+        record=runs.RunRecord(run_type="cli", triggered_by=_os_user(), allow_mass_removal=allow_mass_removal),
     )
     extract(services, run_id=run_id)
     read_recipients(services, run_id=run_id)
