@@ -123,6 +123,7 @@ def check() -> None:
 def run(dry_run: bool, allow_mass_removal: bool, airflow_run_id: str | None) -> None:
     """Run every stage once, in this process (what the DAG does, without a scheduler)."""
     from certsync import pipeline
+    from certsync.failures import RunFailed, Unavailable
     from certsync.store.runlock import RunLocked, RunLockLost
 
     services = _services()
@@ -136,7 +137,10 @@ def run(dry_run: bool, allow_mass_removal: bool, airflow_run_id: str | None) -> 
             dry_run=dry_run,
             allow_mass_removal=allow_mass_removal,
         )
-    except (ConfigError, pipeline.RemovalThresholdExceeded, RunLocked, RunLockLost) as exc:
+    except (ConfigError, pipeline.RemovalThresholdExceeded, RunLocked, RunLockLost, Unavailable) as exc:
+        raise click.ClickException(str(exc)) from None
+    except RunFailed as exc:  # closed as failed: show what it did, then exit non-zero
+        _print_report(services)
         raise click.ClickException(str(exc)) from None
     _print_report(services)
 
