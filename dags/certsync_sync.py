@@ -13,37 +13,54 @@ hash-chained, append-only audit log in Postgres.
 | `validate` | validates each new or expiring certificate once, in parallel shards |
 | `plan` | desired (valid, at most 15, newest first) vs what Exchange holds -> actions |
 | `publish` | sends each batch of actions with Set-Mailbox / Set-MailUser / Set-MailContact |
-| `finish` | writes the run summary and emits the `certsync://published` asset event |
+| `finish` | (teardown) closes the run, fails when any action failed or stayed pending, and emits the `certsync://published` asset event when something was published |
 
 **Params**
 
 | param | default | meaning |
 |---|---|---|
 | `dry_run` | `false` | plan, but publish nothing |
-| `allow_mass_removal` | `false` | ignore the removal threshold for this run |
+| `allow_mass_removal` | `false` | ignore the removal threshold for this run (recorded with the run) |
 | `ldap_conn_id` | `certsync_ldap` | the directory's connection (type *certsync: Active Directory*) |
 | `exchange_conn_id` | `certsync_exchange` | the tenant's connection (type *certsync: Exchange Online*) |
 | `postgres_conn_id` | `certsync_postgres` | the store's connection, logging in as `certsync_app` (required) |
 
+A param of the wrong type is refused when the run is triggered; a conf key that is not a param
+fails `begin` naming the nearest param. A manual run without a logical date takes the time it
+was queued for (recorded as `date_source = run_after`).
+
 Create the connections in *Admin > Connections* and press *Test*: each type checks what `begin`
-checks. The variable `certsync_config` holds the trust settings (see the README). Bad settings and
-a tripped removal threshold fail the task without retries; a missing connection fails naming it.
-Re-running any task or the whole run is safe: every stage is keyed by the run.
+checks. The variable `certsync_config` holds the trust settings (see the README); an unknown key
+in it is refused. Bad settings and a tripped removal threshold fail the task without retries; a
+system that is down or busy (Postgres, the DC, Exchange, the token endpoint) is retried with
+backoff. A run whose actions failed ends **failed**, and the notifier named by the variable
+`certsync_notifier` (any Airflow notifier, e.g. Slack or SMTP) is called. A run whose process died
+is closed as `abandoned` by the next run. Re-running any task or the whole run is safe: every
+stage is keyed by the run.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
 PUBLISHED = Asset("certsync://published")
+# finish emits through an alias, so that a run that changed nothing emits no event at all.
+PUBLISHED_EVENTS = AssetAlias("certsync-published-events")
 VALIDATION_SHARDS = 2
 CONN_ID_PARAMS = ("ldap_conn_id", "exchange_conn_id", "postgres_conn_id")
 
 
 def _conn_id(default: str, description: str) -> Param:
     return Param(default, type="string", pattern=r"^[\w.-]+$", description=description)
+
+
+def _on_failure(context) -> None:
+    """Hand a failed run to the configured notifier (imported only when a run fails)."""
+    from certsync.airflow.adapter import notify_failure
+
+    notify_failure(context)
 
 
 def _conn_ids() -> dict[str, str]:
@@ -59,7 +76,17 @@ def _conn_ids() -> dict[str, str]:
     max_active_runs=1,
     tags=["certsync", "smime"],
     doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "identity"},
+    dagrun_timeout=timedelta(hours=6),
+    on_failure_callback=_on_failure,
+    default_args={
+        "owner": "identity",
+        # Retries are for systems that are down or busy; settings errors fail at once regardless.
+        "retries": 3,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=15),
+        "execution_timeout": timedelta(hours=1),
+    },
     params={
         "dry_run": Param(False, type="boolean", description="Plan, but publish nothing."),
         "allow_mass_removal": Param(False, type="boolean", description="Ignore the removal threshold once."),
@@ -69,22 +96,12 @@ def _conn_ids() -> dict[str, str]:
     },
 )
 def certsync():
-    @task
+    @task(execution_timeout=timedelta(minutes=15))
     def begin() -> int:
-        """Check settings against the real systems and register this run."""
-        from certsync import pipeline
-        from certsync.airflow.adapter import run_stage
+        """Check settings against the real systems, close abandoned runs and register this run."""
+        from certsync.airflow.adapter import begin_run
 
-        ctx = get_current_context()
-        return run_stage(
-            pipeline.begin,
-            conn_ids=_conn_ids(),
-            dag_id=ctx["dag"].dag_id,
-            airflow_run_id=ctx["run_id"],
-            logical_date=ctx["logical_date"] or ctx["dag_run"].run_after,
-            mode="full",
-            dry_run=bool(ctx["params"]["dry_run"]),
-        )
+        return begin_run(get_current_context(), conn_ids=_conn_ids())
 
     @task
     def extract(sync_run_id: int) -> dict:
@@ -100,7 +117,10 @@ def certsync():
         from certsync import pipeline
         from certsync.airflow.adapter import run_stage
 
-        return run_stage(pipeline.read_recipients, conn_ids=_conn_ids(), run_id=sync_run_id)
+        try_number = get_current_context()["ti"].try_number  # settling lost answers records it
+        return run_stage(
+            pipeline.read_recipients, conn_ids=_conn_ids(), run_id=sync_run_id, task_try=try_number
+        )
 
     @task
     def validate(sync_run_id: int, shard: int) -> dict:
@@ -121,21 +141,29 @@ def certsync():
         allow = bool(get_current_context()["params"]["allow_mass_removal"])
         return run_stage(pipeline.plan, conn_ids=_conn_ids(), run_id=sync_run_id, allow_mass_removal=allow)
 
-    @task(max_active_tis_per_dagrun=4)
+    @task(max_active_tis_per_dagrun=4, execution_timeout=timedelta(hours=2))
     def publish(sync_run_id: int, batch: int) -> dict:
         """Publish one batch of actions to Exchange Online, auditing every attempt."""
         from certsync import pipeline
         from certsync.airflow.adapter import run_stage
 
-        return run_stage(pipeline.publish, conn_ids=_conn_ids(), run_id=sync_run_id, batch=batch)
+        try_number = get_current_context()["ti"].try_number  # recorded on each write-ahead audit row
+        return run_stage(
+            pipeline.publish, conn_ids=_conn_ids(), run_id=sync_run_id, batch=batch, task_try=try_number
+        )
 
-    @task(trigger_rule="none_failed", outlets=[PUBLISHED])
+    @task(outlets=[PUBLISHED_EVENTS], execution_timeout=timedelta(minutes=15))
     def finish(sync_run_id: int) -> dict:
-        """Write the run summary (counts per outcome and reason) and the audit chain head."""
-        from certsync import pipeline
-        from certsync.airflow.adapter import run_stage
+        """Close the run with its summary; fail when any action failed or stayed pending."""
+        from certsync.airflow.adapter import finish_run
 
-        return run_stage(pipeline.finish, conn_ids=_conn_ids(), run_id=sync_run_id)
+        return finish_run(
+            get_current_context(),
+            conn_ids=_conn_ids(),
+            run_id=sync_run_id,
+            alias=PUBLISHED_EVENTS,
+            asset=PUBLISHED,
+        )
 
     sync_run = begin()
     extracted = extract(sync_run)
@@ -145,7 +173,10 @@ def certsync():
     batches = plan(sync_run)
     validated >> batches
     published = publish.partial(sync_run_id=sync_run).expand(batch=batches)
-    published >> finish(sync_run)
+    # A teardown of begin: it runs whatever happened after begin (a failed stage, an empty plan)
+    # and its failure fails the DAG run.
+    closed = finish(sync_run).as_teardown(setups=sync_run, on_failure_fail_dagrun=True)
+    published >> closed
 
 
 certsync()

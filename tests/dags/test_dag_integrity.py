@@ -39,8 +39,35 @@ def test_certsync_shape(dagbag: DagBag) -> None:
     assert order["extract"] == {"begin"}
     assert order["validate"] == {"begin", "extract", "read_recipients"}
     assert order["publish"] == {"begin", "plan"}
-    assert dag.get_task("finish").trigger_rule == "none_failed"
     assert dag.max_active_runs == 1
+
+
+def test_finish_is_a_teardown_whose_failure_fails_the_run(dagbag: DagBag) -> None:
+    """A failed stage or a failed action must show: finish runs whatever happened after begin,
+    and its failure is the DAG run's."""
+    dag = dagbag.dags["certsync"]
+    finish = dag.get_task("finish")
+    assert finish.is_teardown and finish.on_failure_fail_dagrun
+    assert dag.get_task("begin").is_setup
+    assert {t.task_id for t in finish.upstream_list} == {"begin", "publish"}
+
+
+def test_timeouts_retries_and_the_failure_callback_are_set(dagbag: DagBag) -> None:
+    dag = dagbag.dags["certsync"]
+    assert dag.dagrun_timeout is not None and dag.on_failure_callback is not None
+    for task in dag.tasks:
+        assert task.execution_timeout is not None, task.task_id
+        assert task.execution_timeout < dag.dagrun_timeout
+        assert task.retry_exponential_backoff and task.max_retry_delay, task.task_id
+
+
+def test_the_asset_is_announced_through_an_alias(dagbag: DagBag) -> None:
+    """An outlet asset would get an event on every success; through the alias, finish adds one only
+    when the run published something."""
+    from airflow.sdk import AssetAlias
+
+    outlets = dagbag.dags["certsync"].get_task("finish").outlets
+    assert [type(o) for o in outlets] == [AssetAlias]
 
 
 def test_dag_file_has_no_heavy_top_level_imports() -> None:
@@ -87,9 +114,49 @@ def test_every_certsync_task_passes_the_run_conn_ids() -> None:
     import ast
 
     tree = ast.parse((REPO / "dags" / "certsync_sync.py").read_text())
-    calls = [
-        n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "run_stage"
-    ]
+    stages = {"begin_run", "finish_run", "run_stage"}
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") in stages]
     assert len(calls) == 7
     for call in calls:
         assert any(k.arg == "conn_ids" for k in call.keywords), ast.unparse(call)
+
+
+@pytest.mark.parametrize(
+    ("conf", "param"),
+    [
+        ({"dry_run": "yes"}, "dry_run"),
+        ({"allow_mass_removal": 1}, "allow_mass_removal"),
+        ({"ldap_conn_id": ""}, "ldap_conn_id"),
+    ],
+)
+def test_params_of_the_wrong_type_are_refused_before_the_run_starts(dagbag: DagBag, conf, param) -> None:
+    """What `airflow dags trigger --conf` and the UI's trigger form go through: no run is created."""
+    from airflow.sdk.exceptions import ParamValidationError
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    # What the scheduler's create_dagrun checks, on the DAG as the scheduler holds it.
+    served = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dagbag.dags["certsync"]))
+    with pytest.raises(ParamValidationError, match=f"param {param}"):
+        served.params.deep_merge(conf).validate()
+    served.params.deep_merge({"dry_run": True}).validate()
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"dry-run": True}, "unknown param 'dry-run' (did you mean 'dry_run'?)"),
+        ({"allow_mass_removals": True}, "'allow_mass_removals' (did you mean 'allow_mass_removal'?)"),
+        ({"colour": 1}, "unknown param 'colour'; the params are allow_mass_removal, dry_run,"),
+    ],
+)
+def test_a_conf_key_that_is_no_param_is_refused_naming_the_nearest(dagbag: DagBag, conf, message) -> None:
+    """Airflow passes unknown conf keys through: a misspelt dry_run would otherwise publish for real."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from certsync.airflow.adapter import check_conf
+
+    with pytest.raises(AirflowFailException) as refused:
+        check_conf(conf, dagbag.dags["certsync"].params.keys())
+    assert message in str(refused.value)
+    check_conf({"dry_run": True, "postgres_conn_id": "x"}, dagbag.dags["certsync"].params.keys())
+    check_conf(None, dagbag.dags["certsync"].params.keys())
