@@ -432,3 +432,35 @@ def test_the_chain_covers_the_new_rows(env, db_again, embedded_pg, baseline) -> 
             transaction.rollback()
     finally:
         engine.dispose()
+
+
+def test_a_plan_uses_the_verdicts_of_its_own_time(env, db_again, emulator_stack, baseline, clock) -> None:
+    """A newer run validates; an older run re-validates the same values at its own time before the
+    newer one plans: the newer plan still uses the verdicts of its time (here, past the CRLs' next
+    update, nothing is valid), never the older run's. Dry runs, so that Exchange keeps its state."""
+    from certsync.pipeline import begin, extract, plan, read_recipients, validate
+
+    services = _services(env)
+
+    def start(key: str, when: datetime) -> int:
+        return begin(
+            services, dag_id="recovery", airflow_run_id=key, logical_date=when, mode="full", dry_run=True
+        )
+
+    newer = start(f"verdicts-newer-{uuid.uuid4()}", clock.now + timedelta(days=40))
+    extract(services, run_id=newer)
+    read_recipients(services, run_id=newer)
+    validate(services, run_id=newer)
+    older = start(f"verdicts-older-{uuid.uuid4()}", clock.next())
+    extract(services, run_id=older)
+    validate(services, run_id=older)  # (verdicts used to be one row per value: this overwrote them)
+    plan(services, run_id=newer)
+    selected = db_again.execute(
+        "SELECT count(*) FILTER (WHERE selected), count(*) FROM certsync.value_result WHERE run_id = %s",
+        (newer,),
+    ).fetchone()
+    assert selected[0] == 0 < selected[1]
+    changes = db_again.execute(
+        "SELECT count(*) FROM certsync.planned_action WHERE run_id = %s AND state = 'pending'", (newer,)
+    ).fetchone()[0]
+    assert changes > 0  # it would take away what the older verdicts call valid

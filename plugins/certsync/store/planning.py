@@ -24,7 +24,12 @@ SELECT u.object_guid, u.mail, u.proxy_addresses,
        c.not_before, c.not_after, c.valid_until, c.emails
 FROM certsync.source_user u
 LEFT JOIN certsync.source_value v ON v.object_guid = u.object_guid
-LEFT JOIN LATERAL certsync.verdict_at(v.sha256, v.attribute, :fp, :at) c ON true
+LEFT JOIN LATERAL (
+    SELECT * FROM certsync.cert_verdict c
+    WHERE c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
+      AND c.checked_at <= :at AND (c.valid_until IS NULL OR :at < c.valid_until)
+    ORDER BY c.checked_at DESC LIMIT 1
+) c ON true
 ORDER BY u.object_guid, v.attribute, v.ordinal
 """
 

@@ -18,7 +18,10 @@ PENDING = """
 SELECT DISTINCT v.attribute, b.value
 FROM certsync.source_value v
 JOIN certsync.cert_blob b ON b.sha256 = v.sha256
-WHERE NOT EXISTS (SELECT FROM certsync.verdict_at(v.sha256, v.attribute, :fp, :at))
+WHERE NOT EXISTS (
+    SELECT FROM certsync.cert_verdict c
+    WHERE c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
+      AND c.checked_at <= :at AND (c.valid_until IS NULL OR :at < c.valid_until))
   AND get_byte(b.sha256, 0) % :shards = :shard
 """
 
