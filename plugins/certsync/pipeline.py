@@ -9,6 +9,7 @@ import getpass
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -16,17 +17,17 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
 
-from certsync import audit
+from certsync import audit, publisher
 from certsync.certificates.parallel import validate_many
 from certsync.certificates.trust import TrustConfigError
 from certsync.config import ConfigError, SyncSettings
 from certsync.directory import DirectoryError, DirectoryReader
 from certsync.exchange.auth import AuthError, TokenProvider, http_session
-from certsync.exchange.client import ExchangeClient, ExchangeError, Outcome, backoff_s
+from certsync.exchange.client import ExchangeClient, ExchangeError
 from certsync.exchange.recipients import Recipient
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
 from certsync.plan import build_plan
-from certsync.store import db, planning, publishing, runs, source, validation
+from certsync.store import db, planning, publishing, runlock, runs, source, validation
 from certsync.store.db import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class Services:
 
     def directory(self) -> DirectoryReader:
         return DirectoryReader(settings=self.settings.directory)
+
+    def run_lock(self, run_id: int, stage: str) -> AbstractContextManager[runlock.RunLock]:
+        """The run lock for one stage of one run (one run at a time per database)."""
+        return runlock.hold(self.engine, run_id=run_id, stage=stage, wait_s=self.settings.run_lock_wait_s)
 
 
 SETTING_ERRORS = (TrustConfigError, DatabaseError, DirectoryError, AuthError, ExchangeError, OSError)
@@ -182,7 +187,7 @@ def extract(services: Services, *, run_id: int) -> dict[str, int]:
     """Read the directory into staging and merge it into the source view, in one transaction."""
     started = time.monotonic()
     reader = services.directory()
-    with services.engine.begin() as conn:
+    with services.run_lock(run_id, "extract"), services.engine.begin() as conn:
         users, values = source.stage_users(conn, run_id=run_id, users=reader.iter_users())
         skipped = source.stage_rejected(conn, run_id=run_id, rejected=reader.skipped)
         # With unreadable entries the read is not complete: drop nobody as gone this time.
@@ -199,17 +204,27 @@ def extract(services: Services, *, run_id: int) -> dict[str, int]:
     return {"users": users, "values": values, "skipped": skipped, "gone": gone}
 
 
-def read_recipients(services: Services, *, run_id: int) -> dict[str, int]:
-    """Snapshot the recipients Exchange Online holds (type, sync state) for the plan."""
-    found = [Recipient.from_exchange(obj) for obj in services.exchange.recipients()]
-    with services.engine.begin() as conn:
-        count = planning.save_recipients(conn, run_id=run_id, recipients=found)
+def read_recipients(services: Services, *, run_id: int, task_try: int = 1) -> dict[str, int]:
+    """Snapshot, for this run, the recipients Exchange Online holds (type, sync state, certificates),
+    after settling the requests whose answer a dead process never recorded."""
+    with services.run_lock(run_id, "read_recipients") as lock:
+        settled = publisher.settle_open_intents(services, lock, task_try=task_try)
+        found = [Recipient.from_exchange(obj) for obj in services.exchange.recipients()]
+        with services.engine.begin() as conn:
+            count = planning.save_recipients(conn, run_id=run_id, recipients=found)
+            planning.purge_old_snapshots(conn)
     log.info("read %d recipients from Exchange Online", count)
-    return {"recipients": count}
+    return {"recipients": count, "settled": settled["applied"] + settled["not_applied"]}
 
 
 def validate(services: Services, *, run_id: int, shard: int = 0, shards: int = 1) -> dict[str, int]:
-    """Validate the values of one shard that have no current verdict for this trust configuration."""
+    """Validate the values of one shard that have no verdict for this trust configuration valid at
+    the run's time."""
+    with services.run_lock(run_id, f"validate:{shard}"):
+        return _validate(services, run_id=run_id, shard=shard, shards=shards)
+
+
+def _validate(services: Services, *, run_id: int, shard: int, shards: int) -> dict[str, int]:
     with services.engine.connect() as conn:
         info = runs.run_info(conn, run_id)
         pending = validation.pending_values(
@@ -234,99 +249,52 @@ def validate(services: Services, *, run_id: int, shard: int = 0, shards: int = 1
 def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -> list[int]:
     """Compute and save the run's actions; returns the publish batch numbers."""
     settings = services.settings
-    with services.engine.begin() as conn:
+    with services.run_lock(run_id, "plan"), services.engine.begin() as conn:
         info = runs.run_info(conn, run_id)
+        superseded = _superseded(conn, info)
         result = build_plan(
-            planning.source_users(conn, fingerprint=info.trust_fingerprint),
-            recipients=planning.recipients(conn),
+            planning.source_users(conn, fingerprint=info.trust_fingerprint, at=info.logical_date),
+            recipients=planning.recipients(conn, run_id=run_id),
             published=planning.published_owners(conn),
         )
-        if result.removals() > settings.removal_threshold and not allow_mass_removal:
+        if result.removals() > settings.removal_threshold and not allow_mass_removal and not superseded:
             raise RemovalThresholdExceeded(
                 f"plan removes all certificates of {result.removals()} recipients, more than"
                 f" removal_threshold={settings.removal_threshold}; re-run with allow_mass_removal to proceed"
             )
-        batches = planning.save_plan(conn, run_id=run_id, plan=result, batch_size=settings.publish_batch_size)
+        batches = planning.save_plan(
+            conn, run_id=run_id, plan=result, batch_size=settings.publish_batch_size, superseded=superseded
+        )
     log.info("planned %d actions in %d batches", len(result.actions), batches)
     return list(range(batches))
 
 
-def publish(services: Services, *, run_id: int, batch: int) -> dict[str, int]:
-    """Send one batch of actions to Exchange Online; every attempt is audited."""
-    with services.engine.connect() as conn:
-        info = runs.run_info(conn, run_id)
-        actions = publishing.pending_actions(conn, run_id=run_id, batch=batch)
-    counts: dict[str, int] = {}
-    for action in actions:
-        state = _publish_action(services, info, action)
-        counts[state] = counts.get(state, 0) + 1
+def _superseded(conn: Any, info: runs.RunInfo) -> bool:
+    """Whether a run with a later logical date already planned or published (the run is marked
+    superseded then): an older run never publishes its older view over a newer one."""
+    newer = None if info.dry_run else runs.supersede_if_older(conn, info)
+    if newer is not None:
+        log.warning("run %s is superseded by the newer run %s: it publishes nothing", info.run_id, newer)
+    return newer is not None or runs.is_superseded(conn, info.run_id)
+
+
+def publish(services: Services, *, run_id: int, batch: int, task_try: int = 1) -> dict[str, int]:
+    """Send one batch of actions to Exchange Online with a write-ahead audit (see certsync.publisher).
+    `task_try` is the task try that sends (Airflow's try number; 1 on the command line)."""
+    with services.run_lock(run_id, f"publish:{batch}") as lock:
+        publisher.settle_open_intents(services, lock, task_try=task_try)
+        with services.engine.begin() as conn:
+            info = runs.run_info(conn, run_id)
+            if _superseded(conn, info):
+                skipped = publishing.skip_batch(conn, run_id=run_id, batch=batch, reason="superseded")
+                return {"skipped": skipped} if skipped else {}
+            actions = publishing.pending_actions(conn, run_id=run_id, batch=batch)
+        counts: dict[str, int] = {}
+        for action in actions:
+            state = publisher.publish_action(services, lock, info, action, task_try=task_try)
+            counts[state] = counts.get(state, 0) + 1
     log.info("batch %d: %s", batch, counts)
     return counts
-
-
-def _publish_action(services: Services, info: runs.RunInfo, action: publishing.PendingAction) -> str:
-    if info.dry_run:
-        with services.engine.begin() as conn:
-            publishing.set_action_state(conn, run_id=info.run_id, action_no=action.action_no, state="dry_run")
-        return "dry_run"
-    with services.engine.connect() as conn:
-        blobs = publishing.values_by_hash(conn, [*action.user_certificate, *action.user_smime_certificate])
-        done = publishing.attempts_so_far(conn, run_id=info.run_id, recipient_id=action.recipient_id)
-    last = done + services.settings.exchange.max_attempts
-    for attempt in range(done + 1, last + 1):
-        if _newer_view(services, info, action):
-            return "skipped"
-        outcome = services.exchange.set_certificates(
-            cmdlet=action.cmdlet,
-            identity=action.recipient_id,
-            user_certificate=[blobs[h] for h in action.user_certificate],
-            user_smime_certificate=[blobs[h] for h in action.user_smime_certificate],
-        )
-        state = _record(services, info, action, attempt, outcome)
-        if state != "retry":
-            return state
-        if attempt < last:
-            time.sleep(backoff_s(outcome, attempt - done))
-    with services.engine.begin() as conn:
-        publishing.set_action_state(
-            conn, run_id=info.run_id, action_no=action.action_no, state="failed", reason="out_of_attempts"
-        )
-    return "failed"
-
-
-def _newer_view(services: Services, info: runs.RunInfo, action: publishing.PendingAction) -> bool:
-    """No stale overwrite: skip (and say why) when a newer run's view is already published."""
-    with services.engine.begin() as conn:
-        if not publishing.newer_view_published(conn, run=info, recipient_id=action.recipient_id):
-            return False
-        publishing.set_action_state(
-            conn,
-            run_id=info.run_id,
-            action_no=action.action_no,
-            state="skipped",
-            reason="newer_run_published",
-        )
-    return True
-
-
-def _record(
-    services: Services,
-    info: runs.RunInfo,
-    action: publishing.PendingAction,
-    attempt: int,
-    outcome: Outcome,
-) -> str:
-    """Audit the attempt and move state in one transaction, so neither exists without the other."""
-    state = {"accepted": "published", "conflict": "conflict", "rejected": "failed"}.get(outcome.kind, "retry")
-    with services.engine.begin() as conn:
-        publishing.record_attempt(conn, run=info, action=action, attempt=attempt, outcome=outcome)
-        if state == "published":
-            publishing.mark_published(conn, run=info, action=action)
-        if state != "retry":
-            publishing.set_action_state(
-                conn, run_id=info.run_id, action_no=action.action_no, state=state, reason=outcome.code
-            )
-    return state
 
 
 def _problems(summary: dict[str, Any]) -> list[str]:
@@ -400,9 +368,12 @@ def run_all(
         dry_run=dry_run,
         record=runs.RunRecord(run_type="cli", triggered_by=_os_user(), allow_mass_removal=allow_mass_removal),
     )
-    extract(services, run_id=run_id)
-    read_recipients(services, run_id=run_id)
-    validate(services, run_id=run_id)
-    for batch in plan(services, run_id=run_id, allow_mass_removal=allow_mass_removal):
-        publish(services, run_id=run_id, batch=batch)
-    return finish(services, run_id=run_id)
+    # The whole run holds the run lock (and its `run` stage key: the same run key started twice
+    # waits), so no other run's stage slips in between this run's stages.
+    with services.run_lock(run_id, "run"):
+        extract(services, run_id=run_id)
+        read_recipients(services, run_id=run_id)
+        validate(services, run_id=run_id)
+        for batch in plan(services, run_id=run_id, allow_mass_removal=allow_mass_removal):
+            publish(services, run_id=run_id, batch=batch)
+        return finish(services, run_id=run_id)

@@ -119,7 +119,10 @@ def summarize(conn: Connection, run_id: int) -> dict[str, Any]:
             run_id,
         ),
         "publish_attempts": _counts(
-            conn, "SELECT outcome, count(*) FROM certsync.audit_log WHERE run_id = :r GROUP BY 1", run_id
+            conn,
+            "SELECT outcome, count(*) FROM certsync.audit_log WHERE run_id = :r"
+            " AND phase IS DISTINCT FROM 'intent' GROUP BY 1",
+            run_id,
         ),
     }
 
