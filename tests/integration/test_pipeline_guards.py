@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from certsync.config import ConfigError, EnvSource, load_settings
+from certsync.failures import Unavailable
 from certsync.pipeline import (
     RemovalThresholdExceeded,
     Services,
@@ -106,21 +107,22 @@ def test_validation_redoes_only_what_time_or_trust_changed(settled, sync_env, db
 
 
 @pytest.mark.parametrize(
-    ("variable", "changes", "named"),
+    ("variable", "changes", "named", "error"),
     [
-        ("AIRFLOW_CONN_CERTSYNC_LDAP", {"password": "wrong-password"}, "certsync_ldap"),
-        ("AIRFLOW_CONN_CERTSYNC_LDAP", {"port": 1}, "certsync_ldap"),
-        ("AIRFLOW_CONN_CERTSYNC_EXCHANGE", {"login": "unknown-client"}, "certsync_exchange"),
-        ("AIRFLOW_CONN_CERTSYNC_POSTGRES", {"port": 1}, "certsync_postgres"),
+        ("AIRFLOW_CONN_CERTSYNC_LDAP", {"password": "wrong-password"}, "certsync_ldap", ConfigError),
+        ("AIRFLOW_CONN_CERTSYNC_LDAP", {"port": 1}, "certsync_ldap", Unavailable),
+        ("AIRFLOW_CONN_CERTSYNC_EXCHANGE", {"login": "unknown-client"}, "certsync_exchange", ConfigError),
+        ("AIRFLOW_CONN_CERTSYNC_POSTGRES", {"port": 1}, "certsync_postgres", Unavailable),
     ],
 )
 def test_bad_setting_stops_before_anything_is_written(
-    settled, sync_env, db, lab_at, variable, changes, named
+    settled, sync_env, db, lab_at, variable, changes, named, error
 ):
+    """A wrong setting is a ConfigError; a system that cannot be reached is Unavailable (retried)."""
     conn_id = variable.removeprefix("AIRFLOW_CONN_").lower()
     services = _services(sync_env, **{variable: _conn_json(sync_env, conn_id, **changes)})
     before = _run_count(db)
-    with pytest.raises(ConfigError, match=named) as caught:
+    with pytest.raises(error, match=named) as caught:
         begin(
             services, dag_id="guards", airflow_run_id="bad", logical_date=lab_at, mode="full", dry_run=False
         )
