@@ -186,6 +186,16 @@ class SchedulerLab:
             "--to-date", iso(to_date), "--reprocess-behavior", reprocess,
         )  # fmt: skip
 
+    def wait_for_backfills(self, *, timeout: float = 60.0) -> None:
+        """Until the scheduler has marked every backfill of the DAG completed (a new one is refused
+        while one is open, even when all its runs are done)."""
+        deadline = time.monotonic() + timeout
+        while any(
+            b["completed_at"] is None for b in self.api("GET", "/backfills?dag_id=certsync")["backfills"]
+        ):
+            assert time.monotonic() < deadline, f"backfills still open after {timeout:.0f} s"
+            time.sleep(1.0)
+
     def kill_task_process(self, ti_id: str) -> int:
         """SIGKILL the process that runs task instance `ti_id`: the child of the executor's supervisor
         for it (the supervisor is titled `airflow worker -- LocalExecutor: <ti id>`, its child
