@@ -8,8 +8,8 @@ from __future__ import annotations
 import getpass
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -27,11 +27,12 @@ from certsync.exchange.client import ExchangeClient, ExchangeError
 from certsync.exchange.recipients import Recipient
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
 from certsync.plan import build_plan
-from certsync.store import db, planning, publishing, runlock, runs, source, validation
+from certsync.store import db, planning, publishing, runlock, runs, runslot, source, validation
 from certsync.store.db import DatabaseError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SLOT_POLL_S = 2.0  # how often a waiting begin asks for the run slot again
 
 
 class RemovalThresholdExceeded(RuntimeError):
@@ -61,9 +62,15 @@ class Services:
     def directory(self) -> DirectoryReader:
         return DirectoryReader(settings=self.settings.directory)
 
-    def run_lock(self, run_id: int, stage: str) -> AbstractContextManager[runlock.RunLock]:
-        """The run lock for one stage of one run (one run at a time per database)."""
-        return runlock.hold(self.engine, run_id=run_id, stage=stage, wait_s=self.settings.run_lock_wait_s)
+    @contextmanager
+    def run_lock(self, run_id: int, stage: str) -> Iterator[runlock.RunLock]:
+        """The run lock for one stage of one run, which must hold the run slot (taken by its begin)."""
+        with runlock.hold(
+            self.engine, run_id=run_id, stage=stage, wait_s=self.settings.run_lock_wait_s
+        ) as lock:
+            with self.engine.begin() as conn:
+                runslot.check(conn, run_id=run_id)
+            yield lock
 
 
 SETTING_ERRORS = (TrustConfigError, DatabaseError, DirectoryError, AuthError, ExchangeError, OSError)
@@ -129,25 +136,41 @@ def begin(
     dry_run: bool,
     record: runs.RunRecord | None = None,
     live: Callable[[runs.OpenRun], bool] | None = None,
+    wait_s: float = 0,
 ) -> int:
     """Check the settings, close runs whose process died (`live` says which runs without a lease
-    are still alive elsewhere, e.g. between two Airflow tasks), and register this run."""
+    are still alive elsewhere, e.g. between two Airflow tasks), register this run and claim the run
+    slot for it until its finish. While another live run holds the slot, wait up to `wait_s`
+    seconds, then raise RunBusy naming the holder (nothing of this run is kept then)."""
     fingerprint = preflight(services)
     record = record or runs.RunRecord(allow_mass_removal=False)
-    with services.engine.begin() as conn:
-        abandoned = _close_abandoned(conn, dag_id=dag_id, airflow_run_id=airflow_run_id, live=live)
-        run_id = runs.begin_run(
-            conn,
-            dag_id=dag_id,
-            airflow_run_id=airflow_run_id,
-            logical_date=logical_date,
-            mode=mode,
-            dry_run=dry_run,
-            trust_fingerprint=fingerprint,
-            record=record,
-        )
-        if abandoned:
-            runs.note_closed_by(conn, run_ids=abandoned, closed_by=run_id)
+    deadline, logged = time.monotonic() + wait_s, False
+    while True:
+        try:
+            run_id = _register(
+                services,
+                dag_id=dag_id,
+                airflow_run_id=airflow_run_id,
+                logical_date=logical_date,
+                mode=mode,
+                dry_run=dry_run,
+                fingerprint=fingerprint,
+                record=record,
+                live=live,
+            )
+            break
+        except runslot.RunBusy as busy:
+            if time.monotonic() >= deadline and wait_s > 0:
+                raise runlock.RunLocked(
+                    f"{busy.waiting} refused after waiting {wait_s:.0f}s: {busy.holder} holds the certsync"
+                    " run lock; one run at a time works on a database"
+                ) from None
+            if time.monotonic() >= deadline:
+                raise
+            if not logged:
+                log.warning("%s", busy)
+                logged = True
+            time.sleep(SLOT_POLL_S)
     _hold_lease(services, run_id)
     log.info(
         "run %s registered for %s/%s (%s, time from %s, dry_run=%s, allow_mass_removal=%s, by %s/%s)",
@@ -163,6 +186,34 @@ def begin(
     )
     if record.allow_mass_removal:
         log.warning("run %s may remove more certificates than removal_threshold (allow_mass_removal)", run_id)
+    return run_id
+
+
+def _register(
+    services: Services,
+    *,
+    dag_id: str,
+    airflow_run_id: str,
+    fingerprint: str,
+    record: runs.RunRecord,
+    live: Callable[[runs.OpenRun], bool] | None,
+    **run: Any,
+) -> int:
+    """Register the run and claim the run slot in one transaction (RunBusy rolls both back)."""
+    with services.engine.begin() as conn:
+        holder = runslot.lock(conn)  # first: a begin that waits here for a finish starts after it
+        abandoned = _close_abandoned(conn, dag_id=dag_id, airflow_run_id=airflow_run_id, live=live)
+        run_id = runs.begin_run(
+            conn,
+            dag_id=dag_id,
+            airflow_run_id=airflow_run_id,
+            trust_fingerprint=fingerprint,
+            record=record,
+            **run,
+        )
+        if abandoned:
+            runs.note_closed_by(conn, run_ids=abandoned, closed_by=run_id)
+        runslot.claim(conn, run_id=run_id, waiting=f"{dag_id} / {airflow_run_id}", holder=holder, live=live)
     return run_id
 
 
@@ -317,7 +368,13 @@ def finish(services: Services, *, run_id: int) -> dict[str, Any]:
     """Summarise the run from its rows, close it, and hand out the audit chain head so that a copy
     of it lives outside the database (the task log and XCom). Raises RunFailed, after closing the
     run as failed, when any action failed or stayed pending: a run like that must not look green."""
-    with services.run_lock(run_id, "finish"), services.engine.begin() as conn:
+    # Without the slot check of the other stages: finish closes only this run's own record (a
+    # cleared finish of a closed run summarises it again), and frees the slot only if it holds it.
+    stage_lock = runlock.hold(
+        services.engine, run_id=run_id, stage="finish", wait_s=services.settings.run_lock_wait_s
+    )
+    with stage_lock, services.engine.begin() as conn:
+        runslot.release(conn, run_id=run_id)  # first, as begin locks the slot before any run's row
         summary = runs.summarize(conn, run_id)
         summary["run"] = runs.run_record(conn, run_id)
         summary["failed_by_reason"] = runs.failed_by_reason(conn, run_id)
@@ -367,13 +424,20 @@ def run_all(
         mode="full",
         dry_run=dry_run,
         record=runs.RunRecord(run_type="cli", triggered_by=_os_user(), allow_mass_removal=allow_mass_removal),
+        wait_s=services.settings.run_lock_wait_s,
     )
     # The whole run holds the run lock (and its `run` stage key: the same run key started twice
     # waits), so no other run's stage slips in between this run's stages.
-    with services.run_lock(run_id, "run"):
-        extract(services, run_id=run_id)
-        read_recipients(services, run_id=run_id)
-        validate(services, run_id=run_id)
-        for batch in plan(services, run_id=run_id, allow_mass_removal=allow_mass_removal):
-            publish(services, run_id=run_id, batch=batch)
-        return finish(services, run_id=run_id)
+    try:
+        with services.run_lock(run_id, "run"):
+            extract(services, run_id=run_id)
+            read_recipients(services, run_id=run_id)
+            validate(services, run_id=run_id)
+            for batch in plan(services, run_id=run_id, allow_mass_removal=allow_mass_removal):
+                publish(services, run_id=run_id, batch=batch)
+            return finish(services, run_id=run_id)
+    except BaseException:
+        # A stage stopped the run: nothing works on it any more, so the next run closes it as
+        # abandoned and takes the run slot over (this process may live on, e.g. as a library).
+        _drop_lease(services, run_id)
+        raise

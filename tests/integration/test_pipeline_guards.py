@@ -13,12 +13,13 @@ import psycopg
 import pytest
 
 from certsync.config import ConfigError, EnvSource, load_settings
-from certsync.failures import Unavailable
+from certsync.failures import RunFailed, Unavailable
 from certsync.pipeline import (
     RemovalThresholdExceeded,
     Services,
     begin,
     extract,
+    finish,
     plan,
     publish,
     read_recipients,
@@ -88,7 +89,11 @@ def _begin(services: Services, when) -> int:
 def _stages_to_validation(services: Services, when) -> dict[str, int]:
     run_id = _begin(services, when)
     extract(services, run_id=run_id)
-    return validate(services, run_id=run_id)
+    validated = validate(services, run_id=run_id)
+    # Close the run (failed: it stopped before its plan) to free the run slot for the next one.
+    with pytest.raises(RunFailed):
+        finish(services, run_id=run_id)
+    return validated
 
 
 def test_validation_redoes_only_what_time_or_trust_changed(settled, sync_env, db, lab_at) -> None:
@@ -224,6 +229,7 @@ def test_replanning_a_published_run_changes_nothing(
         publish(settled, run_id=run_id, batch=batch)
     assert plan(settled, run_id=run_id) == []
     assert len(_set_calls(emulator_stack)) == 1
+    finish(settled, run_id=run_id)  # frees the run slot for the next run
 
 
 def _set_calls(emulator) -> list[dict]:

@@ -437,8 +437,11 @@ def test_the_chain_covers_the_new_rows(env, db_again, embedded_pg, baseline) -> 
 def test_a_plan_uses_the_verdicts_of_its_own_time(env, db_again, emulator_stack, baseline, clock) -> None:
     """A newer run validates; an older run re-validates the same values at its own time before the
     newer one plans: the newer plan still uses the verdicts of its time (here, past the CRLs' next
-    update, nothing is valid), never the older run's. Dry runs, so that Exchange keeps its state."""
-    from certsync.pipeline import begin, extract, plan, read_recipients, validate
+    update, nothing is valid), never the older run's. Dry runs, so that Exchange keeps its state.
+    The run slot keeps runs from interleaving now, so the test hands the slot over by hand: the
+    verdicts must not depend on that alone."""
+    from certsync.failures import RunFailed
+    from certsync.pipeline import begin, extract, finish, plan, read_recipients, validate
 
     services = _services(env)
 
@@ -451,9 +454,11 @@ def test_a_plan_uses_the_verdicts_of_its_own_time(env, db_again, emulator_stack,
     extract(services, run_id=newer)
     read_recipients(services, run_id=newer)
     validate(services, run_id=newer)
+    db_again.execute("UPDATE certsync.run_slot SET run_id = NULL")
     older = start(f"verdicts-older-{uuid.uuid4()}", clock.next())
     extract(services, run_id=older)
     validate(services, run_id=older)  # (verdicts used to be one row per value: this overwrote them)
+    db_again.execute("UPDATE certsync.run_slot SET run_id = %s", (newer,))
     plan(services, run_id=newer)
     selected = db_again.execute(
         "SELECT count(*) FILTER (WHERE selected), count(*) FROM certsync.value_result WHERE run_id = %s",
@@ -464,3 +469,7 @@ def test_a_plan_uses_the_verdicts_of_its_own_time(env, db_again, emulator_stack,
         "SELECT count(*) FROM certsync.planned_action WHERE run_id = %s AND state = 'pending'", (newer,)
     ).fetchone()[0]
     assert changes > 0  # it would take away what the older verdicts call valid
+    # Close both (frees the slot): never published, the newer one has actions pending, the older no plan.
+    for run_id in (newer, older):
+        with pytest.raises(RunFailed):
+            finish(services, run_id=run_id)

@@ -261,30 +261,43 @@ def _begin_elsewhere(dag_id: str, run_key: str, then: str, when) -> tuple[subpro
     return proc, int(line)
 
 
-def test_a_run_whose_process_died_is_closed_as_abandoned_by_the_next(manual_run, dag, db, lab_at) -> None:
+def test_a_run_whose_process_died_is_closed_as_abandoned_by_the_next(
+    manual_run, dag, db, env, lab_at
+) -> None:
     """A command-line run killed mid-way is closed by the next begin (here another command-line
-    run's); a run that is alive and working is not; an Airflow run whose worker was killed (Airflow
-    knows no such DAG run any more) is closed by the DAG's next begin."""
+    run's); a run that is alive and working is not, and holds the run slot: another begin is
+    refused naming it; an Airflow run whose worker was killed (Airflow knows no such DAG run any
+    more) is closed by the DAG's next begin."""
+    from certsync import pipeline
+    from certsync.config import EnvSource, load_settings
+    from certsync.store.runslot import RunBusy
+
     when = lab_at + timedelta(days=2, hours=12)
     dead_cli, dead_cli_id = _begin_elsewhere("certsync-cli", "cli__killed", "die", when)
     dead_cli.wait(timeout=30)
     alive, alive_id = _begin_elsewhere("certsync-cli", "cli__alive", "wait", when)
-    dead_dag_run, dead_id = _begin_elsewhere("certsync", "scheduled__killed", "die", when)
     try:
-        dead_dag_run.wait(timeout=30)
         record = _record(db, "cli__killed")
         assert (record["state"], record["closed_by_run_id"]) == ("abandoned", alive_id)
         assert record["summary"]["actions"] == {}
-        assert _record(db, "scheduled__killed")["state"] == "running"
-        run = _test(dag, logical_date=lab_at + timedelta(days=3), run_after=lab_at + timedelta(days=3))
-        assert run.state == "success", _task_states(run)
-        closer = _record(db, run.run_id)["run_id"]
-        record = _record(db, "scheduled__killed")
-        assert (record["state"], record["closed_by_run_id"]) == ("abandoned", closer)
+        services = pipeline.Services(settings=load_settings(EnvSource(environ=env)))
+        with pytest.raises(RunBusy, match=rf"run {alive_id} \(certsync-cli / cli__alive\)"):
+            pipeline.begin(
+                services, dag_id="certsync-cli", airflow_run_id="cli__second", logical_date=when,
+                mode="full", dry_run=True,
+            )  # fmt: skip
         assert _record(db, "cli__alive")["state"] == "running", "a live run must not be closed"
     finally:
         alive.send_signal(signal.SIGKILL)
         alive.wait(timeout=30)
+    dead_dag_run, dead_id = _begin_elsewhere("certsync", "scheduled__killed", "die", when)
+    dead_dag_run.wait(timeout=30)
+    assert _record(db, "scheduled__killed")["state"] == "running"
+    run = _test(dag, logical_date=lab_at + timedelta(days=3), run_after=lab_at + timedelta(days=3))
+    assert run.state == "success", _task_states(run)
+    closer = _record(db, run.run_id)["run_id"]
+    record = _record(db, "scheduled__killed")
+    assert (record["state"], record["closed_by_run_id"]) == ("abandoned", closer)
     assert dead_id != alive_id != dead_cli_id
 
 
@@ -296,7 +309,7 @@ def test_a_resumed_run_is_its_own_record(manual_run, dag, db, lab_at) -> None:
     assert run.state == "success", _task_states(run)
     record = _record(db, run.run_id)
     assert record["attempts"] == 2 and record["state"] == "succeeded"
-    # The command-line run that was alive before was killed since: this begin closed it.
+    # The command-line run that was alive before was killed since: a later begin closed it.
     assert _record(db, "cli__alive")["state"] == "abandoned"
     assert (
         record["summary"]["users"]

@@ -9,14 +9,19 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, TypeVar
 
 import httpx
 import sqlalchemy as sa
 from airflow.sdk import BaseHook, BaseNotifier, Variable
-from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, AirflowRuntimeError
+from airflow.sdk.exceptions import (
+    AirflowFailException,
+    AirflowNotFoundException,
+    AirflowRescheduleException,
+    AirflowRuntimeError,
+)
 from jinja2.sandbox import SandboxedEnvironment
 
 from certsync import pipeline
@@ -33,6 +38,7 @@ from certsync.config import (
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
 from certsync.pipeline import RemovalThresholdExceeded, Services
 from certsync.store import runs
+from certsync.store.runslot import RunBusy
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -180,17 +186,42 @@ def begin_run(context: Mapping[str, Any], *, conn_ids: Mapping[str, str]) -> int
     when, record = run_time(context)
     if record.date_source == "run_after":
         log.info("no logical date (a manual run): the run's time is its run_after, %s", when.isoformat())
-    return run_stage(
-        pipeline.begin,
-        conn_ids=conn_ids,
-        dag_id=context["dag"].dag_id,
-        airflow_run_id=context["run_id"],
-        logical_date=when,
-        mode="full",
-        dry_run=bool(params["dry_run"]),
-        record=record,
-        live=_airflow_liveness(context["ti"]),
+    try:
+        return run_stage(
+            pipeline.begin,
+            conn_ids=conn_ids,
+            dag_id=context["dag"].dag_id,
+            airflow_run_id=context["run_id"],
+            logical_date=when,
+            mode="full",
+            dry_run=bool(params["dry_run"]),
+            record=record,
+            live=_airflow_liveness(context["ti"]),
+        )
+    except RunBusy as busy:
+        raise _wait_for_slot(context, busy, wait_s=services(**conn_ids).settings.run_lock_wait_s) from None
+
+
+SLOT_RESCHEDULE = timedelta(seconds=15)
+
+
+def _wait_for_slot(context: Mapping[str, Any], busy: RunBusy, *, wait_s: float) -> Exception:
+    """Another run holds the run slot: begin gives its worker back and is rescheduled (Airflow
+    runs it again later) until run_lock_wait_s has passed since its first reschedule; then the run
+    is refused, naming the holder."""
+    ti = context["ti"]
+    first = ti.get_first_reschedule_date(context)
+    now = datetime.now(UTC)
+    waited = (now - first).total_seconds() if first else 0.0
+    if waited >= wait_s:
+        return AirflowFailException(
+            f"{busy.waiting} refused after waiting {waited:.0f}s: {busy.holder} holds the certsync run"
+            " lock; one run at a time works on a database"
+        )
+    log.warning(
+        "waiting for %s to finish (%s; waited %.0fs of %ss)", busy.holder, busy.waiting, waited, wait_s
     )
+    return AirflowRescheduleException(now + SLOT_RESCHEDULE)
 
 
 def finish_run(

@@ -12,7 +12,9 @@ Advisory locks belong to one database, so the lock is per certsync database. Two
   run key started twice).
 
 The locks are session-level: a killed worker's session ends and Postgres releases them, and a stage
-that loses its session (Postgres restarted) notices before its next write and stops.
+that loses its session (Postgres restarted) notices before its next write and stops. Between a
+run's stages (separate processes in Airflow) no session lives on: the durable run slot
+(certsync.store.runslot), taken by begin and given back by finish, keeps other runs out then.
 """
 
 from __future__ import annotations
