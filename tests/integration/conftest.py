@@ -8,7 +8,10 @@ port 389: one DC per machine (or network namespace) at a time.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -134,3 +137,34 @@ def sync_env(
         "publish_batch_size": 10,
     }
     return sync_environment(connections, config)
+
+
+# --- the certsync DAG in this process, as dag.test() runs it ---
+
+
+@contextmanager
+def airflow_settings(changes: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Put AIRFLOW_CONN_* / AIRFLOW_VAR_* settings into this process's environment (where dag.test()
+    reads them) over a migrated metadata database; restore the environment afterwards."""
+    from certsync.airflow import adapter
+
+    saved = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    adapter._services_for.cache_clear()  # settings are read once per process: not an earlier module's
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+    try:
+        yield changes
+    finally:
+        adapter._services_for.cache_clear()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def certsync_dag():  # type: ignore[no-untyped-def]
+    """The certsync DAG parsed from the repository's DAG folder, as the dag processor parses it."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags")).dags["certsync"]

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from certsync.config import Connection, EnvSource, connection_uri
+from tests.integration.conftest import certsync_dag
 
 pytestmark = pytest.mark.integration
 HOOKS_DATABASE = "certsync_hooks"
@@ -189,14 +190,11 @@ def test_a_wrong_setting_tests_false_with_a_clear_secret_free_reason(
 
 @pytest.fixture()
 def dag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
     from certsync.airflow import adapter
-    from tests.conftest import REPO
 
     # Services are cached per worker process and connection ids; each run here starts afresh.
     adapter._services_for.cache_clear()
-    return DagBag(dag_folder=str(REPO / "dags")).dags["certsync"]
+    return certsync_dag()
 
 
 def test_a_worker_without_certsync_postgres_fails_naming_it(environ, monkeypatch, dag, lab_at, capfd) -> None:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -17,6 +15,7 @@ import pytest
 
 from certsync.config import EnvSource
 from certsync_lab.population import SeedUser
+from tests.integration.conftest import airflow_settings, certsync_dag
 
 pytestmark = pytest.mark.integration
 E2E_DATABASE = "certsync_e2e"
@@ -46,24 +45,13 @@ def certsync_env(sync_env: dict[str, str], embedded_pg) -> Iterator[dict[str, st
         **sync_env,
         "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(certsync_database(embedded_pg, E2E_DATABASE)),
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-    yield env
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with airflow_settings(env):
+        yield env
 
 
 @pytest.fixture(scope="module")
 def dag(certsync_env):
-    from airflow.dag_processing.dagbag import DagBag
-
-    from tests.conftest import REPO
-
-    return DagBag(dag_folder=str(REPO / "dags")).dags["certsync"]
+    return certsync_dag()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from certsync.config import connection_uri
+from tests.integration.conftest import airflow_settings, certsync_dag
 
 pytestmark = pytest.mark.integration
 DATABASE = "certsync_outcomes"
@@ -44,28 +45,13 @@ def env(sync_env: dict[str, str], embedded_pg, notified: Path) -> Iterator[dict[
         "AIRFLOW_CONN_OUTCOMES_FAIL": connection_uri(certsync_database(embedded_pg, FAILING_DATABASE)),
         "AIRFLOW_VAR_CERTSYNC_NOTIFIER": json.dumps(notifier),
     }
-    from certsync.airflow import adapter
-
-    saved = {k: os.environ.get(k) for k in changes}
-    os.environ.update(changes)
-    adapter._services_for.cache_clear()  # settings are read once per process: not an earlier module's
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-    yield changes
-    adapter._services_for.cache_clear()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with airflow_settings(changes):
+        yield changes
 
 
 @pytest.fixture(scope="module")
 def dag(env):
-    from airflow.dag_processing.dagbag import DagBag
-
-    from tests.conftest import REPO
-
-    return DagBag(dag_folder=str(REPO / "dags")).dags["certsync"]
+    return certsync_dag()
 
 
 @pytest.fixture(scope="module")
