@@ -373,6 +373,44 @@ def test_a_second_run_is_refused_naming_the_holder(env, db_again, emulator_stack
     assert "UniqueViolation" not in output
 
 
+def test_a_begin_that_waited_for_another_sees_the_slot_it_claimed(env, db_again, clock) -> None:
+    """Two begins at once: the second waits on the slot row, and once the first commits it must
+    see the first run as the holder (not a free slot, as a join over the run's row it could not
+    see yet would say): a backfill's runs start together like this."""
+    import threading
+
+    from certsync.store import runs, runslot
+
+    engine = _services(env).engine
+    first = engine.connect()
+    try:
+        with first.begin():
+            runslot.lock(first)
+            run_id = runs.begin_run(
+                first, dag_id="recovery", airflow_run_id=f"slot-{uuid.uuid4()}", logical_date=clock.next(),
+                mode="full", dry_run=True, trust_fingerprint="test",
+            )  # fmt: skip
+            runslot.claim(first, run_id=run_id, waiting="first", holder=None, live=None)
+            seen: list[runslot.Holder | None] = []
+
+            def second() -> None:
+                with engine.begin() as conn:
+                    seen.append(runslot.lock(conn))
+
+            waiter = threading.Thread(target=second)
+            waiter.start()
+            time.sleep(1.0)  # the second begin now waits for the slot row
+        waiter.join(timeout=30)
+        assert [(h.run_id, h.closed) if h else None for h in seen] == [(run_id, False)]
+    finally:
+        first.close()
+        db_again.execute("UPDATE certsync.run_slot SET run_id = NULL")
+        db_again.execute(
+            "UPDATE certsync.sync_run SET state = 'abandoned', finished_at = now() WHERE run_id = %s",
+            (run_id,),
+        )
+
+
 def test_the_same_run_key_twice_waits_and_does_not_crash(
     env, db_again, emulator_stack, baseline, clock
 ) -> None:

@@ -42,14 +42,20 @@ class Holder:
 def lock(conn: Connection) -> Holder | None:
     """Lock the slot row for this transaction and return its holder (None when free). Run it as
     the transaction's first statement: a begin that waited here for a finish then starts after it."""
+    held = conn.execute(sa.text("SELECT run_id FROM certsync.run_slot FOR UPDATE")).scalar()
+    if held is None:
+        return None
+    # A statement of its own: after waiting for the lock, its snapshot sees the holder's row that
+    # the transaction we waited for registered (a join in the locking statement would not).
     row = conn.execute(
         sa.text(
-            "SELECT r.run_id, r.dag_id, r.airflow_run_id,"
-            " (r.finished_at IS NOT NULL OR r.state IN ('succeeded', 'failed', 'abandoned')) AS closed"
-            " FROM certsync.run_slot s LEFT JOIN certsync.sync_run r ON r.run_id = s.run_id FOR UPDATE OF s"
-        )
+            "SELECT run_id, dag_id, airflow_run_id,"
+            " (finished_at IS NOT NULL OR state IN ('succeeded', 'failed', 'abandoned')) AS closed"
+            " FROM certsync.sync_run WHERE run_id = :r"
+        ),
+        {"r": held},
     ).one()
-    return None if row.run_id is None else Holder(**row._mapping)
+    return Holder(**row._mapping)
 
 
 def claim(
