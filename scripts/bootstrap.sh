@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything `make demo` and `make test` need on a fresh Debian machine: Samba's AD DC packages and
-# OpenSSL (apt), a Python 3.11 virtual environment, and the locked Python packages.
+# Everything `make demo` and `make test` need on a fresh Debian machine: Samba's AD DC packages,
+# OpenSSL, PostgreSQL and Redis servers and iproute2 (apt), a Python 3.11 virtual environment, and the
+# locked Python packages of both distributions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # PostgreSQL and Redis servers: the compose test runs the stack's database and broker services with them.
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_apt+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# ip (bridges and veth pairs between the compose test's namespaces).
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "missing system packages: ${need_apt[*]} (run as root, or: sudo apt-get install ${need_apt[*]})" >&2
