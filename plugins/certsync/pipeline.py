@@ -22,7 +22,7 @@ from certsync.certificates.parallel import validate_many
 from certsync.certificates.trust import TrustConfigError
 from certsync.config import ConfigError, SyncSettings
 from certsync.directory import DirectoryError, DirectoryReader
-from certsync.exchange.auth import AuthError, TokenProvider, http_session
+from certsync.exchange.auth import AuthError
 from certsync.exchange.client import ExchangeClient, ExchangeError
 from certsync.exchange.recipients import Recipient
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
@@ -55,9 +55,7 @@ class Services:
 
     @cached_property
     def exchange(self) -> ExchangeClient:
-        session = http_session(self.settings.exchange)
-        tokens = TokenProvider(settings=self.settings.exchange, session=session)
-        return ExchangeClient(settings=self.settings.exchange, tokens=tokens, session=session)
+        return ExchangeClient.connect(self.settings.exchange)
 
     def directory(self) -> DirectoryReader:
         return DirectoryReader(settings=self.settings.directory)

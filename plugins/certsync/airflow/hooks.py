@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from certsync import config
 from certsync.directory import DirectoryError, DirectoryReader, DirectorySettings
-from certsync.exchange.auth import AuthError, TokenProvider, http_session
+from certsync.exchange.auth import AuthError
 from certsync.exchange.client import ExchangeClient, ExchangeError
 from certsync.store import db
 
@@ -131,21 +131,15 @@ class CertsyncExchangeHook(CertsyncHook):
         return config.exchange_settings(self.certsync_connection())
 
     def get_conn(self) -> ExchangeClient:
-        return _client(self.settings())
+        return ExchangeClient.connect(self.settings())
 
     def _check(self, conn: config.Connection) -> str:
         settings = config.exchange_settings(conn)
-        _client(settings).check()
+        ExchangeClient.connect(settings).check()
         return (
             f"token issued to client {settings.client_id} by {settings.authority_host}; "
             f"{settings.base_url} answered Get-Recipient for tenant {settings.tenant_id}"
         )
-
-
-def _client(settings: config.ExchangeSettings) -> ExchangeClient:
-    session = http_session(settings)
-    tokens = TokenProvider(settings=settings, session=session)
-    return ExchangeClient(settings=settings, tokens=tokens, session=session)
 
 
 class CertsyncPostgresHook(CertsyncHook):

@@ -18,7 +18,7 @@ from typing import Any
 import requests
 
 from certsync.config import ExchangeSettings
-from certsync.exchange.auth import TokenProvider
+from certsync.exchange.auth import TokenProvider, http_session
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,14 @@ class ExchangeClient:
         self._session = session
         self._url = f"{settings.base_url.rstrip('/')}/adminapi/beta/{settings.tenant_id}/InvokeCommand"
         self._connection_id = str(uuid.uuid4())
+
+    @classmethod
+    def connect(cls, settings: ExchangeSettings) -> ExchangeClient:
+        """A client with its own HTTP session, shared with its msal token provider."""
+        session = http_session(settings)
+        return cls(
+            settings=settings, tokens=TokenProvider(settings=settings, session=session), session=session
+        )
 
     def _headers(self, cmdlet: str, request_id: uuid.UUID) -> dict[str, str]:
         return {
