@@ -33,13 +33,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tests.netns import join_netns
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SUBNET = "10.213.0"  # only ever configured inside namespaces this module creates
-CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
 
@@ -441,7 +442,7 @@ class NamespaceStack:
         if self._client is None:
             assert self._network is not None
             self._client = ThreadPoolExecutor(
-                max_workers=1, initializer=_enter_netns, initargs=(self._network.pid,)
+                max_workers=1, initializer=join_netns, initargs=(self._network.pid,)
             )
         return self._client.submit(fn, *args, **kwargs).result()
 
@@ -641,15 +642,6 @@ def dags_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ComposeError("certsync.dags is not installed in this environment")
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _enter_netns(pid: int) -> None:
-    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns into the stack's network namespace failed")
-    finally:
-        os.close(fd)
 
 
 def _netns(pid: int) -> str:

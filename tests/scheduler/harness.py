@@ -9,7 +9,6 @@ test session stays in its own namespace.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -30,9 +29,9 @@ import sqlalchemy as sa
 
 from certsync_lab.agreement import emulator_disagreements
 from certsync_lab.emulator.control import EmulatorControl
+from tests.netns import join_netns
 
 T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 TERMINAL = frozenset({"success", "failed"})
 CERT_ATTRIBUTES = ("userCertificate", "userSMIMECertificate")
 
@@ -43,7 +42,7 @@ class NetworkNamespace:
 
     def __init__(self, *, pid: int) -> None:
         self.pid = pid
-        self._thread = ThreadPoolExecutor(max_workers=1, initializer=_join_netns, initargs=(pid,))
+        self._thread = ThreadPoolExecutor(max_workers=1, initializer=join_netns, initargs=(pid,))
 
     @property
     def nsenter(self) -> list[str]:
@@ -54,15 +53,6 @@ class NetworkNamespace:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
-
-
-def _join_netns(pid: int) -> None:
-    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns into the scheduler host's network namespace failed")
-    finally:
-        os.close(fd)
 
 
 def _process_titles() -> Iterator[tuple[int, str]]:
