@@ -8,6 +8,7 @@ keeps its port (PostgreSQL and the emulator remember theirs in the home; Samba's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -17,7 +18,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from certsync.audit.signing import AUDIT_SIGNING_CONN_ID, SigningKey
 from certsync.config import POSTGRES_CONN_ID, Connection, connection_uri
 from certsync.directory import DirectoryReader, DirectorySettings
 from certsync.store.db import APP_ROLE, migrate
@@ -156,8 +159,30 @@ class LabStack:
 
     def environment(self) -> dict[str, str]:
         """AIRFLOW_CONN_* / AIRFLOW_VAR_* for a process (Airflow or the CLI) that runs the sync."""
-        connections = {**self.connections(), POSTGRES_CONN_ID: app_connection(self.postgres.port, DATABASE)}
-        return sync_environment(connections, self.config())
+        connections = {
+            **self.connections(),
+            POSTGRES_CONN_ID: app_connection(self.postgres.port, DATABASE),
+            AUDIT_SIGNING_CONN_ID: audit_signing_connection(self.audit_key()),
+        }
+        return sync_environment(
+            connections, {**self.config(), "audit_checkpoint_dir": str(self.checkpoint_dir)}
+        )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.home / "audit-checkpoints"
+
+    def audit_key(self) -> SigningKey:
+        """The lab's own audit signing key, made once: the private key in audit/signing.key (what the
+        connection holds), the public key an auditor is given in audit/public.key."""
+        folder = self.home / "audit"
+        private = folder / "signing.key"
+        if not private.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            key = SigningKey.generate()
+            write_private_file(private, key.private_text().encode())
+            (folder / "public.key").write_text(key.public_text() + "\n")
+        return SigningKey.from_text(private.read_text(), where=str(private))
 
 
 def app_connection(port: int, database: str) -> Connection:
@@ -179,8 +204,28 @@ def certsync_database(postgres: EmbeddedPostgres, database: str) -> Connection:
     return app_connection(postgres.port, database)
 
 
+LAB_AUDIT_SEED = hashlib.sha256(b"certsync lab audit signing key").digest()
+
+
+def lab_audit_key(seed: bytes = LAB_AUDIT_SEED) -> SigningKey:
+    """The lab's audit signing key: fixed by default (the lab's other secrets are fixed too), so
+    tests and the lab's auditors know its public key; the demo makes its own (audit_key)."""
+    return SigningKey.from_private(Ed25519PrivateKey.from_private_bytes(seed))
+
+
+def audit_signing_connection(key: SigningKey) -> Connection:
+    return Connection(
+        conn_id=AUDIT_SIGNING_CONN_ID,
+        conn_type="generic",
+        login="certsync-audit",
+        password=key.private_text(),
+    )
+
+
 def sync_environment(connections: dict[str, Connection], config: dict) -> dict[str, str]:
-    """The AIRFLOW_CONN_* / AIRFLOW_VAR_CERTSYNC_CONFIG variables that carry these settings."""
+    """The AIRFLOW_CONN_* / AIRFLOW_VAR_CERTSYNC_CONFIG variables that carry these settings (with the
+    lab's audit signing key unless `connections` holds one)."""
+    connections = {AUDIT_SIGNING_CONN_ID: audit_signing_connection(lab_audit_key()), **connections}
     env = {f"AIRFLOW_CONN_{cid.upper()}": connection_uri(conn) for cid, conn in connections.items()}
     return {**env, "AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps(config)}
 

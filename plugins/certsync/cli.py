@@ -257,25 +257,9 @@ def validate(files, anchors, intermediates, crls, profile, attribute, at, emails
     sys.exit(1 if refused else 0)
 
 
-@main.command("audit-verify")
-@click.option(
-    "--head", default=None, help="A chain head kept elsewhere (from a run's log or summary): SEQ:HASH."
-)
-def audit_verify(head: str | None) -> None:
-    """Verify the audit log's hash chain; exits 1 when anything was altered, removed or inserted."""
-    from certsync import audit
+from certsync.audit.cli import audit  # noqa: E402 - the subcommands of `certsync audit`
 
-    try:
-        expected = audit.ChainHead.parse(head) if head else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--head") from None
-    with _services().engine.connect() as conn:
-        problems = audit.verify(conn, expected_head=expected)
-        current = audit.chain_head(conn)
-    for problem in problems:
-        click.echo(problem)
-    click.echo(f"audit chain {'BROKEN' if problems else 'intact'}; head {current}")
-    sys.exit(1 if problems else 0)
+main.add_command(audit)
 
 
 @main.command()

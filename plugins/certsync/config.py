@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlparse
 from certsync.certificates.trust import PROFILES, TrustSpec
 
 if TYPE_CHECKING:  # the directory module loads ldap3; `certsync validate` reads no settings
+    from certsync.audit.signing import AuditSigner
     from certsync.directory import DirectorySettings
 
 LDAP_CONN_ID = "certsync_ldap"
@@ -41,6 +42,7 @@ EXCHANGE_CONN_ID = "certsync_exchange"
 POSTGRES_CONN_ID = "certsync_postgres"
 POSTGRES_OWNER_CONN_ID = "certsync_postgres_owner"
 CONFIG_VARIABLE = "certsync_config"
+AUDIT_SIGNING_CONN_ID = "certsync_audit_signing"  # the Ed25519 key that signs audit rows
 # Every key certsync_config may hold; anything else is refused.
 CONFIG_KEYS = (
     "trust_anchors",
@@ -51,6 +53,7 @@ CONFIG_KEYS = (
     "publish_batch_size",
     "validation_processes",
     "run_lock_wait_s",
+    "audit_checkpoint_dir",
 )
 
 # certsync's own connection types (what its Airflow hooks register); the generic types stay accepted.
@@ -200,6 +203,10 @@ class SyncSettings:
     validation_processes: int = 2
     # How long a stage waits for another run to finish before it is refused (0: refuse at once).
     run_lock_wait_s: int = 600
+    # The key that signs audit rows (connection certsync_audit_signing); a run refuses to start without.
+    audit_signer: AuditSigner | None = field(default=None, repr=False)
+    # Where each run appends its signed audit checkpoint (checkpoints.jsonl); None: only the run's summary.
+    audit_checkpoint_dir: Path | None = None
 
 
 def _flag(value: Any) -> bool:
@@ -348,6 +355,34 @@ def _refuse_unknown_keys(config: Mapping[str, Any], *, where: str) -> None:
     )
 
 
+def audit_signer(conn: Connection | None) -> AuditSigner | None:
+    """The audit signing key from its connection: the password holds the Ed25519 private key (base64
+    of its 32-byte seed, or PKCS#8 PEM), extra.previous_key the key it replaces (optional)."""
+    from certsync.audit.signing import AuditKeyError, AuditSigner, SigningKey
+
+    if conn is None:
+        return None
+    where = f"connection {conn.conn_id!r}"
+    try:
+        key = SigningKey.from_text(conn.password or str(conn.extra.get("private_key", "")), where=where)
+        previous = conn.extra.get("previous_key")
+        return AuditSigner(
+            key=key,
+            previous=SigningKey.from_text(str(previous), where=f"{where} extra.previous_key") if previous else None,
+        )
+    except AuditKeyError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _optional_path(config: Mapping[str, Any], key: str, *, where: str) -> Path | None:
+    value = config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: {key} must be a directory path, not {value!r}")
+    return Path(value)
+
+
 def load_settings(
     source: SettingsSource,
     *,
@@ -377,4 +412,6 @@ def load_settings(
         publish_batch_size=_int_setting(where, config, "publish_batch_size", 200, minimum=1),
         validation_processes=_int_setting(where, config, "validation_processes", 2, minimum=1),
         run_lock_wait_s=_int_setting(where, config, "run_lock_wait_s", 600, minimum=0),
+        audit_signer=audit_signer(source.connection(AUDIT_SIGNING_CONN_ID)),  # the key is checked at begin
+        audit_checkpoint_dir=_optional_path(config, "audit_checkpoint_dir", where=where),
     )

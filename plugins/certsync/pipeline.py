@@ -15,9 +15,13 @@ from datetime import datetime
 from functools import cached_property
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from certsync import audit, publisher
+from certsync.audit import checkpoints
+from certsync.audit import writer as audit_writer
+from certsync.audit.signing import AUDIT_SIGNING_CONN_ID
 from certsync.certificates.parallel import validate_many
 from certsync.certificates.trust import TrustConfigError
 from certsync.config import ConfigError, SyncSettings
@@ -51,7 +55,10 @@ class Services:
 
     @cached_property
     def engine(self) -> Engine:
-        return db.create_engine(self.dsn)
+        # Every connection of this engine signs the audit rows it appends (certsync.audit.writer).
+        return db.create_engine(self.dsn).execution_options(
+            **{audit_writer.SIGNER_OPTION: self.settings.audit_signer}
+        )
 
     @cached_property
     def exchange(self) -> ExchangeClient:
@@ -94,6 +101,11 @@ def preflight(services: Services) -> str:
     reached raises Unavailable."""
     names = services.settings.names
     trust = _checked(f"variable {names.config_variable!r}", services.settings.trust.load)
+    if services.settings.audit_signer is None:
+        raise ConfigError(
+            f"connection {AUDIT_SIGNING_CONN_ID!r} is not configured: every audit row is signed with its"
+            " Ed25519 key (`certsync audit keygen` makes one)"
+        )
     _checked(f"connection {names.postgres_conn_id!r}", lambda: db.check(services.dsn))
     _checked(f"connection {names.postgres_conn_id!r}", lambda: db.check_schema(services.engine))
     _checked(f"connection {names.ldap_conn_id!r}", lambda: services.directory().check())
@@ -378,6 +390,7 @@ def finish(services: Services, *, run_id: int) -> dict[str, Any]:
         summary["failed_by_reason"] = runs.failed_by_reason(conn, run_id)
         head = audit.chain_head(conn)
         summary["audit_head"] = str(head) if head else None
+        summary["audit_checkpoint"] = _checkpoint(services, conn, run_id=run_id)
         problems = _problems(summary)
         state = "failed" if problems else "succeeded"
         if runs.is_superseded(conn, run_id):  # a newer run's view stands; this run sent nothing
@@ -389,6 +402,26 @@ def finish(services: Services, *, run_id: int) -> dict[str, Any]:
     if problems:
         raise RunFailed(f"run {run_id} failed: {'; '.join(problems)}")
     return summary
+
+
+def _checkpoint(services: Services, conn: Any, *, run_id: int) -> dict[str, Any] | None:
+    """Sign the chain's head as it stands at the end of this run and keep it outside the database:
+    appended to the checkpoint file (when configured) and returned for the summary and Asset event."""
+    signer = services.settings.audit_signer
+    row = conn.execute(
+        sa.text(
+            "SELECT seq, row_hash, clock_timestamp() AS at FROM certsync.audit_log ORDER BY seq DESC LIMIT 1"
+        )
+    ).first()
+    if signer is None or row is None:
+        return None
+    checkpoint = checkpoints.sign(
+        seq=row.seq, head=bytes(row.row_hash), at=row.at, key=signer.key, run_id=run_id
+    )
+    if services.settings.audit_checkpoint_dir is not None:
+        path = checkpoints.append(services.settings.audit_checkpoint_dir, checkpoint)
+        log.info("audit checkpoint %s:%s appended to %s", checkpoint.seq, checkpoint.head.hex(), path)
+    return checkpoint.to_json()
 
 
 def _os_user() -> str | None:

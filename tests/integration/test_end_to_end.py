@@ -191,21 +191,30 @@ def owner_engine(embedded_pg):
     engine.dispose()
 
 
-def _tampered(engine, *statements: str, head: str | None = None) -> list[str]:
-    """What the verifier says after a superuser switched the guards off and ran `statements`
-    (all rolled back afterwards)."""
+def _tampered(engine, *statements: str, checkpoint: dict) -> list[str]:
+    """What the verifier says (with the lab's public key and the run's signed checkpoint) after a
+    superuser switched the guards off and ran `statements` (all rolled back afterwards)."""
     import sqlalchemy as sa
 
-    from certsync.audit import ChainHead, verify
+    from certsync.audit.checkpoints import Checkpoint
+    from certsync.audit.rows import db_rows
+    from certsync.audit.verify import verify_rows
+    from certsync_lab.stack import lab_audit_key
 
+    key = lab_audit_key()
     with engine.connect() as conn:
         transaction = conn.begin()
         conn.execute(sa.text("ALTER TABLE certsync.audit_log DISABLE TRIGGER USER"))
+        conn.execute(sa.text("DROP INDEX certsync.audit_log_closed_once"))
         for statement in statements:
             conn.execute(sa.text(statement))
-        found = verify(conn, expected_head=ChainHead.parse(head) if head else None)
+        report = verify_rows(
+            db_rows(conn),
+            public_keys={key.key_id: key.private.public_key()},
+            checkpoints=[Checkpoint.from_json(checkpoint, where="the run's summary")],
+        )
         transaction.rollback()
-    return found
+    return [f"row {p.seq}: {p.kind}" for p in report.problems]
 
 
 def _head(db) -> str:
@@ -216,7 +225,7 @@ def _head(db) -> str:
 
 
 def test_hash_chain_is_intact_and_its_head_is_in_the_run_summary(first_run, db) -> None:
-    assert db.execute("SELECT count(*) FROM certsync.audit_chain_breaks").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM certsync.audit_chain_breaks").fetchone()[0] == 0  # links only
     summary = db.execute(
         "SELECT summary FROM certsync.sync_run WHERE airflow_run_id = %s", (first_run[0].run_id,)
     ).fetchone()[0]
@@ -226,22 +235,30 @@ def test_hash_chain_is_intact_and_its_head_is_in_the_run_summary(first_run, db) 
 def test_verifier_finds_altered_removed_inserted_rows_and_a_cut_tail(first_run, db, owner_engine) -> None:
     head = _head(db)
     last = int(head.split(":")[0])
-    assert _tampered(owner_engine, "UPDATE certsync.audit_log SET detail = 'edited' WHERE seq = 2") == [
-        "row 2: altered_row"
-    ]
-    assert _tampered(owner_engine, "DELETE FROM certsync.audit_log WHERE seq = 3") == ["row 4: sequence_gap"]
-    inserted = (
-        "INSERT INTO certsync.audit_log SELECT seq + 1000, at, run_id, dag_id, airflow_run_id, object_guid,"
-        " recipient_id, primary_smtp, cmdlet, action, user_certificate, user_smime_certificate, attempt,"
-        " outcome, http_status, error_code, detail, client_request_id, prev_hash, row_hash, phase,"
-        " intent_seq, action_no, task_try, settled_by_run_id FROM certsync.audit_log WHERE seq = 5"
+    summary = db.execute(
+        "SELECT summary FROM certsync.sync_run WHERE airflow_run_id = %s", (first_run[0].run_id,)
+    ).fetchone()[0]
+    checkpoint = summary["audit_checkpoint"]
+    assert f"{checkpoint['seq']}:{checkpoint['head']}" == head
+    assert _tampered(owner_engine, checkpoint=checkpoint) == []
+    changed = _tampered(
+        owner_engine, "UPDATE certsync.audit_log SET detail = 'edited' WHERE seq = 2", checkpoint=checkpoint
     )
-    assert _tampered(owner_engine, inserted)  # a copied row lands out of sequence and off the chain
+    assert changed == ["row 2: altered"]
+    assert (
+        _tampered(owner_engine, "DELETE FROM certsync.audit_log WHERE seq = 3", checkpoint=checkpoint)[0]
+        == "row 4: deleted"
+    )
+    inserted = ("INSERT INTO certsync.audit_log SELECT * FROM certsync.audit_log WHERE seq = 5").replace(
+        "SELECT *",
+        "SELECT seq + 1000, at, run_id, dag_id, airflow_run_id, object_guid, recipient_id,"
+        " primary_smtp, cmdlet, action, user_certificate, user_smime_certificate, attempt, outcome,"
+        " http_status, error_code, detail, client_request_id, prev_hash, row_hash, phase, intent_seq,"
+        " action_no, task_try, settled_by_run_id, key_id, signature, public_key, key_endorsement",
+    )
+    assert _tampered(owner_engine, inserted, checkpoint=checkpoint)  # a copied row lands off the chain
     cut = f"DELETE FROM certsync.audit_log WHERE seq > {last - 2}"  # noqa: S608 - an int
-    assert _tampered(owner_engine, cut) == []  # inside the table a cut tail looks intact ...
-    assert any(
-        "tail was cut" in p for p in _tampered(owner_engine, cut, head=head)
-    )  # ... but not against the head
+    assert _tampered(owner_engine, cut, checkpoint=checkpoint) == [f"row {last - 1}: truncated"]
 
 
 def test_xcom_carries_only_small_references_and_no_secret(first_run, sync_env, app_credential_files) -> None:

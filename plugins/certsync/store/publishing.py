@@ -10,6 +10,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from certsync.audit import writer
 from certsync.exchange.client import Outcome
 from certsync.store.db import hash_list
 from certsync.store.runs import RunInfo
@@ -83,16 +84,15 @@ def attempts_so_far(conn: Connection, *, run_id: int, recipient_id: str) -> int:
     ).scalar_one()
 
 
-AUDIT_INSERT = """
-INSERT INTO certsync.audit_log (run_id, dag_id, airflow_run_id, object_guid, recipient_id, primary_smtp,
-    cmdlet, action, user_certificate, user_smime_certificate, attempt, outcome, http_status, error_code,
-    detail, client_request_id, phase, intent_seq, action_no, task_try, settled_by_run_id,
-    seq, prev_hash, row_hash)
-VALUES (:run_id, :dag_id, :airflow_run_id, :object_guid, :recipient_id, :primary_smtp, :cmdlet, :action,
-    :uc, :us, :attempt, :outcome, :status, :code, :detail, :crid, :phase, :intent_seq, :action_no,
-    :task_try, :settled_by, 0, '', '')
-RETURNING seq
-"""  # seq and hashes are set by the chaining trigger
+# The values dicts below name a few columns by shorter keys.
+_COLUMN_OF = {
+    "uc": "user_certificate",
+    "us": "user_smime_certificate",
+    "status": "http_status",
+    "code": "error_code",
+    "crid": "client_request_id",
+    "settled_by": "settled_by_run_id",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +120,8 @@ class Intent:
 
 
 def _insert(conn: Connection, values: dict) -> int:
-    return conn.execute(sa.text(AUDIT_INSERT), values).scalar_one()
+    """Append a signed row (seq, time and chain columns are the writer's, see certsync.audit.writer)."""
+    return writer.append(conn, {_COLUMN_OF.get(k, k): v for k, v in values.items()})
 
 
 def record_intent(

@@ -121,7 +121,7 @@ def summarize(conn: Connection, run_id: int) -> dict[str, Any]:
         "publish_attempts": _counts(
             conn,
             "SELECT outcome, count(*) FROM certsync.audit_log WHERE run_id = :r"
-            " AND phase IS DISTINCT FROM 'intent' GROUP BY 1",
+            " AND coalesce(phase, '') NOT IN ('intent', 'key') GROUP BY 1",
             run_id,
         ),
     }
