@@ -9,7 +9,8 @@ Connections (default ids; the DAG's params and the CLI's options choose others)
     certsync_ldap      type certsync_ldap (or ldap/ldaps): <bind DN>:<password>@host:port
                        extra: base_dn, search_filter, use_ssl, start_tls, ca_file, page_size
     certsync_exchange  type certsync_exchange (or https): <client id>:<client secret>@outlook.office365.com
-                       extra: tenant_id, authority_host, ca_file, certificate_file, private_key_file
+                       extra: tenant_id, authority_host, ca_file, certificate_file, private_key_file,
+                       page_size, max_concurrency, breaker_threshold, byte_encoding (base64|integers)
     certsync_postgres  type certsync_postgres (or postgres): certsync_app:<password>@host/db
                        (required; the run-time login)
     certsync_postgres_owner  postgresql://<owner>@host/db  (only for `certsync db upgrade`)
@@ -173,6 +174,12 @@ class ExchangeSettings:
     page_size: int = 1000
     timeout_s: float = 30.0
     max_attempts: int = 5
+    # Requests in flight at most (adaptive concurrency starts here and halves on the per-tenant message).
+    max_concurrency: int = 4
+    # Requests in a row failing at the service before a batch stops (Exchange is down).
+    breaker_threshold: int = 5
+    # How a byte array's Data travels: "base64" or "integers" (unknown for the service; see certsync probe).
+    byte_encoding: str = "base64"
 
 
 @dataclass(frozen=True)
@@ -276,7 +283,21 @@ def exchange_settings(conn: Connection) -> ExchangeSettings:
         private_key_file=extra.get("private_key_file"),
         ca_file=extra.get("ca_file"),
         page_size=_int_setting(f"connection {conn.conn_id!r}", extra, "page_size", 1000, minimum=1),
+        max_concurrency=_int_setting(f"connection {conn.conn_id!r}", extra, "max_concurrency", 4, minimum=1),
+        breaker_threshold=_int_setting(
+            f"connection {conn.conn_id!r}", extra, "breaker_threshold", 5, minimum=1
+        ),
+        byte_encoding=_byte_encoding(conn, extra),
     )
+
+
+def _byte_encoding(conn: Connection, extra: dict[str, Any]) -> str:
+    value = str(extra.get("byte_encoding") or "base64")
+    if value not in ("base64", "integers"):
+        raise ConfigError(
+            f"connection {conn.conn_id!r}: extra.byte_encoding must be base64 or integers, not {value!r}"
+        )
+    return value
 
 
 def database_dsn(conn: Connection) -> str:

@@ -350,10 +350,7 @@ def publish(services: Services, *, run_id: int, batch: int, task_try: int = 1) -
                 skipped = publishing.skip_batch(conn, run_id=run_id, batch=batch, reason="superseded")
                 return {"skipped": skipped} if skipped else {}
             actions = publishing.pending_actions(conn, run_id=run_id, batch=batch)
-        counts: dict[str, int] = {}
-        for action in actions:
-            state = publisher.publish_action(services, lock, info, action, task_try=task_try)
-            counts[state] = counts.get(state, 0) + 1
+        counts = publisher.publish_batch(services, lock, info, actions, task_try=task_try)
     log.info("batch %d: %s", batch, counts)
     return counts
 

@@ -15,12 +15,16 @@ recipient back before anything else is sent.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from certsync.exchange.client import Outcome, backoff_s, outcome_unknown
-from certsync.exchange.recipients import _hashes
+from certsync.exchange.outcomes import ACCEPTED, CONFLICT, FINAL_REFUSALS, Outcome, backoff_s, outcome_unknown
+from certsync.exchange.recipients import hashes
+from certsync.exchange.throttle import ExchangeDown
+from certsync.failures import Unavailable
 from certsync.store import publishing, runs
 from certsync.store.runlock import RunLock
 
@@ -32,10 +36,10 @@ log = logging.getLogger(__name__)
 
 def _read_back(services: Services, intent: publishing.Intent) -> tuple[bool, str]:
     """(applied, what was found): does the recipient hold exactly the intent's certificates?"""
-    held = services.exchange.held_certificates(intent.recipient_id)
+    held = services.exchange.held_certificates(intent.recipient_id, cmdlet=intent.cmdlet)
     if held is None:
         return False, "read back: Exchange has no such recipient"
-    user_certificate, user_smime = (_hashes(values) for values in held)
+    user_certificate, user_smime = (hashes(values) for values in held)
     applied = sorted(user_certificate) == sorted(intent.user_certificate) and sorted(user_smime) == sorted(
         intent.user_smime_certificate
     )
@@ -112,7 +116,8 @@ def settle_open_intents(services: Services, lock: RunLock, *, task_try: int) -> 
 def publish_action(
     services: Services, lock: RunLock, info: runs.RunInfo, action: publishing.PendingAction, *, task_try: int
 ) -> str:
-    """Send one action: intent, request, outcome per attempt; returns the action's final state."""
+    """Send one action: intent, request, outcome per attempt; returns the action's final state
+    ("pending" when the circuit breaker opened before it was done: the next try sends it)."""
     if info.dry_run:
         with services.engine.begin() as conn:
             publishing.set_action_state(conn, run_id=info.run_id, action_no=action.action_no, state="dry_run")
@@ -120,8 +125,11 @@ def publish_action(
     with services.engine.connect() as conn:
         blobs = publishing.values_by_hash(conn, [*action.user_certificate, *action.user_smime_certificate])
         done = publishing.attempts_so_far(conn, run_id=info.run_id, recipient_id=action.recipient_id)
+    exchange = services.exchange
     last = done + services.settings.exchange.max_attempts
     for attempt in range(done + 1, last + 1):
+        if exchange.breaker.open:
+            return "pending"
         if _newer_view(services, info, action):
             return "skipped"
         lock.ensure()  # no request without the run lock (a restarted database drops it)
@@ -130,7 +138,7 @@ def publish_action(
             intent = publishing.record_intent(
                 conn, run=info, action=action, attempt=attempt, task_try=task_try, request_id=request_id
             )
-        outcome = services.exchange.set_certificates(
+        outcome = exchange.set_certificates(
             cmdlet=action.cmdlet,
             identity=action.recipient_id,
             user_certificate=[blobs[h] for h in action.user_certificate],
@@ -138,20 +146,78 @@ def publish_action(
             request_id=request_id,
         )
         if outcome_unknown(outcome):
-            time.sleep(backoff_s(outcome, attempt - done))
+            _wait(outcome, attempt - done, action, why="answer lost; reading the recipient back")
             if settle(services, intent, by_run_id=info.run_id, task_try=task_try, lost=outcome):
                 return "published"
             continue
         state = _record(services, info, action, intent, outcome, task_try)
         if state != "retry":
             return state
-        if attempt < last:
-            time.sleep(backoff_s(outcome, attempt - done))
+        if attempt < last and not exchange.breaker.open:
+            _wait(outcome, attempt - done, action, why="retrying")
+    if exchange.breaker.open:
+        return "pending"
     with services.engine.begin() as conn:
         publishing.set_action_state(
             conn, run_id=info.run_id, action_no=action.action_no, state="failed", reason="out_of_attempts"
         )
     return "failed"
+
+
+def _wait(outcome: Outcome, retry: int, action: publishing.PendingAction, *, why: str) -> None:
+    wait = backoff_s(outcome, retry)
+    log.warning(
+        "%s to %s: %s (HTTP %s %s); %s in %.1fs",
+        action.cmdlet,
+        action.primary_smtp,
+        outcome.kind,
+        outcome.status or "no answer",
+        outcome.code,
+        why,
+        wait,
+    )
+    time.sleep(wait)
+
+
+class _SharedLock:
+    """The run lock used by several sending threads: its one connection is used by one at a time."""
+
+    def __init__(self, lock: RunLock) -> None:
+        self._lock = lock
+        self._mutex = threading.Lock()
+
+    def ensure(self) -> None:
+        with self._mutex:
+            self._lock.ensure()
+
+
+def publish_batch(
+    services: Services,
+    lock: RunLock,
+    info: runs.RunInfo,
+    actions: list[publishing.PendingAction],
+    *,
+    task_try: int,
+) -> dict[str, int]:
+    """Send a batch's actions concurrently (the client's adaptive window bounds what is in flight).
+    Raises Unavailable, with counts, when the circuit breaker opened: the actions not done stay
+    pending for the task's next try, and nothing waits on a service that is down."""
+    shared = _SharedLock(lock)
+    workers = max(1, min(services.settings.exchange.max_concurrency, len(actions)))
+    counts: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="publish") as pool:
+        futures = [pool.submit(publish_action, services, shared, info, a, task_try=task_try) for a in actions]  # type: ignore[arg-type]
+        for future in futures:
+            state = future.result()
+            counts[state] = counts.get(state, 0) + 1
+    breaker = services.exchange.breaker
+    if breaker.open:
+        left = counts.get("pending", 0)
+        raise Unavailable(
+            f"{breaker.describe()}; batch stopped after {len(actions) - left} of {len(actions)} actions,"
+            f" {left} left pending for the next try"
+        ) from ExchangeDown(breaker.describe())
+    return counts
 
 
 def _newer_view(services: Services, info: runs.RunInfo, action: publishing.PendingAction) -> bool:
@@ -178,13 +244,16 @@ def _record(
     task_try: int,
 ) -> str:
     """Close the intent with Exchange's answer and move state in one transaction."""
-    state = {"accepted": "published", "conflict": "conflict", "rejected": "failed"}.get(outcome.kind, "retry")
+    state = {ACCEPTED: "published", CONFLICT: "conflict"}.get(outcome.kind, "retry")
+    if outcome.kind in FINAL_REFUSALS:
+        state = "failed"
     with services.engine.begin() as conn:
         publishing.record_outcome(conn, intent=intent, outcome=outcome, task_try=task_try)
         if state == "published":
             publishing.mark_published(conn, run=info, action=action)
         if state != "retry":
+            reason = outcome.code if outcome.kind == ACCEPTED else f"{outcome.kind}:{outcome.code}"
             publishing.set_action_state(
-                conn, run_id=info.run_id, action_no=action.action_no, state=state, reason=outcome.code
+                conn, run_id=info.run_id, action_no=action.action_no, state=state, reason=reason
             )
     return state

@@ -75,6 +75,14 @@ def msal_app(*, url: str, tenant: str, ca_file: Any, client_id: str, credential:
     )
 
 
+def typed(name: str, *values: str) -> dict[str, Any]:
+    """A byte[][] parameter as the ExchangeOnlineManagement module sends it (base64 Data)."""
+    return {
+        f"{name}@odata.type": "#Collection(Exchange.ByteArrayType)",
+        name: [{"Data": value} for value in values],
+    }
+
+
 class Invoker:
     """Posts InvokeCommand requests the way the ExchangeOnlineManagement module does."""
 

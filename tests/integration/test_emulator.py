@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from emulator_support import (
     client_certificate,
     directory_user,
     msal_app,
+    typed,
 )
 
 from certsync_lab.emulator.cli import emulator as emulator_cli
@@ -217,15 +219,19 @@ def test_set_then_get_round_trip(invoker: Invoker) -> None:
     identity = "cloud_only_mailuser@example.test"
     response = invoker.post(
         "Set-MailUser",
-        {"Identity": identity, "UserCertificate": [CERT_A, CERT_B], "UserSMimeCertificate": [CERT_B]},
+        {
+            "Identity": identity,
+            **typed("UserCertificate", CERT_A, CERT_B),
+            **typed("UserSMimeCertificate", CERT_B),
+        },
     )
     assert response.status_code == 200 and response.json()["value"] == []
     item = invoker.post("Get-MailUser", {"Identity": identity}).json()["value"][0]
     assert item["UserCertificate"] == [CERT_A, CERT_B]
     assert item["UserSMimeCertificate"] == [CERT_B]
-    edit = {"@odata.type": "#Exchange.GenericHashTable", "Remove": [CERT_A]}
+    edit = {"@odata.type": "#Exchange.GenericHashTable", "Remove": [{"Data": CERT_A}]}
     invoker.post("Set-MailUser", {"Identity": identity, "UserCertificate": edit})
-    again = invoker.post("Set-MailUser", {"Identity": identity, "UserCertificate": [CERT_B]})
+    again = invoker.post("Set-MailUser", {"Identity": identity, **typed("UserCertificate", CERT_B)})
     assert "no settings" in again.json()["@adminapi.warnings"][0]
     invoker.post("Set-MailUser", {"Identity": identity, "UserSMimeCertificate": None})
     item = invoker.post("Get-MailUser", {"Identity": identity}).json()["value"][0]
@@ -237,7 +243,7 @@ def _detail(response) -> str:
 
 
 def test_dirsynced_mailbox_write_is_a_conflict(invoker: Invoker) -> None:
-    response = invoker.post("Set-Mailbox", {"Identity": "synced_mailbox", "UserCertificate": [CERT_A]})
+    response = invoker.post("Set-Mailbox", {"Identity": "synced_mailbox", **typed("UserCertificate", CERT_A)})
     assert response.status_code == 400
     code, exception_type, text = _detail(response).split("|", 2)
     assert code.startswith("Ex") and exception_type == "System.InvalidOperationException"
@@ -250,17 +256,23 @@ def test_dirsynced_mailbox_write_is_a_conflict(invoker: Invoker) -> None:
 
 
 def test_cloud_managed_mailbox_write_is_accepted(invoker: Invoker) -> None:
-    response = invoker.post("Set-Mailbox", {"Identity": "cloud_mailbox", "UserSMimeCertificate": [CERT_A]})
+    response = invoker.post(
+        "Set-Mailbox", {"Identity": "cloud_mailbox", **typed("UserSMimeCertificate", CERT_A)}
+    )
     assert response.status_code == 200, response.text
     item = invoker.post("Get-Mailbox", {"Identity": "cloud_mailbox"}).json()["value"][0]
     assert item["UserSMimeCertificate"] == [CERT_A]
 
 
 def test_cmdlet_must_match_recipient_type(invoker: Invoker) -> None:
-    response = invoker.post("Set-MailContact", {"Identity": "cloud_mailbox", "UserCertificate": [CERT_A]})
+    response = invoker.post(
+        "Set-MailContact", {"Identity": "cloud_mailbox", **typed("UserCertificate", CERT_A)}
+    )
     assert response.status_code == 404
     assert "ManagementObjectNotFoundException" in _detail(response)
-    ok = invoker.post("Set-MailContact", {"Identity": "cloud_only_contact", "UserCertificate": [CERT_A]})
+    ok = invoker.post(
+        "Set-MailContact", {"Identity": "cloud_only_contact", **typed("UserCertificate", CERT_A)}
+    )
     assert ok.status_code == 200
 
 
@@ -269,7 +281,7 @@ def test_unknown_identity_and_bad_parameters(invoker: Invoker) -> None:
     assert missing.status_code == 404
     assert "couldn't be found" in _detail(missing)
     bad = invoker.post(
-        "Set-MailUser", {"Identity": "cloud_only_mailuser", "UserCertificate": ["not base64!"]}
+        "Set-MailUser", {"Identity": "cloud_only_mailuser", **typed("UserCertificate", "not base64!")}
     )
     assert bad.status_code == 400
     assert "ParameterBindingException" in _detail(bad) and "System.Byte[]" in _detail(bad)
@@ -295,7 +307,8 @@ def test_rate_budget_answers_429_with_retry_after(emulator: EmulatorProcess, inv
     throttled = statuses[2]
     assert int(throttled.headers["Retry-After"]) >= 1
     assert throttled.headers["Rate-Limit-Remaining"] == "0"
-    assert int(throttled.headers["Rate-Limit-Reset"]) >= 1
+    reset = dt.datetime.fromisoformat(throttled.headers["Rate-Limit-Reset"].replace("Z", "+00:00"))
+    assert reset > dt.datetime.now(dt.UTC)  # a timestamp, as the service sends it
     assert statuses[0].headers["Rate-Limit-Remaining"] == "1"
 
 
@@ -322,7 +335,7 @@ def test_concurrency_cap_answers_plain_text_429(emulator: EmulatorProcess, invok
 
 def test_fault_injection_by_cmdlet(emulator: EmulatorProcess, invoker: Invoker) -> None:
     emulator.control.inject_fault(cmdlet="Set-MailUser", count=2, status=503, retry_after=3)
-    params = {"Identity": "bulk00", "UserCertificate": [CERT_A]}
+    params = {"Identity": "bulk00", **typed("UserCertificate", CERT_A)}
     first = invoker.post("Set-MailUser", params)
     assert first.status_code == 503 and first.headers["Retry-After"] == "3"
     assert invoker.post("Get-Recipient", {"ResultSize": 1}).status_code == 200
@@ -366,7 +379,9 @@ def test_state_persists_across_restart(tmp_path: Path) -> None:
         token = app.acquire_token_for_client(scopes=SCOPE)["access_token"]
         invoker = Invoker(url=first.url, tenant=tenant, ca_file=first.ca_file, token=token)
         assert (
-            invoker.post("Set-MailUser", {"Identity": "keeper", "UserCertificate": [CERT_A]}).status_code
+            invoker.post(
+                "Set-MailUser", {"Identity": "keeper", **typed("UserCertificate", CERT_A)}
+            ).status_code
             == 200
         )
     assert not (home / "endpoint.json").exists()

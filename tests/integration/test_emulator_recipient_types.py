@@ -7,7 +7,7 @@ import base64
 from collections.abc import Iterator
 
 import pytest
-from emulator_support import SCOPE, Invoker, directory_user, msal_app
+from emulator_support import SCOPE, Invoker, directory_user, msal_app, typed
 
 from certsync_lab.emulator.process import EmulatorProcess
 from certsync_lab.emulator.seed import Shares, seed_from_directory
@@ -54,9 +54,12 @@ def invoker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Invoker]:
 @pytest.mark.parametrize(("kind", "noun"), KINDS.items())
 def test_set_and_get_reach_the_kind(invoker: Invoker, kind: str, noun: str) -> None:
     identity = f"{kind.lower()}@example.test"
-    assert invoker.post(f"Set-{noun}", {"Identity": identity, "UserCertificate": [CERT]}).status_code == 200
+    assert (
+        invoker.post(f"Set-{noun}", {"Identity": identity, **typed("UserCertificate", CERT)}).status_code
+        == 200
+    )
     item = invoker.post(f"Get-{noun}", {"Identity": identity}).json()["value"][0]
     assert (item["RecipientTypeDetails"], item["UserCertificate"]) == (kind, [CERT])
     other = "MailUser" if noun == "Mailbox" else "Mailbox"
-    wrong = invoker.post(f"Set-{other}", {"Identity": identity, "UserCertificate": [CERT]})
+    wrong = invoker.post(f"Set-{other}", {"Identity": identity, **typed("UserCertificate", CERT)})
     assert "ManagementObjectNotFoundException" in wrong.text

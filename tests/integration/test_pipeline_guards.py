@@ -331,4 +331,5 @@ def test_exchange_refusal_of_a_synced_recipient_is_a_conflict_not_a_retry(settle
     unknown = settled.exchange.set_certificates(
         cmdlet="Set-Mailbox", identity=str(uuid.uuid4()), user_certificate=[], user_smime_certificate=[]
     )
-    assert unknown.kind == "rejected" and unknown.code == "ManagementObjectNotFoundException", unknown
+    assert unknown.kind == "not_found" and unknown.code == "ManagementObjectNotFoundException", unknown
+    assert unknown.audit_outcome == "rejected", unknown

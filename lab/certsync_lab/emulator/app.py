@@ -185,8 +185,13 @@ async def _handle_invoke(emulator: Emulator, request: Request, call: _Call) -> t
     header_error = _check_headers(emulator, request, call)
     if header_error is not None:
         return _error_response(header_error), header_error.code
+    if call.cmdlet in emulator.controls.config.denied_cmdlets:
+        # Captured with a cmdlet outside the caller's role: 403, a body of NUL bytes claiming gzip.
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return Response(b"\x00" * 128, status_code=403, headers=headers), "Denied"
     if not emulator.controls.enter(call.tenant):
-        return PlainTextResponse(CONCURRENCY_MESSAGE, status_code=429), "ConcurrencyLimit"
+        status = emulator.controls.config.concurrency_status
+        return PlainTextResponse(CONCURRENCY_MESSAGE, status_code=status), "ConcurrencyLimit"
     try:
         return await _admitted(emulator, request, call)
     finally:
@@ -240,10 +245,7 @@ async def _admitted(emulator: Emulator, request: Request, call: _Call) -> tuple[
     decision = emulator.controls.take_rate()
     rate_headers: dict[str, str] = {}
     if decision is not None:
-        rate_headers = {
-            "Rate-Limit-Remaining": str(decision.remaining),
-            "Rate-Limit-Reset": str(decision.reset_s),
-        }
+        rate_headers = decision.headers(limit=emulator.controls.config.rate_limit_limit)
         if not decision.allowed:
             error = CmdletError(
                 status=429,
@@ -276,10 +278,16 @@ def _run_cmdlet(emulator: Emulator, request: Request, call: _Call) -> tuple[Resp
         skip_token=request.query_params.get("$skiptoken"),
         select=_select(request.query_params.get("$select")),
     )
+    config = emulator.controls.config
     try:
-        result = emulator.runner.run(name=call.cmdlet, parameters=call.parameters, page=page)
+        result = emulator.runner.run(name=call.cmdlet, parameters=call.parameters, page=page, config=config)
     except CmdletError as error:
-        return _error_response(error), error.exception_type.rsplit(".", 1)[-1]
+        outcome = error.exception_type.rsplit(".", 1)[-1]
+        if config.adminapi_errors_on_200 and call.cmdlet.startswith("Set-") and error.status == 400:
+            # Some failures come back as a success status carrying @adminapi.errors.
+            body = {"value": [], "@adminapi.errors": [error.error_object()]}
+            return JSONResponse(body, headers=error.headers()), f"{outcome}@200"
+        return _error_response(error), outcome
     body: dict[str, Any] = {
         "@odata.context": f"{str(request.base_url).rstrip('/')}/adminapi/beta/{call.tenant}"
         "/$metadata#Collection(Exchange.GenericHashTable)",
@@ -325,7 +333,9 @@ def _unauthorized() -> Response:
 
 
 def _error_response(error: CmdletError, *, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return JSONResponse(
+        error.body(), status_code=error.status, headers={**error.headers(), **(headers or {})}
+    )
 
 
 def _fault_response(fault: Any, rate_headers: dict[str, str]) -> Response:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from certsync_lab.emulator import errors
+from certsync_lab.emulator.controls import EmulatorConfig
 from certsync_lab.emulator.errors import CmdletError
 from certsync_lab.emulator.rules import write_refusal
 from certsync_lab.emulator.state import RECIPIENT_TYPES, Recipient, StateStore
@@ -40,6 +42,9 @@ KNOWN_TYPE_DETAILS = frozenset(RECIPIENT_TYPES) | {"MailUniversalDistributionGro
 DEFAULT_RESULT_SIZE = 1000
 MAX_PAGE_SIZE = 1000
 HASHTABLE_TYPE = "#Exchange.GenericHashTable"
+BYTE_ARRAY_COLLECTION = "#Collection(Exchange.ByteArrayType)"
+BYTE_ARRAY_TYPE = "#Exchange.ByteArrayType"
+TYPE_SUFFIX = "@odata.type"
 RESULT_SIZE_WARNING = (
     "By default, only the first 1000 items are returned. Use the ResultSize parameter to specify"
     ' the number of items returned. To return all items, specify "-ResultSize Unlimited".'
@@ -63,28 +68,63 @@ class PageRequest:
 class CmdletRunner:
     def __init__(self, *, store: StateStore) -> None:
         self._store = store
+        # guid -> (what reads show, until when): a write becomes visible to reads only after the lag.
+        self._lagging: dict[str, tuple[Recipient, float]] = {}
 
-    def run(self, *, name: str, parameters: Mapping[str, Any], page: PageRequest) -> CmdletResult:
+    def run(
+        self,
+        *,
+        name: str,
+        parameters: Mapping[str, Any],
+        page: PageRequest,
+        config: EmulatorConfig | None = None,
+    ) -> CmdletResult:
+        config = config or EmulatorConfig()
         if name in GET_CMDLETS:
-            return self._get(name=name, parameters=parameters, page=page)
+            return self._get(name=name, parameters=parameters, page=page, config=config)
         if name in SET_CMDLETS:
-            return self._set(name=name, parameters=parameters)
+            return self._set(name=name, parameters=parameters, config=config)
         raise errors.command_not_found(name)
 
-    def _get(self, *, name: str, parameters: Mapping[str, Any], page: PageRequest) -> CmdletResult:
+    def _visible(self, recipient: Recipient) -> Recipient:
+        """The recipient as reads show it now: its state before the last write while the lag lasts."""
+        lagging = self._lagging.get(recipient.guid)
+        if lagging is None:
+            return recipient
+        if time.monotonic() >= lagging[1]:
+            del self._lagging[recipient.guid]
+            return recipient
+        return lagging[0]
+
+    def _shown(
+        self, name: str, recipient: Recipient, page: PageRequest, config: EmulatorConfig
+    ) -> dict[str, Any]:
+        data = _project(self._visible(recipient), page.select)
+        for key in CERTIFICATE_PARAMETERS:
+            if key not in data:
+                continue
+            if name == "Get-Recipient" and not config.get_recipient_certificates:
+                del data[key]
+            else:
+                data[key] = [_read_shape(value, config.read_value_shape) for value in data[key]]
+        return data
+
+    def _get(
+        self, *, name: str, parameters: Mapping[str, Any], page: PageRequest, config: EmulatorConfig
+    ) -> CmdletResult:
         _reject_unknown(parameters, GET_PARAMETERS)
         kinds = _type_filter(GET_CMDLETS[name], parameters.get("RecipientTypeDetails"))
         identity = parameters.get("Identity")
         if identity is not None:
             recipient = self._resolve(str(identity), kinds=kinds)
-            return CmdletResult(value=[_project(recipient, page.select)])
+            return CmdletResult(value=[self._shown(name, recipient, page, config)])
         limit = _result_size(parameters.get("ResultSize"))
         after_seq, returned = _decode_skip(page.skip_token)
         wanted = min(page.page_size, limit - returned)
         rows = self._store.page(type_details=kinds, after_seq=after_seq, limit=wanted + 1)
         more = len(rows) > wanted
         rows = rows[:wanted]
-        value = [_project(recipient, page.select) for _, recipient in rows]
+        value = [self._shown(name, recipient, page, config) for _, recipient in rows]
         total = returned + len(rows)
         if more and total < limit:
             return CmdletResult(value=value, skip_token=_encode_skip(rows[-1][0], total))
@@ -104,15 +144,22 @@ class CmdletRunner:
             raise errors.ambiguous(identity)
         return matches[0]
 
-    def _set(self, *, name: str, parameters: Mapping[str, Any]) -> CmdletResult:
-        allowed = {"Identity", *CERTIFICATE_PARAMETERS}
+    def _set(self, *, name: str, parameters: Mapping[str, Any], config: EmulatorConfig) -> CmdletResult:
+        allowed = {
+            "Identity",
+            *CERTIFICATE_PARAMETERS,
+            *(f"{p}{TYPE_SUFFIX}" for p in CERTIFICATE_PARAMETERS),
+        }
         if name == "Set-Mailbox":
             allowed.add("IsExchangeCloudManaged")
         _reject_unknown(parameters, frozenset(allowed))
         if parameters.get("Identity") in (None, ""):
             raise errors.parameter_binding("Cannot bind argument to parameter 'Identity' because it is null.")
         recipient = self._resolve(str(parameters["Identity"]), kinds=SET_CMDLETS[name])
-        changes = _changes(recipient, parameters)
+        changes = _changes(recipient, parameters, strict=config.strict)
+        for key in CERTIFICATE_PARAMETERS:
+            if config.max_values is not None and len(changes.get(key, ())) > config.max_values:
+                raise errors.too_many_values(key, config.max_values, len(changes[key]))
         refusal = write_refusal(recipient=recipient, cmdlet=name, attributes=changes)
         if refusal is not None:
             raise refusal
@@ -126,6 +173,9 @@ class CmdletRunner:
             )
         updated = recipient.changed(**{_FIELD[key]: value for key, value in changes.items()})
         self._store.save_recipients([updated])
+        if config.read_lag_s > 0:
+            shown = self._visible(recipient)
+            self._lagging[recipient.guid] = (shown, time.monotonic() + config.read_lag_s)
         return CmdletResult(value=[])
 
 
@@ -136,12 +186,13 @@ _FIELD = {
 }
 
 
-def _changes(recipient: Recipient, parameters: Mapping[str, Any]) -> dict[str, Any]:
+def _changes(recipient: Recipient, parameters: Mapping[str, Any], *, strict: bool) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for name in CERTIFICATE_PARAMETERS:
         if name in parameters:
+            _check_annotation(name, parameters, strict=strict)
             current = getattr(recipient, _FIELD[name])
-            changes[name] = _apply_multivalue(name, current, parameters[name])
+            changes[name] = _apply_multivalue(name, current, parameters[name], strict=strict)
     if "IsExchangeCloudManaged" in parameters:
         flag = parameters["IsExchangeCloudManaged"]
         if not isinstance(flag, bool):
@@ -157,7 +208,23 @@ def _changes(recipient: Recipient, parameters: Mapping[str, Any]) -> dict[str, A
     return changes
 
 
-def _apply_multivalue(name: str, current: tuple[str, ...], raw: Any) -> tuple[str, ...]:
+def _check_annotation(name: str, parameters: Mapping[str, Any], *, strict: bool) -> None:
+    """The module annotates a byte[][] collection; strict mode refuses one that comes without."""
+    raw = parameters[name]
+    annotation = parameters.get(f"{name}{TYPE_SUFFIX}")
+    if annotation is not None and annotation != BYTE_ARRAY_COLLECTION:
+        raise errors.parameter_binding(
+            f"Cannot process argument transformation on parameter '{name}'. Unknown type '{annotation}'."
+        )
+    if strict and isinstance(raw, list) and annotation is None:
+        raise errors.parameter_binding(
+            f"Cannot process argument transformation on parameter '{name}'. Cannot convert the value of"
+            ' type "System.Object[]" to type "System.Byte[][]": the collection carries no'
+            f' "{name}{TYPE_SUFFIX}": "{BYTE_ARRAY_COLLECTION}".'
+        )
+
+
+def _apply_multivalue(name: str, current: tuple[str, ...], raw: Any, *, strict: bool) -> tuple[str, ...]:
     """Replace (list/null) or edit (hashtable with Add/Remove) a multi-valued byte[] property."""
     if isinstance(raw, Mapping):
         if raw.get("@odata.type") != HASHTABLE_TYPE:
@@ -165,29 +232,53 @@ def _apply_multivalue(name: str, current: tuple[str, ...], raw: Any) -> tuple[st
                 f"Cannot process argument transformation on parameter '{name}'. The hashtable"
                 f' must carry "@odata.type": "{HASHTABLE_TYPE}".'
             )
-        added = decode_byte_arrays(name, raw.get("Add"))
-        removed = set(decode_byte_arrays(name, raw.get("Remove")))
+        added = decode_byte_arrays(name, raw.get("Add"), strict=strict)
+        removed = set(decode_byte_arrays(name, raw.get("Remove"), strict=strict))
         return _unique(tuple(value for value in (*current, *added) if value not in removed))
-    return _unique(decode_byte_arrays(name, raw))
+    return _unique(decode_byte_arrays(name, raw, strict=strict))
 
 
-def decode_byte_arrays(name: str, raw: Any) -> tuple[str, ...]:
-    """Byte-array parameter values: base64 strings (how .NET serialises byte[]), normalised."""
+def decode_byte_arrays(name: str, raw: Any, *, strict: bool = False) -> tuple[str, ...]:
+    """Byte-array parameter values, normalised to base64: Exchange.ByteArrayType objects
+    ({"Data": base64} or {"Data": [int, ...]}) as the module sends them, and, unless strict,
+    bare base64 strings."""
     if raw is None:
         return ()
-    values = [raw] if isinstance(raw, str) else raw
+    values = [raw] if isinstance(raw, (str, dict)) else raw
     if not isinstance(values, list):
         raise _not_byte_array(name, raw)
-    decoded: list[str] = []
-    for value in values:
-        if not isinstance(value, str) or not value:
-            raise _not_byte_array(name, value)
-        try:
-            data = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise _not_byte_array(name, value) from None
-        decoded.append(base64.b64encode(data).decode())
-    return tuple(decoded)
+    return tuple(_byte_array(name, value, strict=strict) for value in values)
+
+
+def _byte_array(name: str, value: Any, *, strict: bool) -> str:
+    if isinstance(value, dict) and value.get("@odata.type", BYTE_ARRAY_TYPE) == BYTE_ARRAY_TYPE:
+        data = value.get("Data")
+        if isinstance(data, list) and data and all(isinstance(b, int) and 0 <= b <= 255 for b in data):
+            return base64.b64encode(bytes(data)).decode()
+        if isinstance(data, str) and data:
+            return _base64(name, data)
+        raise _not_byte_array(name, value)
+    if isinstance(value, str) and value and not strict:
+        return _base64(name, value)
+    raise _not_byte_array(name, value)
+
+
+def _base64(name: str, text: str) -> str:
+    try:
+        return base64.b64encode(base64.b64decode(text, validate=True)).decode()
+    except (binascii.Error, ValueError):
+        raise _not_byte_array(name, text) from None
+
+
+def _read_shape(value: str, shape: str) -> Any:
+    """One stored (base64) value in the configured read shape."""
+    if shape == "data_base64":
+        return {"Data": value}
+    if shape == "data_ints":
+        return {"Data": list(base64.b64decode(value))}
+    if shape == "type_name":
+        return "System.Byte[]"
+    return value
 
 
 def _not_byte_array(name: str, value: Any) -> CmdletError:

@@ -6,6 +6,7 @@ emulator runs; clients must cope with whatever budget they meet.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import random
 import threading
@@ -15,6 +16,9 @@ from typing import Any
 
 # The fault-rule name that targets the token endpoint instead of a cmdlet.
 AUTH_ENDPOINT_TARGET = "token"
+# How certificate values come back on read (unknown for the real service; each is plausible):
+# base64 text, {"Data": base64}, {"Data": [int, ...]}, or the .NET type name instead of bytes.
+READ_VALUE_SHAPES = ("base64", "data_base64", "data_ints", "type_name")
 
 
 @dataclass(kw_only=True)
@@ -59,6 +63,24 @@ class EmulatorConfig:
     require_anchor_mailbox: bool = True
     faults: list[FaultRule] = field(default_factory=list)
     holds: list[HoldRule] = field(default_factory=list)
+    # Refuse request shapes the ExchangeOnlineManagement module never sends (bare base64 strings for
+    # a byte[][] parameter, a collection without its "@odata.type" annotation).
+    strict: bool = True
+    # The switchable unknowns: value shape on read, the status of the per-tenant concurrency
+    # message, whether Get-Recipient returns the certificate properties at all.
+    read_value_shape: str = "base64"
+    concurrency_status: int = 429
+    get_recipient_certificates: bool = True
+    # Some failures come back as 200 with @adminapi.errors (a Set-* refused for its parameters or scope).
+    adminapi_errors_on_200: bool = False
+    # Reads show a recipient as it was before a write for this long (eventual consistency).
+    read_lag_s: float = 0.0
+    # Values one certificate property may hold (None: no cap; Entra ID's is 15).
+    max_values: int | None = None
+    # Cmdlets outside the app's role: 403 with a gzip-declared body of NUL bytes, as captured.
+    denied_cmdlets: list[str] = field(default_factory=list)
+    # Rate-Limit-Limit as the service announces it (informational).
+    rate_limit_limit: int = 30000
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +92,15 @@ class RateDecision:
     remaining: int
     retry_after_s: int
     reset_s: int
+
+    def headers(self, *, limit: int) -> dict[str, str]:
+        """Rate headers as the service sends them: Rate-Limit-Reset is an ISO timestamp."""
+        reset_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.reset_s)
+        return {
+            "Rate-Limit-Limit": str(limit),
+            "Rate-Limit-Remaining": str(self.remaining),
+            "Rate-Limit-Reset": reset_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        }
 
 
 class TokenBucket:
@@ -171,6 +202,12 @@ def _validate(config: EmulatorConfig) -> None:
         raise ValueError("burst must be at least 1")
     if config.max_concurrency is not None and config.max_concurrency < 1:
         raise ValueError("max_concurrency must be at least 1 (or null for no cap)")
+    if config.read_value_shape not in READ_VALUE_SHAPES:
+        raise ValueError(f"read_value_shape must be one of {', '.join(READ_VALUE_SHAPES)}")
+    if not 200 <= config.concurrency_status <= 599:
+        raise ValueError("concurrency_status must be an HTTP status")
+    if config.read_lag_s < 0 or (config.max_values is not None and config.max_values < 1):
+        raise ValueError("read_lag_s must not be negative and max_values must be at least 1")
     if config.latency_ms < 0 or config.jitter_ms < 0:
         raise ValueError("latency_ms and jitter_ms must not be negative")
     for rule in config.faults:

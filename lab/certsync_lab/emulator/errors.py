@@ -14,6 +14,7 @@ COMMAND_NOT_FOUND = "System.Management.Automation.CommandNotFoundException"
 WRITE_SCOPE = "System.InvalidOperationException"
 THROTTLED = "Microsoft.Exchange.Admin.OData.Core.ThrottlingException"
 SERVER_ERROR = "Microsoft.Exchange.Admin.OData.Core.ODataServiceException"
+DATA_VALIDATION = "Microsoft.Exchange.Data.DataValidationException"
 
 _ERROR_IDS = {
     NOT_FOUND: "Ex6F9304",
@@ -36,18 +37,30 @@ class CmdletError(Exception):
     text: str
 
     def body(self) -> dict[str, Any]:
-        detail = f"{_ERROR_IDS.get(self.exception_type, 'Ex000000')}|{self.exception_type}|{self.text}"
+        """The error body as the service writes it: a generic message, the reason in
+        details[0].message as "Ex…|Full.Exception.Type|text"."""
+        return {"error": self.error_object()}
+
+    def error_object(self) -> dict[str, Any]:
+        detail = self.detail()
         return {
-            "error": {
-                "code": self.code,
+            "code": self.code,
+            "message": "Error executing cmdlet",
+            "details": [{"code": "Client", "target": "", "message": detail}],
+            "innererror": {
                 "message": detail,
-                "details": [{"code": "Context", "target": "", "message": detail}],
-                "innererror": {
-                    "message": detail,
-                    "type": SERVER_ERROR,
-                    "internalException": {"message": self.text, "type": self.exception_type},
-                },
-            }
+                "type": SERVER_ERROR,
+                "internalexception": {"message": self.text, "type": self.exception_type},
+            },
+        }
+
+    def detail(self) -> str:
+        return f"{_ERROR_IDS.get(self.exception_type, 'Ex000000')}|{self.exception_type}|{self.text}"
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-ExceptionType": self.exception_type.rsplit(".", 1)[-1],
+            "x-ExceptionTargetType": "Recipient",
         }
 
 
@@ -111,3 +124,13 @@ def aadsts(*, status: int, error: str, code: int, description: str) -> tuple[int
         "correlation_id": correlation_id,
         "error_uri": f"https://login.microsoftonline.com/error?code={code}",
     }
+
+
+def too_many_values(name: str, cap: int, count: int) -> CmdletError:
+    return CmdletError(
+        status=400,
+        code="BadRequest",
+        exception_type=DATA_VALIDATION,
+        text=f"The length of the property is too long. The maximum length is {cap} and the length of the"
+        f" value provided is {count}. Property: {name}",
+    )

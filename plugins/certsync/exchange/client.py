@@ -1,30 +1,56 @@
 """Exchange Online's InvokeCommand endpoint: the cmdlets certsync needs, nothing more.
 
-Reads (Get-Recipient) retry transient failures themselves. Writes (Set-*) make exactly one attempt
-and return an `Outcome`, because the publish stage must audit every attempt and decide on retries.
+Request shapes come from certsync.exchange.wire, the meaning of answers from
+certsync.exchange.outcomes, pacing from certsync.exchange.throttle. Reads retry what is retryable
+themselves, under one client-request-id per cmdlet call as the module does. Writes (Set-*) make one
+attempt (plus one resend after a token refresh when the token was refused, which runs nothing) and
+return an Outcome, because the publish stage audits every attempt and decides on retries.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import requests
 
 from certsync.config import ExchangeSettings
-from certsync.exchange.auth import TokenProvider, http_session
+from certsync.exchange import wire
+from certsync.exchange.auth import TokenProvider, TokenUnavailable, http_session
+from certsync.exchange.errors import ExchangeError, ExchangeShapeError
+from certsync.exchange.outcomes import (
+    AUTH,
+    RETRYABLE_STATUS,
+    UNAVAILABLE,
+    UNKNOWN,
+    Outcome,
+    backoff_s,
+    classify,
+    load_body,
+    outcome_unknown,
+    read_body,
+)
+from certsync.exchange.throttle import CircuitBreaker, Throttle
+from certsync.exchange.values import UnreadableValue, decode_values
+
+__all__ = [
+    "ANCHOR_MAILBOX",
+    "RETRYABLE_STATUS",
+    "ExchangeClient",
+    "ExchangeError",
+    "Outcome",
+    "backoff_s",
+    "classify",
+    "outcome_unknown",
+]
 
 log = logging.getLogger(__name__)
 
-# The system mailbox Exchange routes app-only admin calls to (as the ExchangeOnlineManagement module does).
-ANCHOR_MAILBOX = "APP:SystemMailbox{bb558c35-97f1-4cb9-8ff7-d53741dc928c}@%s"
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+ANCHOR_MAILBOX = wire.ANCHOR_MAILBOX
 RECIPIENT_FIELDS = (
     "Guid",
     "ExternalDirectoryObjectId",
@@ -35,86 +61,24 @@ RECIPIENT_FIELDS = (
     "UserCertificate",
     "UserSMimeCertificate",
 )
-MAX_RETRY_AFTER_S = 120.0
-# Error codes of a Get-* that found no recipient by that identity.
-NOT_FOUND_CODES = frozenset({"ManagementObjectNotFoundException", "NotFound"})
-# Marks of Exchange's refusal to write an object that directory synchronisation owns.
-DIRSYNC_MARKS = ("synchronized from your on-premises", "out of the current user's write scope")
+CERTIFICATE_FIELDS = ("UserCertificate", "UserSMimeCertificate")
+# The cmdlets that surely return certificates and IsExchangeCloudManaged (Get-Recipient may not).
+READ_CMDLETS = ("Get-Mailbox", "Get-MailUser", "Get-MailContact")
+GET_FOR_SET = {
+    "Set-Mailbox": "Get-Mailbox",
+    "Set-MailUser": "Get-MailUser",
+    "Set-MailContact": "Get-MailContact",
+}
 
 
-class ExchangeError(RuntimeError):
-    """A call failed for good: not retryable, or out of attempts."""
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One request's answer: its outcome, the parsed body (None unless readable JSON), and timing."""
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The result of one write attempt."""
-
-    kind: str  # accepted | conflict | rejected | retry
-    status: int | None
-    code: str | None = None
-    detail: str | None = None
-    retry_after_s: float | None = None
-    client_request_id: uuid.UUID | None = None
-
-
-def encode_bytes(values: Sequence[bytes]) -> list[str]:
-    """How a byte[][] parameter travels in InvokeCommand JSON: a list of base64 strings."""
-    return [base64.b64encode(v).decode("ascii") for v in values]
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    """Seconds the server asked us to wait (bounded), or None when it did not say."""
-    raw = response.headers.get("Retry-After", "")
-    try:
-        return min(max(float(raw), 0.0), MAX_RETRY_AFTER_S)
-    except ValueError:
-        return None
-
-
-def backoff_s(outcome: Outcome, retry: int) -> float:
-    """How long to wait before retry number `retry` (1, 2, ...): Retry-After when given, else exponential."""
-    if outcome.retry_after_s is not None:
-        return outcome.retry_after_s
-    return min(2.0**retry, 30.0)
-
-
-def _error_parts(response: requests.Response) -> tuple[str | None, str]:
-    """(exception type or error code, message) from an Exchange error body, JSON or plain text."""
-    try:
-        error = response.json().get("error", {})
-    except ValueError:
-        return None, response.text[:500]
-    details = error.get("details") or []
-    if details and "|" in details[0].get("message", ""):
-        _code, exc_type, text = [*details[0]["message"].split("|", 2), "", ""][:3]
-        return exc_type.rsplit(".", 1)[-1] or error.get("code"), text
-    return error.get("code"), str(error.get("message", ""))[:500]
-
-
-def classify(response: requests.Response) -> Outcome:
-    """Turn one HTTP answer to a write into an outcome; the only place that reads error shapes."""
-    status = response.status_code
-    if 200 <= status < 300:
-        return Outcome(kind="accepted", status=status)
-    if status in RETRYABLE_STATUS:
-        code, text = _error_parts(response)
-        return Outcome(
-            kind="retry",
-            status=status,
-            code=code,
-            detail=text,
-            retry_after_s=_retry_after(response),
-        )
-    code, text = _error_parts(response)
-    if any(mark in text.lower() for mark in DIRSYNC_MARKS):
-        return Outcome(kind="conflict", status=status, code=code or "DirSyncConflict", detail=text)
-    return Outcome(kind="rejected", status=status, code=code, detail=text)
+    outcome: Outcome
+    body: Any
+    headers: dict[str, str]
+    latency_s: float
 
 
 class ExchangeClient:
@@ -128,6 +92,8 @@ class ExchangeClient:
         self._session = session
         self._url = f"{settings.base_url.rstrip('/')}/adminapi/beta/{settings.tenant_id}/InvokeCommand"
         self._connection_id = str(uuid.uuid4())
+        self.throttle = Throttle(max_concurrency=settings.max_concurrency)
+        self.breaker = CircuitBreaker(threshold=settings.breaker_threshold)
 
     @classmethod
     def connect(cls, settings: ExchangeSettings) -> ExchangeClient:
@@ -137,67 +103,106 @@ class ExchangeClient:
             settings=settings, tokens=TokenProvider(settings=settings, session=session), session=session
         )
 
-    def _headers(self, cmdlet: str, request_id: uuid.UUID) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self._tokens.token()}",
-            "X-CmdletName": cmdlet,
-            "client-request-id": str(request_id),
-            "connection-id": self._connection_id,
-            "Prefer": f"odata.maxpagesize={self._settings.page_size}",
-            "X-AnchorMailbox": ANCHOR_MAILBOX % self._settings.tenant_id,
-            "Accept": "application/json",
-        }
+    @property
+    def settings(self) -> ExchangeSettings:
+        return self._settings
 
-    def _post(
-        self, url: str, cmdlet: str, parameters: dict[str, Any], request_id: uuid.UUID
-    ) -> requests.Response:
-        body = {"CmdletInput": {"CmdletName": cmdlet, "Parameters": parameters}}
+    def send(
+        self, cmdlet: str, parameters: dict[str, Any], *, request_id: uuid.UUID, url: str | None = None
+    ) -> Answer:
+        """One cmdlet call, one request (and one resend with a fresh token if the token was refused,
+        under the same client-request-id: a 401 comes before the cmdlet runs)."""
+        answer = self._request(url or self._url, cmdlet, parameters, request_id, refresh=False)
+        if answer.outcome.kind == AUTH:
+            log.warning("%s: token refused (HTTP 401); sending once more with a new token", cmdlet)
+            answer = self._request(url or self._url, cmdlet, parameters, request_id, refresh=True)
+        self.breaker.record(answer.outcome)
+        return answer
+
+    def _request(
+        self, url: str, cmdlet: str, parameters: dict[str, Any], request_id: uuid.UUID, *, refresh: bool
+    ) -> Answer:
+        headers = wire.headers(
+            token=self._tokens.token(refresh=refresh),
+            cmdlet=cmdlet,
+            request_id=request_id,
+            connection_id=self._connection_id,
+            tenant_id=self._settings.tenant_id,
+            page_size=self._settings.page_size,
+        )
+        ticket = self.throttle.acquire(cmdlet)
+        started = time.monotonic()
         try:
             response = self._session.post(
                 url,
-                json=body,
-                headers=self._headers(cmdlet, request_id),
+                json=wire.body(cmdlet, parameters),
+                headers=headers,
                 timeout=self._settings.timeout_s,
+                stream=True,
             )
+            load_body(response)
         except requests.RequestException as exc:
-            raise ExchangeError(
-                f"{cmdlet}: cannot reach {self._settings.base_url}: {type(exc).__name__}"
-            ) from None
-        return response
+            outcome = Outcome(
+                kind=UNKNOWN,
+                status=None,
+                code=type(exc).__name__,
+                detail=f"no answer from {self._settings.base_url}",
+            )
+            self.throttle.release(ticket, outcome)
+            return Answer(outcome=outcome, body=None, headers={}, latency_s=time.monotonic() - started)
+        outcome = dataclasses.replace(classify(response), client_request_id=request_id)
+        self.throttle.release(ticket, outcome)
+        body, _why = read_body(response)
+        return Answer(
+            outcome=outcome, body=body, headers=dict(response.headers), latency_s=time.monotonic() - started
+        )
 
-    def _read_page(self, url: str, cmdlet: str, parameters: dict[str, Any]) -> dict[str, Any]:
-        for attempt in range(1, self._settings.max_attempts + 1):
-            response = self._post(url, cmdlet, parameters, uuid.uuid4())
-            if response.ok:
-                return response.json()
-            outcome = classify(response)
-            if outcome.kind != "retry" or attempt == self._settings.max_attempts:
+    def call(self, cmdlet: str, parameters: dict[str, Any], *, url: str | None = None) -> Answer:
+        """A read: retried with backoff while the answer is retryable, every wait logged, all under
+        one client-request-id; raises ExchangeError when it fails for good."""
+        request_id = uuid.uuid4()
+        attempts = self._settings.max_attempts
+        for attempt in range(1, attempts + 1):
+            answer = self.send(cmdlet, parameters, request_id=request_id, url=url)
+            outcome = answer.outcome
+            if outcome.kind == "accepted":
+                return answer
+            if not (outcome.retryable or outcome.kind == UNKNOWN) or attempt == attempts or self.breaker.open:
                 raise ExchangeError(
-                    f"{cmdlet} failed with HTTP {response.status_code}: {outcome.code}: {outcome.detail}",
-                    status=response.status_code,
+                    f"{cmdlet} failed ({outcome.kind}, HTTP {outcome.status or 'no answer'}):"
+                    f" {outcome.code}: {(outcome.detail or '')[:300]}",
+                    status=outcome.status,
                     code=outcome.code,
                 )
             wait = backoff_s(outcome, attempt)
-            log.warning("%s: HTTP %s, retrying in %.1fs", cmdlet, response.status_code, wait)
+            log.warning(
+                "%s: %s (HTTP %s %s); retrying in %.1fs (attempt %d of %d, request %s)",
+                cmdlet, outcome.kind, outcome.status or "no answer", outcome.code, wait, attempt, attempts, request_id,
+            )  # fmt: skip
             time.sleep(wait)
         raise AssertionError("unreachable")
 
     def read(self, cmdlet: str, parameters: dict[str, Any], *, select: Sequence[str] = ()) -> Iterator[dict]:
-        """Run a Get-* cmdlet and yield every object, following @odata.nextLink."""
-        url: str | None = self._url + (f"?$select={','.join(select)}" if select else "")
+        """Run a Get-* cmdlet and yield every object, following @odata.nextLink (same body)."""
+        url: str | None = self._url + wire.select_query(select)
         while url:
-            page = self._read_page(url, cmdlet, parameters)
+            page = self.call(cmdlet, parameters, url=url).body
+            if not isinstance(page, dict) or not isinstance(page.get("value", []), list):
+                raise ExchangeShapeError(f"{cmdlet} answered a page without a value list: {str(page)[:200]}")
             yield from page.get("value", [])
-            url = page.get("@odata.nextLink")
+            next_link = page.get("@odata.nextLink")
+            url = str(next_link) if next_link else None
 
     def check(self) -> None:
-        """Get a token and read one recipient, so bad credentials or endpoints fail before any write."""
+        """Get a token and read one mailbox, so bad credentials or endpoints fail before any write."""
         self._tokens.token()
-        page = self._read_page(self._url, "Get-Recipient", {"ResultSize": 1})
-        log.info("Exchange Online reachable (%d recipient read)", len(page.get("value", [])))
+        answer = self.call("Get-Mailbox", {"ResultSize": 1})
+        log.info("Exchange Online reachable (%d mailbox read)", len((answer.body or {}).get("value", [])))
 
     def recipients(self) -> Iterator[dict]:
-        return self.read("Get-Recipient", {"ResultSize": "Unlimited"}, select=RECIPIENT_FIELDS)
+        """Every mailbox, mail user and mail contact with what certsync needs of it."""
+        for cmdlet in READ_CMDLETS:
+            yield from self.read(cmdlet, {"ResultSize": "Unlimited"}, select=RECIPIENT_FIELDS)
 
     def set_certificates(
         self,
@@ -210,41 +215,52 @@ class ExchangeClient:
     ) -> Outcome:
         """One attempt to replace both certificate attributes of a recipient. `request_id` is the
         client-request-id the write-ahead audit recorded for it (a new one when not given)."""
-        parameters = {
-            "Identity": identity,
-            "UserCertificate": encode_bytes(user_certificate),
-            "UserSMimeCertificate": encode_bytes(user_smime_certificate),
-        }
+        parameters = wire.certificate_parameters(
+            identity=identity,
+            user_certificate=user_certificate,
+            user_smime_certificate=user_smime_certificate,
+            encoding=self._settings.byte_encoding,
+        )
         request_id = request_id or uuid.uuid4()
         try:
-            outcome = classify(self._post(self._url, cmdlet, parameters, request_id))
-        except ExchangeError as exc:
-            outcome = Outcome(kind="retry", status=None, code="ConnectionError", detail=str(exc))
-        return dataclasses.replace(outcome, client_request_id=request_id)
-
-    def held_certificates(self, identity: str) -> tuple[list[str], list[str]] | None:
-        """Read one recipient back (Get-Recipient -Identity): the base64 values of UserCertificate
-        and UserSMimeCertificate it holds now, or None when Exchange knows no such recipient. Used
-        only to settle a write whose answer was lost."""
-        try:
-            found = list(
-                self.read(
-                    "Get-Recipient",
-                    {"Identity": identity},
-                    select=("UserCertificate", "UserSMimeCertificate"),
-                )
+            return self.send(cmdlet, parameters, request_id=request_id).outcome
+        except TokenUnavailable as exc:
+            # No token, so no request left: surely not applied.
+            return Outcome(
+                kind=UNAVAILABLE, status=None, code=exc.code, detail=str(exc), client_request_id=request_id
             )
+
+    def held_certificates(
+        self, identity: str, *, cmdlet: str = "Set-Mailbox"
+    ) -> tuple[tuple[bytes, ...], tuple[bytes, ...]] | None:
+        """Read one recipient back with the Get-* matching the Set-* `cmdlet` that wrote it: the
+        values of UserCertificate and UserSMimeCertificate it holds now, or None when Exchange knows
+        no such recipient. Raises ExchangeShapeError when a value cannot be read."""
+        try:
+            found = self.call(
+                GET_FOR_SET.get(cmdlet, "Get-Recipient"),
+                {"Identity": identity},
+                url=self._url + wire.select_query(CERTIFICATE_FIELDS),
+            ).body
         except ExchangeError as exc:
-            if exc.code in NOT_FOUND_CODES:
+            if exc.code in ("ManagementObjectNotFoundException", "HTTP404") or exc.status == 404:
                 return None
             raise
-        if not found:
+        value = (found or {}).get("value") or []
+        if not value:
             return None
-        return list(found[0].get("UserCertificate") or ()), list(found[0].get("UserSMimeCertificate") or ())
+        return certificates_of(value[0], who=identity)
 
 
-def outcome_unknown(outcome: Outcome) -> bool:
-    """True when the write may or may not have been applied: no answer at all (timeout, broken
-    connection) or a gateway/server error. Throttling (429), 408 and 503 come before the cmdlet
-    runs, and every other answer is Exchange's verdict on the write."""
-    return outcome.kind == "retry" and (outcome.status is None or outcome.status in (500, 502, 504))
+def certificates_of(obj: dict, *, who: str) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """The two certificate properties of a read object, decoded; an unreadable shape stops here."""
+    try:
+        return (
+            decode_values(obj.get("UserCertificate"), name="UserCertificate"),
+            decode_values(obj.get("UserSMimeCertificate"), name="UserSMimeCertificate"),
+        )
+    except UnreadableValue as exc:
+        raise ExchangeShapeError(
+            f"recipient {who}: {exc}; certsync cannot read the certificates Exchange holds and stops"
+            " rather than take them for none (run `certsync probe` to see the shapes this tenant returns)"
+        ) from None

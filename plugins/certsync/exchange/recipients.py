@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # RecipientTypeDetails -> the cmdlet that sets its certificates.
@@ -32,14 +31,22 @@ class Recipient:
 
     @classmethod
     def from_exchange(cls, obj: dict) -> Recipient:
+        """A recipient as a Get-* returned it; raises ExchangeShapeError when its certificates come
+        in a shape certsync cannot read (never taken for "no certificates")."""
+        from certsync.exchange.client import certificates_of
+
+        recipient_id = str(obj.get("ExternalDirectoryObjectId") or obj["Guid"])
+        user_certificate, user_smime = certificates_of(
+            obj, who=str(obj.get("PrimarySmtpAddress") or recipient_id)
+        )
         return cls(
-            recipient_id=str(obj.get("ExternalDirectoryObjectId") or obj["Guid"]),
+            recipient_id=recipient_id,
             primary_smtp=str(obj["PrimarySmtpAddress"]),
             recipient_type=str(obj.get("RecipientTypeDetails", "")),
-            is_dir_synced=bool(obj.get("IsDirSynced", False)),
-            is_cloud_managed=bool(obj.get("IsExchangeCloudManaged", False)),
-            user_certificate=_hashes(obj.get("UserCertificate")),
-            user_smime_certificate=_hashes(obj.get("UserSMimeCertificate")),
+            is_dir_synced=_flag(obj.get("IsDirSynced")),
+            is_cloud_managed=_flag(obj.get("IsExchangeCloudManaged")),
+            user_certificate=hashes(user_certificate),
+            user_smime_certificate=hashes(user_smime),
         )
 
     @property
@@ -53,11 +60,11 @@ class Recipient:
         return not self.is_dir_synced or self.is_cloud_managed
 
 
-def _hashes(values: list[str] | None) -> tuple[bytes, ...]:
-    out = []
-    for value in values or ():
-        try:
-            out.append(hashlib.sha256(base64.b64decode(value, validate=True)).digest())
-        except (binascii.Error, ValueError):
-            out.append(hashlib.sha256(value.encode()).digest())  # unreadable: still counts as a difference
-    return tuple(out)
+def hashes(values: Iterable[bytes]) -> tuple[bytes, ...]:
+    """SHA-256 of each value, in order: how certsync compares certificates without holding them."""
+    return tuple(hashlib.sha256(value).digest() for value in values)
+
+
+def _flag(raw: object) -> bool:
+    """A boolean property: JSON booleans as captured, "True"/"False" text tolerated."""
+    return raw is True or (isinstance(raw, str) and raw.strip().lower() == "true")

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from certsync.audit import writer
-from certsync.exchange.client import Outcome
+from certsync.exchange.outcomes import Outcome
 from certsync.store.db import hash_list
 from certsync.store.runs import RunInfo
 
@@ -202,16 +202,17 @@ def _closing_values(intent: Intent, *, task_try: int) -> dict:
 
 
 def record_outcome(conn: Connection, *, intent: Intent, outcome: Outcome, task_try: int) -> None:
-    """Close an intent with Exchange's answer (a retryable answer is recorded as failed)."""
+    """Close an intent with Exchange's answer: accepted, conflict, rejected (a final refusal) or failed
+    (retryable); the detail names the kind of answer and carries Exchange's warnings."""
     _insert(
         conn,
         {
             **_closing_values(intent, task_try=task_try),
             "phase": "outcome",
-            "outcome": "failed" if outcome.kind == "retry" else outcome.kind,
+            "outcome": outcome.audit_outcome,
             "status": outcome.status,
             "code": outcome.code,
-            "detail": (outcome.detail or "")[:2000] or None,
+            "detail": outcome.audit_detail,
         },
     )
 
