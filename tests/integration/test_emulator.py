@@ -456,3 +456,19 @@ def test_scope_must_name_exchange_or_the_emulator(emulator: EmulatorProcess) -> 
     assert "access_token" in own
     graph = app.acquire_token_for_client(scopes=["https://graph.microsoft.com/.default"])
     assert graph["error"] == "invalid_scope" and graph["error_codes"] == [1002012]
+
+
+def test_strict_mode_refuses_shapes_the_module_never_sends(
+    emulator: EmulatorProcess, invoker: Invoker
+) -> None:
+    bare = {"Identity": "bulk02", "UserCertificate": [CERT_A]}
+    refused = invoker.post("Set-MailUser", bare)
+    assert refused.status_code == 400 and "ParameterBindingException" in _detail(refused)
+    assert refused.headers["x-ExceptionType"] == "ParameterBindingException"
+    assert refused.json()["error"]["message"] == "Error executing cmdlet"
+    ints = {"Identity": "bulk02", **typed("UserCertificate"), "UserCertificate": [{"Data": [48, 130, 1]}]}
+    assert invoker.post("Set-MailUser", ints).status_code == 200
+    emulator.control.set_config(strict=False, read_value_shape="data_ints")
+    assert invoker.post("Set-MailUser", bare).status_code == 200
+    item = invoker.post("Get-MailUser", {"Identity": "bulk02"}).json()["value"][0]
+    assert item["UserCertificate"] == [{"Data": list(base64.b64decode(CERT_A))}]
