@@ -21,6 +21,7 @@ hash-chained, append-only audit log in Postgres.
 |---|---|---|
 | `dry_run` | `false` | plan, but publish nothing |
 | `allow_mass_removal` | `false` | ignore the removal threshold for this run (recorded with the run) |
+| `extract_mode` | `delta` | `delta` reads what changed since the last run's watermark (full when there is none usable, or the last full read is older than `full_read_every_hours`); `full` reads the whole scope |
 | `ldap_conn_id` | `certsync_ldap` | the directory's connection (type *certsync: Active Directory*) |
 | `exchange_conn_id` | `certsync_exchange` | the tenant's connection (type *certsync: Exchange Online*) |
 | `postgres_conn_id` | `certsync_postgres` | the store's connection, logging in as `certsync_app` (required) |
@@ -90,6 +91,12 @@ def _conn_ids() -> dict[str, str]:
     params={
         "dry_run": Param(False, type="boolean", description="Plan, but publish nothing."),
         "allow_mass_removal": Param(False, type="boolean", description="Ignore the removal threshold once."),
+        "extract_mode": Param(
+            "delta",
+            enum=["delta", "full"],
+            description="delta: read what changed since the last run (a full read when the watermark"
+            " is missing, from another DC, or older than full_read_every_hours); full: read everything.",
+        ),
         "ldap_conn_id": _conn_id("certsync_ldap", "Connection of the Active Directory to read."),
         "exchange_conn_id": _conn_id("certsync_exchange", "Connection of the Exchange Online tenant."),
         "postgres_conn_id": _conn_id("certsync_postgres", "Connection of the store (certsync_app login)."),

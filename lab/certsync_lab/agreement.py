@@ -14,7 +14,7 @@ from certsync.directory import smtp_addresses
 
 SELECTED_BY_USER = """
 SELECT u.mail, u.proxy_addresses, r.attribute, array_agg(r.sha256) AS hashes
-FROM certsync.value_result r JOIN certsync.staging_user u USING (run_id, object_guid)
+FROM certsync.value_result r JOIN certsync.source_user u USING (object_guid)
 WHERE r.run_id = :r AND r.selected
 GROUP BY u.mail, u.proxy_addresses, r.attribute
 """

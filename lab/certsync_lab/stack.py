@@ -238,7 +238,11 @@ def seed_tenant(
     cert, _key, secret = credentials
     register_client(home, CLIENT_ID, secret=secret, certificate_pem=cert.read_text())
     settings = DirectorySettings(
-        url=samba.ldap_url, bind_dn=samba.bind_dn, password=samba.password, base_dn=samba.users_ou
+        url=samba.ldap_url,
+        bind_dn=samba.bind_dn,
+        password=samba.password,
+        base_dn=samba.users_ou,
+        allow_plain_bind=True,  # the lab DC on loopback
     )
     report = seed_from_directory(
         home=home, users=DirectoryReader(settings=settings).iter_users(), shares=shares, seed=seed
@@ -265,7 +269,8 @@ def lab_connections(
             port=389,
             login=samba.bind_dn,
             password=samba.password,
-            extra={"base_dn": samba.users_ou},
+            # The lab DC on loopback may take a plain bind (it also serves LDAPS and StartTLS).
+            extra={"base_dn": samba.users_ou, "allow_plain_bind": True},
         ),
         "certsync_exchange": Connection(
             conn_id="certsync_exchange",

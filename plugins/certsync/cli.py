@@ -120,7 +120,10 @@ def check() -> None:
 @click.option("--dry-run", is_flag=True, help="Plan, but publish nothing.")
 @click.option("--allow-mass-removal", is_flag=True, help="Ignore the removal threshold for this run.")
 @click.option("--run-id", "airflow_run_id", default=None, help="Run key (re-using one resumes that run).")
-def run(dry_run: bool, allow_mass_removal: bool, airflow_run_id: str | None) -> None:
+@click.option(
+    "--full", is_flag=True, help="Read the whole directory, not only what changed since the last run."
+)
+def run(dry_run: bool, allow_mass_removal: bool, airflow_run_id: str | None, full: bool) -> None:
     """Run every stage once, in this process (what the DAG does, without a scheduler)."""
     from certsync import pipeline
     from certsync.failures import RunFailed, Unavailable
@@ -136,6 +139,7 @@ def run(dry_run: bool, allow_mass_removal: bool, airflow_run_id: str | None) -> 
             logical_date=now,
             dry_run=dry_run,
             allow_mass_removal=allow_mass_removal,
+            mode="full" if full else "delta",
         )
     except (ConfigError, pipeline.RemovalThresholdExceeded, RunLocked, RunLockLost, Unavailable) as exc:
         raise click.ClickException(str(exc)) from None

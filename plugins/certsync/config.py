@@ -16,7 +16,8 @@ Connections (default ids; the DAG's params and the CLI's options choose others)
     certsync_postgres_owner  postgresql://<owner>@host/db  (only for `certsync db upgrade`)
 Variable
     certsync_config    JSON: trust_anchors, intermediates, crls, profile, removal_threshold,
-                       publish_batch_size, validation_processes, run_lock_wait_s
+                       publish_batch_size, validation_processes, run_lock_wait_s,
+                       full_read_every_hours, disabled_accounts, left_scope
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlparse
@@ -55,7 +57,12 @@ CONFIG_KEYS = (
     "validation_processes",
     "run_lock_wait_s",
     "audit_checkpoint_dir",
+    "full_read_every_hours",
+    "disabled_accounts",
+    "left_scope",
 )
+# What happens to the certificates of disabled accounts and of users that left the scope.
+ACCOUNT_POLICIES = ("withdraw", "keep")
 
 # certsync's own connection types (what its Airflow hooks register); the generic types stay accepted.
 LDAP_CONN_TYPE = "certsync_ldap"
@@ -229,7 +236,8 @@ def _require(conn: Connection | None, conn_id: str) -> Connection:
 
 
 def directory_settings(conn: Connection) -> DirectorySettings:
-    from certsync.directory import USER_FILTER, DirectorySettings
+    from certsync.directory import DirectorySettings
+    from certsync.directory.settings import split_dns
 
     extra = conn.extra
     if conn.conn_type not in LDAP_CONN_TYPES:
@@ -246,11 +254,14 @@ def directory_settings(conn: Connection) -> DirectorySettings:
             url=f"{scheme}://{_netloc(conn, auth=False)}",
             bind_dn=conn.login,
             password=conn.password,
-            base_dn=str(extra.get("base_dn", "")),
-            search_filter=str(extra.get("search_filter") or USER_FILTER),
+            base_dn=";".join(split_dns(extra.get("base_dn") or "")),
+            search_filter=str(extra.get("search_filter") or "") or None,
+            group_dn=str(extra.get("group_dn") or "") or None,
             page_size=_int_setting(f"connection {conn.conn_id!r}", extra, "page_size", 500, minimum=1),
+            time_limit_s=_int_setting(f"connection {conn.conn_id!r}", extra, "time_limit_s", 120, minimum=1),
             ca_file=extra.get("ca_file"),
             start_tls=_flag(extra.get("start_tls", "")),
+            allow_plain_bind=_flag(extra.get("allow_plain_bind", "")),
         )
     except ValueError as exc:
         raise ConfigError(f"connection {conn.conn_id!r}: {exc}") from None
@@ -435,4 +446,21 @@ def load_settings(
         run_lock_wait_s=_int_setting(where, config, "run_lock_wait_s", 600, minimum=0),
         audit_signer=audit_signer(source.connection(AUDIT_SIGNING_CONN_ID)),  # the key is checked at begin
         audit_checkpoint_dir=_optional_path(config, "audit_checkpoint_dir", where=where),
+        full_read_every=_hours(where, config, "full_read_every_hours", 24),
+        disabled_accounts=_choice(where, config, "disabled_accounts", ACCOUNT_POLICIES),
+        left_scope=_choice(where, config, "left_scope", ACCOUNT_POLICIES),
     )
+
+
+def _hours(where: str, config: Mapping[str, Any], key: str, default: float) -> timedelta | None:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{where}: {key} must be a number of hours >= 0 (0: never), not {value!r}")
+    return timedelta(hours=value) if value else None
+
+
+def _choice(where: str, config: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = config.get(key, choices[0])
+    if value not in choices:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(choices)}, not {value!r}")
+    return str(value)

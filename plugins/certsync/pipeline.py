@@ -30,7 +30,7 @@ from certsync.exchange.auth import AuthError
 from certsync.exchange.client import ExchangeClient, ExchangeError
 from certsync.exchange.recipients import Recipient
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
-from certsync.plan import build_plan
+from certsync.plan import AccountPolicy, build_plan
 from certsync.store import db, planning, publishing, runlock, runs, runslot, source, validation
 from certsync.store.db import DatabaseError
 
@@ -244,25 +244,26 @@ def _drop_lease(services: Services, run_id: int) -> None:
             conn.close()
 
 
-def extract(services: Services, *, run_id: int) -> dict[str, int]:
-    """Read the directory into staging and merge it into the source view, in one transaction."""
+def extract(services: Services, *, run_id: int) -> dict[str, Any]:
+    """Read the directory (delta from the watermark, or full) into staging, merge it into the
+    source view and move the watermark, in one transaction (see certsync.store.source)."""
     started = time.monotonic()
     reader = services.directory()
     with services.run_lock(run_id, "extract"), services.engine.begin() as conn:
-        users, values = source.stage_users(conn, run_id=run_id, users=reader.iter_users())
-        skipped = source.stage_rejected(conn, run_id=run_id, rejected=reader.skipped)
-        # With unreadable entries the read is not complete: drop nobody as gone this time.
-        gone = source.merge_source(conn, run_id=run_id, full=not reader.skipped)
-        source.purge_old_staging(conn)
+        counts = source.extract(
+            conn, reader=reader, run_id=run_id, full_every=services.settings.full_read_every
+        )
     log.info(
-        "extracted %d users with %d values (%d unreadable entries skipped, %d gone) in %.1fs",
-        users,
-        values,
-        skipped,
-        gone,
+        "extracted (%s: %s) %d users with %d values (%d unreadable entries skipped, %d gone) in %.1fs",
+        counts["mode"],
+        counts["why"],
+        counts["users"],
+        counts["values"],
+        counts["skipped"],
+        counts["gone"],
         time.monotonic() - started,
     )
-    return {"users": users, "values": values, "skipped": skipped, "gone": gone}
+    return counts
 
 
 def read_recipients(services: Services, *, run_id: int, task_try: int = 1) -> dict[str, int]:
@@ -317,6 +318,10 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
             planning.source_users(conn, fingerprint=info.trust_fingerprint, at=info.logical_date),
             recipients=planning.recipients(conn, run_id=run_id),
             published=planning.published_owners(conn),
+            policy=AccountPolicy(
+                disabled_accounts=settings.disabled_accounts, left_scope=settings.left_scope
+            ),
+            gone=planning.gone_reasons(conn),
         )
         if result.removals() > settings.removal_threshold and not allow_mass_removal and not superseded:
             raise RemovalThresholdExceeded(
@@ -449,7 +454,7 @@ def run_all(
         dag_id=dag_id,
         airflow_run_id=airflow_run_id,
         logical_date=logical_date,
-        mode="full",
+        mode=mode,
         dry_run=dry_run,
         record=runs.RunRecord(run_type="cli", triggered_by=_os_user(), allow_mass_removal=allow_mass_removal),
         wait_s=services.settings.run_lock_wait_s,

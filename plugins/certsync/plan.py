@@ -23,6 +23,13 @@ from certsync.exchange.recipients import Recipient
 # A valid certificate of a user without any mail address has nowhere to go in Exchange Online.
 USER_HAS_NO_MAIL = "user_has_no_mail"
 NO_MAIL_SENTENCE = "The user has no mail or SMTP proxy address, so no recipient can carry the certificate."
+# A disabled account is usually someone who left: mail encrypted to them would never be read.
+ACCOUNT_DISABLED = "account_disabled"
+DISABLED_SENTENCE = "The user's account is disabled (userAccountControl 0x2); its certificates are withdrawn."
+# Mailboxes whose accounts are disabled by design: Exchange's RecipientTypeDetails names, and the
+# msExchRecipientTypeDetails bits (shared 4, room 16, equipment 32, and their Remote* forms).
+SHARED_RECIPIENT_TYPES = frozenset({"SharedMailbox", "RoomMailbox", "EquipmentMailbox"})
+SHARED_TYPE_BITS = 4 | 16 | 32 | 8589934592 | 17179869184 | 34359738368
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +38,26 @@ class SourceUser:
     mail: str | None
     addresses: tuple[str, ...]  # lower-case SMTP addresses: mail and smtp: proxyAddresses
     verdicts: tuple[Verdict, ...]
+    disabled: bool = False  # userAccountControl ACCOUNTDISABLE
+    recipient_type_details: int | None = None  # msExchRecipientTypeDetails, where AD has Exchange's schema
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountPolicy:
+    """What is published for accounts that are disabled or left the scope (certsync_config's
+    disabled_accounts and left_scope: withdraw, the default, or keep)."""
+
+    disabled_accounts: str = "withdraw"
+    left_scope: str = "withdraw"
+
+    def withdraws(self, user: SourceUser, recipient: Recipient | None) -> bool:
+        """Whether a disabled user's certificates are withdrawn: not for shared, room or equipment
+        mailboxes, whose accounts are disabled by design (told by AD or by Exchange)."""
+        if not user.disabled or self.disabled_accounts == "keep":
+            return False
+        if (user.recipient_type_details or 0) & SHARED_TYPE_BITS:
+            return False
+        return recipient is None or recipient.recipient_type not in SHARED_RECIPIENT_TYPES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,9 +90,10 @@ class Plan:
 
 
 def desired_values(
-    user: SourceUser, *, limit: int = 15
+    user: SourceUser, *, limit: int = 15, withdrawn: bool = False
 ) -> tuple[dict[str, tuple[bytes, ...]], list[ValueResult]]:
-    """The values to publish per attribute, and a result (selected or why not) for every value."""
+    """The values to publish per attribute, and a result (selected or why not) for every value.
+    `withdrawn`: the account policy withdraws this user's certificates (a disabled account)."""
     desired: dict[str, tuple[bytes, ...]] = {}
     results: list[ValueResult] = []
     for attribute in ATTRIBUTES:
@@ -73,6 +101,8 @@ def desired_values(
         for verdict in (v for v in user.verdicts if v.attribute == attribute):
             if not verdict.ok:
                 results.append(_result(user, verdict, verdict.reason, verdict.rule, verdict.detail))
+            elif withdrawn:
+                results.append(_result(user, verdict, ACCOUNT_DISABLED, "account_state", DISABLED_SENTENCE))
             elif not user.addresses:
                 results.append(_result(user, verdict, USER_HAS_NO_MAIL, "email_match", NO_MAIL_SENTENCE))
             elif email_mismatch(verdict, user.addresses):
@@ -116,11 +146,17 @@ def _kind(desired: dict[str, tuple[bytes, ...]], recipient: Recipient) -> str | 
 
 
 def plan_user(
-    user: SourceUser, recipient: Recipient | None, *, unserved: str = "recipient_not_found", limit: int = 15
+    user: SourceUser,
+    recipient: Recipient | None,
+    *,
+    unserved: str = "recipient_not_found",
+    limit: int = 15,
+    policy: AccountPolicy | None = None,
 ) -> tuple[Action | None, list[ValueResult]]:
     """The action for one user (None when its recipient already holds the right values) and a
     result for each of its values. `unserved` says why a user without recipient has none."""
-    desired, results = desired_values(user, limit=limit)
+    withdrawn = (policy or AccountPolicy()).withdraws(user, recipient)
+    desired, results = desired_values(user, limit=limit, withdrawn=withdrawn)
     action = functools.partial(
         Action,
         object_guid=user.object_guid,
@@ -146,9 +182,13 @@ def build_plan(
     recipients: Sequence[Recipient],
     published: Mapping[str, uuid.UUID],
     limit: int = 15,
+    policy: AccountPolicy | None = None,
+    gone: Mapping[uuid.UUID, str] | None = None,
 ) -> Plan:
     """Plan every user, then clear the recipients certsync published to that no user claims any more
-    (a user left the scope or lost its mail address)."""
+    (a user left the scope, was deleted or lost its mail address). `gone` says why users left the
+    source view ('deleted' or 'left_scope'); with left_scope=keep the latter keep what they have."""
+    policy = policy or AccountPolicy()
     by_smtp = {r.primary_smtp.lower(): r for r in recipients}
     plan = Plan()
     claimed: set[str] = set()
@@ -159,16 +199,22 @@ def build_plan(
             recipient, unserved = None, "recipient_claimed_by_another_user"
         if recipient is not None:
             claimed.add(recipient.recipient_id)
-        action, results = plan_user(user, recipient, unserved=unserved, limit=limit)
+        action, results = plan_user(user, recipient, unserved=unserved, limit=limit, policy=policy)
         plan.results.extend(results)
         if action is not None:
             plan.actions.append(action)
-    plan.actions.extend(_orphan_removals(published, claimed, {r.recipient_id: r for r in recipients}))
+    by_id = {r.recipient_id: r for r in recipients}
+    plan.actions.extend(_orphan_removals(published, claimed, by_id, gone=gone or {}, policy=policy))
     return plan
 
 
 def _orphan_removals(
-    published: Mapping[str, uuid.UUID], claimed: set[str], by_id: Mapping[str, Recipient]
+    published: Mapping[str, uuid.UUID],
+    claimed: set[str],
+    by_id: Mapping[str, Recipient],
+    *,
+    gone: Mapping[uuid.UUID, str],
+    policy: AccountPolicy,
 ) -> Iterator[Action]:
     for recipient_id, object_guid in published.items():
         recipient = by_id.get(recipient_id)
@@ -176,5 +222,9 @@ def _orphan_removals(
             continue
         if not any((recipient.user_certificate, recipient.user_smime_certificate)):
             continue
+        why = gone.get(object_guid)
+        if why == "left_scope" and policy.left_scope == "keep":
+            continue
+        reason = "user_deleted" if why == "deleted" else "user_left_scope"
         kind = "remove" if recipient.writable else "conflict"
-        yield Action(object_guid=object_guid, kind=kind, recipient=recipient, reason="user_left_scope")
+        yield Action(object_guid=object_guid, kind=kind, recipient=recipient, reason=reason)

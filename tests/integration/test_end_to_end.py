@@ -72,8 +72,9 @@ def _set_calls(requests: list[dict]) -> list[dict]:
 
 
 def _valid_hashes(user: SeedUser, values: list[bytes]) -> set[bytes]:
+    """What the recipient must hold: the valid values, none of a disabled account (withdrawn)."""
     digests = (hashlib.sha256(v) for v in values)
-    return {d.digest() for d in digests if user.expected[d.hexdigest()] is None}
+    return {d.digest() for d in digests if user.expected[d.hexdigest()] is None and not user.disabled}
 
 
 def test_first_run_succeeds_and_publishes_every_change(first_run, db) -> None:
@@ -153,7 +154,11 @@ def test_summary_gives_a_reason_for_every_planted_defect(
     assert summary["users"] == len(lab_population)
     # Users with valid certificates but no recipient in the tenant are reported, one by one.
     have_recipient = {r["PrimarySmtpAddress"].lower() for r in emulator_stack.control.state()["recipients"]}
-    orphans = [u for u in lab_population if u.mail and u.valid_count and u.mail.lower() not in have_recipient]
+    orphans = [
+        u
+        for u in lab_population
+        if u.mail and u.valid_count and not u.disabled and u.mail.lower() not in have_recipient
+    ]
     assert summary["not_published_by_reason"].get("recipient_not_found", 0) == len(orphans)
 
 

@@ -13,7 +13,9 @@ GUID = uuid.UUID("6f1c2a54-0d2b-4c43-9a51-2f3d4e5f6a7b")
 
 @pytest.fixture()
 def reader() -> DirectoryReader:
-    settings = DirectorySettings(url="ldap://127.0.0.1", bind_dn="CN=x", password="pw", base_dn="DC=corp")
+    settings = DirectorySettings(
+        url="ldap://127.0.0.1", bind_dn="CN=x", password="pw", base_dn="DC=corp", allow_plain_bind=True
+    )
     return DirectoryReader(settings=settings)
 
 

@@ -89,7 +89,12 @@ def seed_from_ad(
 
     password = _read_secret(env_name=PASSWORD_ENV, file=password_file, what="bind password")
     settings = DirectorySettings(
-        url=url, bind_dn=bind_dn, password=password, base_dn=base_dn, ca_file=ca_file
+        url=url,
+        bind_dn=bind_dn,
+        password=password,
+        base_dn=base_dn,
+        ca_file=ca_file,
+        allow_plain_bind=True,  # a lab tool: it reads the lab DC
     )
     report = seed_from_directory(
         home=home,

@@ -193,7 +193,7 @@ def begin_run(context: Mapping[str, Any], *, conn_ids: Mapping[str, str]) -> int
             dag_id=context["dag"].dag_id,
             airflow_run_id=context["run_id"],
             logical_date=when,
-            mode="full",
+            mode=str(params.get("extract_mode") or "delta"),
             dry_run=bool(params["dry_run"]),
             record=record,
             live=_airflow_liveness(context["ti"]),

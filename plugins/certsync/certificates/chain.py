@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import verification as xv
 
@@ -251,8 +252,11 @@ class ChainChecker:
                 until = earliest([until, deadline])
             except Refusal as refusal:
                 found.append(refusal)
-        _collect(found, lambda: self._strict_ca_eku(cas[-1], is_root=True))
-        _collect(found, lambda: self._strict_ca_profile(cas[-1], is_root=True))
+        # Root-only rules for a self-signed anchor; an intermediate configured as an anchor (alone
+        # or beside its root) ends the path too, but it is a CA like any other.
+        top_is_root = is_self_signed(cas[-1])
+        _collect(found, lambda: self._strict_ca_eku(cas[-1], is_root=top_is_root))
+        _collect(found, lambda: self._strict_ca_profile(cas[-1], is_root=top_is_root))
         crl, deadline = None, None
         try:
             crl, deadline = self._crl_for(issuer, at, what="certificate")
@@ -341,6 +345,17 @@ class ChainChecker:
     def _leaf_revocation(self, serial: int, state: IssuerState, at: datetime) -> datetime | None:
         self._not_revoked(state.crl, serial, what="certificate")
         return state.leaf_until
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    """Whether `cert` is a root: its issuer is its subject and its own key signed it."""
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _collect(found: list[Refusal], check: Callable[[], object]) -> None:

@@ -61,6 +61,6 @@ _SENTENCES: dict[Reason, str] = {
     Reason.WEAK_KEY: "The certificate's public key is too weak or of a disallowed type.",
     Reason.WEAK_SIGNATURE: "The certificate is signed with a broken hash algorithm (MD5 or SHA-1).",
     Reason.NEGATIVE_SERIAL: "The certificate's serial number is negative or zero.",
-    Reason.DUPLICATE: "The same value occurs more than once for this user.",
+    Reason.DUPLICATE: "The same end-entity certificate occurs more than once for this user (another packaging of it is kept).",
     Reason.OVER_LIMIT: "More valid certificates than the per-recipient limit; older ones dropped.",
 }

@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 
 from certsync.certificates.verdict import Verdict
 from certsync.directory import smtp_addresses
+from certsync.directory.entries import ACCOUNT_DISABLE
 from certsync.exchange.recipients import Recipient
 from certsync.plan import Plan, SourceUser
 from certsync.store.db import copy_rows, hash_list
@@ -19,7 +20,7 @@ from certsync.store.db import copy_rows, hash_list
 # Each value with the verdict that holds at the run's time (made at or before it, not yet run out):
 # a backfill's verdicts for an older time, or a newer run's for a later one, are never used.
 USERS_WITH_VERDICTS = """
-SELECT u.object_guid, u.mail, u.proxy_addresses,
+SELECT u.object_guid, u.mail, u.proxy_addresses, u.user_account_control, u.recipient_type_details,
        v.attribute, v.sha256, c.ok, c.reason, c.rule, c.detail, c.subject, c.issuer, c.serial,
        c.not_before, c.not_after, c.valid_until, c.emails
 FROM certsync.source_user u
@@ -68,7 +69,20 @@ def source_users(conn: Connection, *, fingerprint: str, at: datetime) -> Iterato
         first = values[0]
         verdicts = tuple(_verdict(r) for r in values if r.sha256 is not None)
         addresses = smtp_addresses(first.mail, first.proxy_addresses)
-        yield SourceUser(object_guid=guid, mail=first.mail, addresses=addresses, verdicts=verdicts)
+        yield SourceUser(
+            object_guid=guid,
+            mail=first.mail,
+            addresses=addresses,
+            verdicts=verdicts,
+            disabled=bool(first.user_account_control & ACCOUNT_DISABLE),
+            recipient_type_details=first.recipient_type_details,
+        )
+
+
+def gone_reasons(conn: Connection) -> dict[uuid.UUID, str]:
+    """Why users left the source view: 'deleted' or 'left_scope' (certsync.source_gone)."""
+    rows = conn.execute(sa.text("SELECT object_guid, reason FROM certsync.source_gone"))
+    return {r.object_guid: r.reason for r in rows}
 
 
 def save_recipients(conn: Connection, *, run_id: int, recipients: Iterable[Recipient]) -> int:
