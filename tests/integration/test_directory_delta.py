@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from certsync.config import database_dsn
-from certsync.directory import DirectoryReader, DirectorySettings
+from certsync.directory import DirectoryError, DirectoryReader, DirectorySettings
 from certsync.store import db, runs, source
 from certsync_lab.stack import certsync_database
 
@@ -228,7 +228,7 @@ def test_another_dc_or_a_restored_one_forces_a_full_read(samba_dc, ous, engine, 
 
 KILLED_EXTRACT = """
 import sys
-from certsync.directory import DirectoryReader, DirectorySettings
+from certsync.directory import DirectoryError, DirectoryReader, DirectorySettings
 from certsync.store import db, source
 settings = DirectorySettings(url=sys.argv[2], bind_dn=sys.argv[3], password=sys.stdin.read(),
                              base_dn=sys.argv[4], allow_plain_bind=True, page_size=1)
@@ -301,3 +301,24 @@ def _wait_for_copy(engine, child: subprocess.Popen, timeout: float = 20.0) -> bo
 
 def _guid_deleted(dn: str, view: dict[uuid.UUID, tuple]) -> uuid.UUID:
     return next(g for g, v in view.items() if v[0] == dn.lower())
+
+
+@pytest.mark.parametrize("start_tls", [False, True], ids=["ldaps", "starttls"])
+def test_tls_is_verified_against_the_configured_ca(samba_dc, ous, start_tls: bool) -> None:
+    url = "ldap://127.0.0.1:389" if start_tls else samba_dc.ldaps_url
+    good = _settings(
+        samba_dc, ous, url=url, start_tls=start_tls, ca_file=str(samba_dc.ca_file), allow_plain_bind=False
+    )
+    DirectoryReader(settings=good).check()
+    other_ca = _settings(
+        samba_dc, ous, url=url, start_tls=start_tls, ca_file=certifi_like(), allow_plain_bind=False
+    )
+    with pytest.raises(DirectoryError, match="cannot bind"):
+        DirectoryReader(settings=other_ca).check()
+
+
+def certifi_like() -> str:
+    """A CA bundle that did not issue the lab DC's certificate (the system's public roots)."""
+    import ssl
+
+    return ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
