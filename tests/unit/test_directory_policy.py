@@ -142,3 +142,18 @@ def test_ranged_values_and_odd_values_are_kept_as_data() -> None:
     user = to_user("CN=a", raw)
     assert len(user.proxy_addresses) == 3 and user.mail == "a@x.test" and user.recipient_type_details == 4
     assert "\ufffd" in user.proxy_addresses[2]
+
+
+def test_pages_read_ahead_keep_order_and_surface_a_failed_read() -> None:
+    from certsync.directory import DirectoryError
+    from certsync.store.source import _prefetched
+
+    def pages():  # type: ignore[no-untyped-def]
+        yield ["a"]
+        yield ["b"]
+        raise DirectoryError("ldap search below 'OU=x' failed")
+
+    read = _prefetched(pages())
+    assert [next(read), next(read)] == [["a"], ["b"]]
+    with pytest.raises(DirectoryError, match="failed"):
+        next(read)
