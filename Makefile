@@ -10,8 +10,10 @@ setup:
 demo: setup
 	$(BIN)/certsync-lab demo
 
+# Two workers: the suites that start servers spend most of their time waiting on them (tests/conftest.py
+# keeps each such suite whole on one worker).
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check .

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="certsync-airflow-"))
 
@@ -15,3 +17,16 @@ os.environ.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{_AIRFL
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
+
+
+# Suites that start servers of their own run whole on one worker under `pytest -n` (pytest-xdist,
+# `--dist loadgroup`): tests/integration shares session fixtures and Samba's fixed LDAP port 389;
+# the others share a session's Airflow stack or keep their tests in a deliberate order.
+_WHOLE_SUITES = ("integration", "scheduler", "compose", "packaging")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        suite = item.path.relative_to(REPO / "tests").parts[0]
+        if suite in _WHOLE_SUITES:
+            item.add_marker(pytest.mark.xdist_group(suite))

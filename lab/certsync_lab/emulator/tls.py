@@ -60,7 +60,7 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Write key material atomically, readable by the owner only."""
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes may write the same file at once
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
