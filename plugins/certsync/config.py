@@ -7,7 +7,9 @@ the Airflow adapter supplies a source backed by Airflow's own secrets backends.
 
 Connections (default ids; the DAG's params and the CLI's options choose others)
     certsync_ldap      type certsync_ldap (or ldap/ldaps): <bind DN>:<password>@host:port
-                       extra: base_dn, search_filter, use_ssl, start_tls, ca_file, page_size
+                       extra: base_dn (one or more, ';'-separated), search_filter, group_dn,
+                       use_ssl, start_tls, ca_file, allow_plain_bind, page_size, time_limit_s,
+                       change_tracking (usn|dirsync)
     certsync_exchange  type certsync_exchange (or https): <client id>:<client secret>@outlook.office365.com
                        extra: tenant_id, authority_host, ca_file, certificate_file, private_key_file,
                        page_size, max_concurrency, breaker_threshold, byte_encoding (base64|integers)
@@ -221,6 +223,10 @@ class SyncSettings:
     audit_signer: AuditSigner | None = field(default=None, repr=False)
     # Where each run appends its signed audit checkpoint (checkpoints.jsonl); None: only the run's summary.
     audit_checkpoint_dir: Path | None = None
+    # A delta run reads everything when the last full read is older than this (None: never).
+    full_read_every: timedelta | None = timedelta(hours=24)
+    disabled_accounts: str = "withdraw"
+    left_scope: str = "withdraw"
 
 
 def _flag(value: Any) -> bool:
@@ -262,6 +268,7 @@ def directory_settings(conn: Connection) -> DirectorySettings:
             ca_file=extra.get("ca_file"),
             start_tls=_flag(extra.get("start_tls", "")),
             allow_plain_bind=_flag(extra.get("allow_plain_bind", "")),
+            change_tracking=str(extra.get("change_tracking") or "usn"),
         )
     except ValueError as exc:
         raise ConfigError(f"connection {conn.conn_id!r}: {exc}") from None

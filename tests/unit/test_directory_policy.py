@@ -99,6 +99,7 @@ def _ldap(**extra: object) -> Connection:
         ({"group_dn": "smime users"}, "ldap group_dn 'smime users' is not a valid DN"),
         ({"page_size": 5000}, "page_size must be between 1 and 1000"),
         ({"time_limit_s": 0}, "time_limit_s must be a whole number >= 1"),
+        ({"change_tracking": "cookie"}, "change_tracking must be one of usn, dirsync"),
     ],
 )
 def test_malformed_scope_fails_fast_naming_the_setting(extra: dict, message: str) -> None:

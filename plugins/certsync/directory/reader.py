@@ -25,6 +25,10 @@ from certsync.directory.settings import USER_FILTER, DirectorySettings
 log = logging.getLogger(__name__)
 
 SHOW_DELETED = "1.2.840.113556.1.4.417"  # LDAP_SERVER_SHOW_DELETED_OID: tombstones are returned
+# DirSync reports an object only when one of the requested attributes changed: ask for every one the
+# scope and the pipeline depend on (name: renames and moves; member: group membership).
+DIRSYNC_ATTRIBUTES = ("objectGUID", "isDeleted", "objectClass", "name", "member", *(
+    a for a in ATTRIBUTES if a not in ("objectGUID", "uSNChanged", "distinguishedName")))  # fmt: skip
 GUID_BATCH = 200  # users looked up by objectGUID per search
 
 
@@ -207,6 +211,39 @@ class DirectoryReader:
         never the member's (memberOf is a back link), so the scope's group must be read again."""
         search_filter = f"(&(objectClass=group)(uSNChanged>={since + 1}))"
         return any(True for _ in self._paged(conn, naming_context, search_filter, ["objectGUID"]))
+
+    def dirsync(
+        self, conn: ldap3.Connection, *, cookie: bytes | None, naming_context: str, collect: bool = True
+    ) -> tuple[list[tuple[uuid.UUID, bool, bool]], bytes]:
+        """Users and groups changed since `cookie` (None: everything, to get a first cookie) as
+        (objectGUID, deleted, is_group), and the cookie to ask with next time."""
+        search_filter = "(|(objectClass=user)(objectClass=group))"
+        changes: list[tuple[uuid.UUID, bool, bool]] = []
+        try:
+            sync = conn.extend.microsoft.dir_sync(
+                naming_context, search_filter, attributes=list(DIRSYNC_ATTRIBUTES), cookie=cookie
+            )
+            while sync.more_results:
+                for entry in sync.loop():
+                    if collect and entry.get("type") == "searchResEntry":
+                        changes.extend(self._dirsync_change(entry["dn"], entry["raw_attributes"]))
+        except LDAPException as exc:
+            raise DirectoryError(
+                f"DirSync below {naming_context!r} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        return changes, bytes(sync.cookie)
+
+    def _dirsync_change(self, dn: str, raw: dict[str, list[bytes]]) -> Iterator[tuple[uuid.UUID, bool, bool]]:
+        classes = {bytes(v).lower() for v in raw.get("objectClass", [])}
+        if b"computer" in classes:
+            return
+        deleted = any(bytes(v).upper() == b"TRUE" for v in raw.get("isDeleted", []))
+        # DirSync returns only the attributes that changed: a group whose membership changed comes
+        # with `member` (or `member;range=...` for incremental values) but not its objectClass.
+        member = (values for name, values in raw.items() if name.split(";")[0].lower() == "member")
+        group = b"group" in classes or any(values for values in member)
+        for guid, _ in self._guid(dn, raw, deleted=deleted):
+            yield guid, deleted, group
 
     def iter_scope_guids(self, conn: ldap3.Connection) -> Iterator[uuid.UUID]:
         """The identities of every user in scope, without their values (cheap)."""

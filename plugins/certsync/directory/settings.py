@@ -19,6 +19,8 @@ from ldap3.utils.dn import parse_dn
 USER_FILTER = "(&(objectClass=user)(!(objectClass=computer)))"
 IN_CHAIN = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN: nested group membership
 MAX_PAGE_SIZE = 1000  # AD's default MaxPageSize; a bigger page is silently cut to it
+# How a delta read finds what changed: uSNChanged against the watermark, or the DirSync control.
+CHANGE_TRACKING = ("usn", "dirsync")
 
 
 def split_dns(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -57,6 +59,7 @@ class DirectorySettings:
     allow_plain_bind: bool = False
     timeout_s: int = 10
     time_limit_s: int = 120  # per search, enforced by the server
+    change_tracking: str = "usn"
 
     def __post_init__(self) -> None:
         scheme = urlparse(self.url).scheme
@@ -80,6 +83,10 @@ class DirectorySettings:
             raise ValueError(f"ldap page_size must be between 1 and {MAX_PAGE_SIZE} (AD's MaxPageSize)")
         if self.time_limit_s < 1:
             raise ValueError("ldap time_limit_s must be at least 1 second")
+        if self.change_tracking not in CHANGE_TRACKING:
+            raise ValueError(
+                f"ldap change_tracking must be one of {', '.join(CHANGE_TRACKING)}, not {self.change_tracking!r}"
+            )
 
     @property
     def base_dns(self) -> tuple[str, ...]:
@@ -101,7 +108,8 @@ class DirectorySettings:
 
     def scope_text(self) -> str:
         host = urlparse(self.url).hostname or ""
-        return f"{host} base={list(self.base_dns)} filter={self.scope_filter}"
+        tracking = "" if self.change_tracking == "usn" else f" tracking={self.change_tracking}"
+        return f"{host} base={list(self.base_dns)} filter={self.scope_filter}{tracking}"
 
     def scope_key(self) -> str:
         """Changes whenever the scope does: a watermark of another scope forces a full read."""

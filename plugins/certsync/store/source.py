@@ -231,16 +231,20 @@ class Watermark:
     invocation_id: uuid.UUID
     highest_usn: int
     last_full_at: datetime
+    dirsync_cookie: bytes | None = None
 
 
 def load_watermark(conn: Connection) -> Watermark | None:
     row = conn.execute(
         sa.text(
-            "SELECT scope_key, dc_service_name, invocation_id, highest_usn, last_full_at"
+            "SELECT scope_key, dc_service_name, invocation_id, highest_usn, last_full_at, dirsync_cookie"
             " FROM certsync.directory_watermark FOR UPDATE"
         )
     ).one_or_none()
-    return Watermark(**row._mapping) if row else None
+    if row is None:
+        return None
+    cookie = row.dirsync_cookie
+    return Watermark(**{**row._mapping, "dirsync_cookie": bytes(cookie) if cookie is not None else None})
 
 
 def choose_mode(
@@ -251,6 +255,7 @@ def choose_mode(
     requested: str,
     full_every: timedelta | None,
     now: datetime,
+    needs_cookie: bool = False,
 ) -> tuple[str, str]:
     """Full or delta, and why. A delta needs a watermark of this scope from this very DC database:
     USNs of another DC, or of a restored one, say nothing about what changed."""
@@ -267,6 +272,8 @@ def choose_mode(
         )
     if mark.invocation_id != server.invocation_id:
         return "full", "the DC's database identity (invocationId) changed: restored or reinstalled"
+    if needs_cookie and mark.dirsync_cookie is None:
+        return "full", "no DirSync cookie yet"
     if server.highest_usn < mark.highest_usn:
         return "full", "the DC's highestCommittedUSN is below the watermark"
     if full_every is not None and now - mark.last_full_at >= full_every:
@@ -275,17 +282,25 @@ def choose_mode(
 
 
 def save_watermark(
-    conn: Connection, *, run_id: int, server: ServerIdentity, scope_key: str, scope: str, full: bool
+    conn: Connection,
+    *,
+    run_id: int,
+    server: ServerIdentity,
+    scope_key: str,
+    scope: str,
+    full: bool,
+    cookie: bytes | None = None,
 ) -> None:
     """Move the watermark to what this run read (in the transaction that merged it)."""
     conn.execute(
         sa.text(
             "INSERT INTO certsync.directory_watermark AS w (scope_key, scope, dc_service_name, invocation_id,"
-            "  highest_usn, run_id, last_full_run_id, last_full_at)"
-            " VALUES (:key, :scope, :dc, :inv, :usn, :r, :r, now())"
+            "  highest_usn, run_id, last_full_run_id, last_full_at, dirsync_cookie)"
+            " VALUES (:key, :scope, :dc, :inv, :usn, :r, :r, now(), :cookie)"
             " ON CONFLICT (only_row) DO UPDATE SET scope_key = EXCLUDED.scope_key, scope = EXCLUDED.scope,"
             "  dc_service_name = EXCLUDED.dc_service_name, invocation_id = EXCLUDED.invocation_id,"
             "  highest_usn = EXCLUDED.highest_usn, run_id = EXCLUDED.run_id, updated_at = now(),"
+            "  dirsync_cookie = EXCLUDED.dirsync_cookie,"
             "  last_full_run_id = CASE WHEN :full THEN EXCLUDED.run_id ELSE w.last_full_run_id END,"
             "  last_full_at = CASE WHEN :full THEN now() ELSE w.last_full_at END"
         ),
@@ -297,6 +312,7 @@ def save_watermark(
             "usn": server.highest_usn,
             "r": run_id,
             "full": full,
+            "cookie": cookie,
         },
     )
 
@@ -356,6 +372,27 @@ def _delta(
     return {"users": users, "values": values, **_gone_counts(gone.values())}
 
 
+def _dirsync_delta(
+    conn: Connection, ldap: object, reader: DirectoryReader, run_id: int, cookie: bytes, nc: str
+) -> tuple[dict[str, int], bytes]:
+    """What DirSync reports changed since `cookie`: changed users are read whole by objectGUID
+    (DirSync returns only the changed attributes); those no longer in scope left it, tombstones
+    are deleted; a changed group re-reads the scope's membership."""
+    changes, cookie = reader.dirsync(ldap, cookie=cookie, naming_context=nc)
+    changed = sorted({guid for guid, deleted, group in changes if not group and not deleted})
+    page = reader.settings.page_size
+    users, values = stage_users(conn, run_id=run_id, users=reader.iter_by_guid(ldap, changed), page_size=page)
+    gone = {guid: "left_scope" for guid in changed}
+    gone.update((guid, "deleted") for guid, deleted, group in changes if deleted and not group)
+    if reader.settings.group_dn and any(group for _, _, group in changes):
+        more_users, more_values = _regroup(conn, ldap, reader, run_id, gone)
+        users, values = users + more_users, values + more_values
+    staged = set(_guids(conn, "SELECT object_guid FROM certsync.staging_user WHERE run_id = :r", run_id))
+    gone = {g: why for g, why in gone.items() if g not in staged}
+    stage_gone(conn, run_id=run_id, gone=gone.items())
+    return {"users": users, "values": values, **_gone_counts(gone.values())}, cookie
+
+
 def _regroup(
     conn: Connection, ldap: object, reader: DirectoryReader, run_id: int, gone: dict[uuid.UUID, str]
 ) -> tuple[int, int]:
@@ -388,14 +425,21 @@ def extract(
         mark = load_watermark(conn)
         mode, why = choose_mode(
             mark, server, scope_key=settings.scope_key(), requested=requested_mode(conn, run_id),
-            full_every=full_every, now=datetime.now(UTC),
+            full_every=full_every, now=datetime.now(UTC), needs_cookie=settings.change_tracking == "dirsync",
         )  # fmt: skip
         log.info(
             "directory read: %s (%s), DC %s at USN %d", mode, why, server.dc_service_name, server.highest_usn
         )
         nc = server.naming_context
+        dirsync = settings.change_tracking == "dirsync"
+        cookie = None
         if mode == "full":
+            if dirsync:  # first: changes made while the full read runs come with the next delta
+                cookie = reader.dirsync(ldap, cookie=None, naming_context=nc, collect=False)[1]
             counts = _full(conn, ldap, reader, run_id, nc)
+        elif dirsync:
+            assert mark is not None and mark.dirsync_cookie is not None
+            counts, cookie = _dirsync_delta(conn, ldap, reader, run_id, mark.dirsync_cookie, nc)
         else:
             assert mark is not None
             counts = _delta(conn, ldap, reader, run_id, mark.highest_usn, nc)
@@ -403,9 +447,14 @@ def extract(
     gone = merge_source(conn, run_id=run_id, full=mode == "full" and not reader.skipped)
     save_watermark(
         conn, run_id=run_id, server=server, scope_key=settings.scope_key(), scope=settings.scope_text(),
-        full=mode == "full",
+        full=mode == "full", cookie=cookie,
     )  # fmt: skip
     _record_read(conn, run_id, mode, why, server, None if mode == "full" else mark, counts)
+    if settings.change_tracking != "usn":
+        conn.execute(
+            sa.text("UPDATE certsync.directory_read SET tracking = :t WHERE run_id = :r"),
+            {"t": settings.change_tracking, "r": run_id},
+        )
     purge_old_staging(conn)
     return {**counts, "skipped": skipped, "gone": gone, "mode": mode, "why": why}
 
