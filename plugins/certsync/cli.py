@@ -281,5 +281,40 @@ def expiring(days: int) -> None:
         click.echo(render_table(rows) or f"no certificate expires within {days} days")
 
 
+@main.command()
+@click.argument("recipient")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="How long to poll for a write to show in reads (the read-after-write lag).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def probe(recipient: str, wait_s: float, as_json: bool) -> None:
+    """Read, write a test certificate to, read back and restore ONE recipient you name, and print
+    what Exchange Online answered (value shapes, error shapes, headers, latency). Run it once against
+    a real tenant before going live; it touches nothing else."""
+    import json
+
+    from certsync.config import exchange_settings
+    from certsync.exchange.auth import AuthError
+    from certsync.exchange.client import ExchangeClient
+    from certsync.exchange.errors import ExchangeError
+    from certsync.exchange.probe import Prober, render
+
+    conn_id = (click.get_current_context().find_root().obj or {}).get("exchange_conn_id", EXCHANGE_CONN_ID)
+    try:
+        conn = EnvSource().connection(conn_id)
+        if conn is None:
+            raise ConfigError(f"connection {conn_id!r} is not configured")
+        client = ExchangeClient.connect(exchange_settings(conn))
+        report = Prober(client=client, identity=recipient, wait_s=wait_s).run()
+    except (ConfigError, AuthError, ExchangeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(report.as_dict(), indent=2, default=str) if as_json else render(report))
+
+
 if __name__ == "__main__":
     main()

@@ -7,13 +7,16 @@ alternatives are switched on it between tests (strict request shapes throughout)
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from click.testing import CliRunner
 from emulator_support import directory_user
 
+from certsync.cli import main as cli_main
 from certsync.config import ExchangeSettings
 from certsync.exchange.client import ExchangeClient
 from certsync.exchange.errors import ExchangeShapeError
@@ -270,3 +273,41 @@ def test_token_endpoint_failures_are_retried_and_a_dead_service_opens_the_breake
         assert outcome.kind == "unavailable"
     assert client.breaker.open and "3 requests in a row" in client.breaker.describe()
     assert time.monotonic() - started < 5
+
+
+def test_probe_reports_shapes_lag_and_restores(emulator: EmulatorProcess) -> None:
+    """`certsync probe` on one recipient: the write shows after the lag, the original comes back."""
+    identity = _id(emulator, "mu")
+    client = ExchangeClient.connect(_settings(emulator))
+    client.set_certificates(
+        cmdlet="Set-MailUser", identity=identity, user_certificate=[DER_A], user_smime_certificate=[]
+    )
+    emulator.control.set_config(
+        read_value_shape="data_ints", get_recipient_certificates=False, read_lag_s=1.0
+    )
+    env = {
+        "AIRFLOW_CONN_CERTSYNC_EXCHANGE": json.dumps(
+            {
+                "conn_type": "certsync_exchange",
+                "login": CLIENT,
+                "password": SECRET,
+                "host": "127.0.0.1",
+                "port": int(emulator.url.rsplit(":", 1)[1]),
+                "extra": {
+                    "tenant_id": emulator.tenant_id,
+                    "authority_host": emulator.url,
+                    "ca_file": str(emulator.ca_file),
+                },
+            }
+        )
+    }
+    result = CliRunner().invoke(cli_main, ["probe", identity, "--wait", "10", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    findings = json.loads(result.output)["findings"]
+    assert findings["byte_encoding_accepted"] == "base64"
+    assert findings["get_recipient_returns_certificates"] is False
+    assert findings["value_shape_on_read"]["UserCertificate"] == "list of {Data: [int, ...]}"
+    assert 0.5 <= findings["read_after_write_lag_s"] <= 10 and findings["restored"] is True
+    assert findings["error_shape_not_found"]["code"] == "ManagementObjectNotFoundException"
+    time.sleep(1.1)
+    assert client.held_certificates(identity, cmdlet="Set-MailUser") == ((DER_A,), ())
