@@ -332,7 +332,9 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
             conn, run_id=run_id, plan=result, batch_size=settings.publish_batch_size, superseded=superseded
         )
     log.info("planned %d actions in %d batches", len(result.actions), batches)
-    return list(range(batches))
+    # Never an empty list: Airflow marks a task mapped over nothing `removed`, and a later clear or
+    # reprocess of the run does not expand it again, so the batches of a re-plan would never be sent.
+    return list(range(max(batches, 1)))
 
 
 def _superseded(conn: Any, info: runs.RunInfo) -> bool:
