@@ -172,6 +172,14 @@ def certsync():
             asset=PUBLISHED,
         )
 
+    @task(trigger_rule="all_done", execution_timeout=timedelta(hours=1))
+    def verify_audit() -> dict:
+        """Verify every audit row's hash and signature against the signed checkpoints (fails naming the first bad row)."""
+        from certsync import pipeline
+        from certsync.airflow.adapter import run_stage
+
+        return run_stage(pipeline.verify_audit, conn_ids=_conn_ids())
+
     sync_run = begin()
     extracted = extract(sync_run)
     recipients = read_recipients(sync_run)
@@ -184,6 +192,7 @@ def certsync():
     # and its failure fails the DAG run.
     closed = finish(sync_run).as_teardown(setups=sync_run, on_failure_fail_dagrun=True)
     published >> closed
+    closed >> verify_audit()
 
 
 certsync()

@@ -33,6 +33,24 @@ def airflow_environment(stack: LabStack) -> dict[str, str]:
     }
 
 
+def _audit_verified(stack: LabStack, conn) -> str:  # type: ignore[no-untyped-def]
+    """What `certsync audit verify` says with the lab's public key and its checkpoint file."""
+    from certsync.audit import checkpoints
+    from certsync.audit.rows import db_rows
+    from certsync.audit.verify import verify_rows
+
+    key = stack.audit_key()
+    found = verify_rows(
+        db_rows(conn),
+        public_keys={key.key_id: key.private.public_key()},
+        checkpoints=checkpoints.read(stack.checkpoint_dir / checkpoints.FILE_NAME),
+    )
+    return (
+        f"certsync audit verify --public-key {stack.home / 'audit' / 'public.key'}"
+        f" --checkpoint {stack.checkpoint_dir / checkpoints.FILE_NAME}:\n  {found.summary()}"
+    )
+
+
 def run_demo(stack: LabStack, *, echo: Callable[[str], None]) -> bool:
     """Run the DAG once with `airflow dags test`; print the report. False when the run failed."""
     settings = stack.environment()
@@ -48,6 +66,9 @@ def run_demo(stack: LabStack, *, echo: Callable[[str], None]) -> bool:
         echo(report.render_run(conn, report.latest_run(conn)))
         echo("")
         echo(report.render_auditor_example(conn))
+        echo("")
+        echo(report.render_auditor_views(conn))
+        echo(_audit_verified(stack, conn))
         problems = emulator_disagreements(
             conn, stack.emulator.control.state(), run_id=report.latest_run(conn).run_id
         )

@@ -428,6 +428,29 @@ def _checkpoint(services: Services, conn: Any, *, run_id: int) -> dict[str, Any]
     return checkpoint.to_json()
 
 
+def verify_audit(services: Services) -> dict[str, Any]:
+    """Verify the whole audit log after a run (every hash and signature, in Python) against the
+    signed checkpoints kept outside the database; fails (RunFailed) naming the first bad row."""
+    from certsync.audit.selfcheck import AuditBroken, after_run
+
+    signer = services.settings.audit_signer
+    if signer is None:
+        raise ConfigError(f"connection {AUDIT_SIGNING_CONN_ID!r} is not configured")
+    try:
+        report = after_run(
+            services.engine,
+            signer=signer,
+            directory=services.settings.audit_checkpoint_dir,
+        )
+    except AuditBroken as exc:
+        raise RunFailed(str(exc)) from None
+    return {
+        "rows": report.rows,
+        "head": report.last_seq,
+        "checkpoint": report.checkpoint.seq if report.checkpoint else None,
+    }
+
+
 def _os_user() -> str | None:
     """Who ran the command line, for the run's record (None where the OS cannot say)."""
     try:

@@ -29,6 +29,45 @@ GROUP BY reason ORDER BY 2 DESC
 """
 
 
+# The auditors' views (sql/0012), each with the question it answers; the demo prints them.
+VIEW_QUESTIONS = (
+    (
+        "What did a recipient hold, and when? (its certificate timeline as validity ranges)",
+        "SELECT attribute, serial, not_after::date, held::text AS held, added_by_run_id, removed_by_run_id\n"
+        "FROM certsync.recipient_certificate_timeline\n"
+        "WHERE recipient_id = (SELECT recipient_id FROM certsync.recipient_certificate_timeline\n"
+        "                      ORDER BY added_by_seq LIMIT 1)\nORDER BY lower(held)",
+    ),
+    (
+        "Who held a certificate? (its history across recipients)",
+        "SELECT serial, primary_smtp, attribute, held::text AS held FROM certsync.certificate_history\n"
+        "ORDER BY lower(held), primary_smtp LIMIT 3",
+    ),
+    (
+        "Why was a certificate refused? (refusals with reasons, latest run)",
+        "SELECT mail, attribute, reason, rule, serial FROM certsync.refusals\n"
+        "WHERE run_id = (SELECT max(run_id) FROM certsync.sync_run) ORDER BY reason, mail LIMIT 5",
+    ),
+    (
+        "How did each run end, with which overrides?",
+        "SELECT run_id, run_type, triggered_by, dry_run, allow_mass_removal, state, published, failed,\n"
+        "       audit_checkpoint_seq\nFROM certsync.run_outcomes ORDER BY run_id DESC LIMIT 3",
+    ),
+    (
+        "Which certificates in the GAL expire within 30 days?",
+        "SELECT * FROM certsync.expiring_soon LIMIT 5",
+    ),
+)
+
+
+def render_auditor_views(conn: Connection) -> str:
+    parts = []
+    for question, query in VIEW_QUESTIONS:
+        rows = conn.execute(sa.text(query)).mappings().all()
+        parts += [f"-- {question}", query + ";", render_table(rows) if rows else "(no rows)", ""]
+    return "\n".join(parts)
+
+
 def latest_run(conn: Connection) -> sa.Row:
     return conn.execute(
         sa.text(

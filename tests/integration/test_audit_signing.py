@@ -325,3 +325,118 @@ def test_the_auditor_role_reads_and_cannot_write(history, embedded_pg) -> None:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
             conn.rollback()
+
+
+LEGACY_INSERT = """
+INSERT INTO certsync.audit_log (run_id, dag_id, airflow_run_id, object_guid, recipient_id, primary_smtp,
+    cmdlet, action, user_certificate, user_smime_certificate, attempt, outcome, http_status, error_code,
+    detail, client_request_id, {phased} seq, prev_hash, row_hash)
+VALUES (:run_id, 'certsync', :airflow_run_id, :object_guid, 'r', :smtp, 'Set-Mailbox', 'add', :uc, '{{}}', 1,
+    :outcome, :status, NULL, :detail, :crid, {phased_values} 0, '', '')
+RETURNING seq
+"""  # as certsync wrote rows before 0009 (and before 0006): the database's trigger chained and hashed them
+BEFORE_0006 = LEGACY_INSERT.format(phased="", phased_values="")
+BEFORE_0009 = LEGACY_INSERT.format(
+    phased="phase, intent_seq, action_no, task_try, settled_by_run_id,",
+    phased_values=":phase, :intent_seq, 1, 1, NULL,",
+)
+
+
+def _migrate(backend, migrations, below: str) -> None:
+    with backend.lock():
+        backend.apply_migrations(backend.to_apply(migrations.filter(lambda m: m.id < below)))
+
+
+def _legacy_rows(owner: sa.Engine, statement: str, run_id: int, phased: bool) -> None:
+    with owner.begin() as conn:
+        for n, text in enumerate(HOSTILE):
+            values = {"run_id": run_id, "airflow_run_id": f"old {text}", "object_guid": uuid.UUID(int=n + 1),
+                      "smtp": f"{text}@x", "uc": [bytes([n]) * 32], "crid": uuid.UUID(int=500 + n)}  # fmt: skip
+            if not phased:
+                conn.execute(
+                    sa.text(statement), {**values, "outcome": "accepted", "status": 200, "detail": text}
+                )
+                continue
+            intent = {"outcome": None, "status": None, "detail": None, "phase": "intent", "intent_seq": None}
+            seq = conn.execute(sa.text(statement), {**values, **intent}).scalar_one()
+            outcome = {
+                "outcome": "rejected",
+                "status": 400,
+                "detail": text,
+                "phase": "outcome",
+                "intent_seq": seq,
+            }
+            conn.execute(sa.text(statement), {**values, **outcome})
+
+
+def test_rows_from_before_signing_are_recomputed_in_python_and_covered_by_the_first_key_row(
+    embedded_pg,
+) -> None:
+    from yoyo import get_backend, read_migrations
+
+    from certsync.store.db import sql_dir
+
+    dsn = embedded_pg.ensure_database("audit_upgrade")
+    backend = get_backend(dsn.replace("postgresql://", "postgresql+psycopg://", 1))
+    migrations = read_migrations(str(sql_dir())).filter(lambda m: m.path.endswith(".sql"))
+    _migrate(backend, migrations, "0006")
+    owner = sa.create_engine(_url(dsn))
+    with owner.begin() as conn:
+        run_id = conn.execute(
+            sa.text(
+                "INSERT INTO certsync.sync_run (dag_id, airflow_run_id, logical_date, mode, dry_run)"
+                " VALUES ('certsync', 'old', now(), 'full', false) RETURNING run_id"
+            )
+        ).scalar_one()
+    _legacy_rows(owner, BEFORE_0006, run_id, phased=False)
+    _migrate(backend, migrations, "0009")
+    _legacy_rows(owner, BEFORE_0009, run_id, phased=True)
+    _migrate(backend, migrations, "9999")
+    legacy = 3 * len(HOSTILE)
+    _write(owner, AuditSigner(key=FIRST), run_id, 2)
+    with owner.connect() as conn:
+        head = conn.execute(
+            sa.text("SELECT seq, row_hash FROM certsync.audit_log ORDER BY seq DESC LIMIT 1")
+        ).one()
+        checkpoint = checkpoints.sign(
+            seq=head.seq, head=bytes(head.row_hash), at=datetime.now(UTC), key=FIRST
+        )
+        report = verify_rows(db_rows(conn), public_keys=KEYS, checkpoints=[checkpoint])
+        conn.rollback()
+        assert report.intact, report.problems
+        assert report.unsigned_before_signing == legacy and report.rows == legacy + 1 + 4
+        conn.begin()
+        conn.execute(sa.text("ALTER TABLE certsync.audit_log DISABLE TRIGGER USER"))
+        for check in ("audit_log_phase_shape", "audit_log_signed"):
+            conn.execute(sa.text(f"ALTER TABLE certsync.audit_log DROP CONSTRAINT {check}"))
+        conn.execute(sa.text("UPDATE certsync.audit_log SET detail = 'edited' WHERE seq = 4"))
+        tampered = verify_rows(db_rows(conn), public_keys=KEYS, checkpoints=[checkpoint])
+        conn.rollback()
+    owner.dispose()
+    assert (tampered.problems[0].seq, tampered.problems[0].kind) == (4, "altered")
+
+
+def test_a_cut_at_a_checkpoint_keeps_what_remains_verifiable(history) -> None:
+    """Old rows dropped (as a detached partition would be): the checkpoint signed at the cut carries
+    verification of the rest; without it the missing head is named."""
+    cut = ROWS_PER_KEY  # inside the first key's rows
+    with history["owner"].connect() as conn:
+        at_cut = conn.execute(
+            sa.text("SELECT row_hash FROM certsync.audit_log WHERE seq = :s"), {"s": cut}
+        ).scalar()
+        conn.rollback()
+    carried = checkpoints.sign(seq=cut, head=bytes(at_cut), at=datetime.now(UTC), key=FIRST)
+    with history["owner"].connect() as conn:
+        conn.begin()
+        conn.execute(sa.text("ALTER TABLE certsync.audit_log DISABLE TRIGGER USER"))
+        conn.execute(sa.text("DELETE FROM certsync.audit_log WHERE seq <= :s"), {"s": cut})
+        kept = _verify(conn, history, checkpoints=[carried, history["checkpoint"]])
+        conn.rollback()
+        conn.begin()
+        conn.execute(sa.text("ALTER TABLE certsync.audit_log DISABLE TRIGGER USER"))
+        conn.execute(sa.text("DELETE FROM certsync.audit_log WHERE seq <= :s"), {"s": cut})
+        bare = _verify(conn, history)
+        conn.rollback()
+    assert kept.intact, kept.problems
+    assert kept.first_seq == cut + 1
+    assert _first(bare) == (cut + 1, "deleted")

@@ -35,18 +35,30 @@ PLANTED_REASONS = {
 
 
 @pytest.fixture(scope="module")
-def certsync_env(sync_env: dict[str, str], embedded_pg) -> Iterator[dict[str, str]]:
+def certsync_env(sync_env: dict[str, str], embedded_pg, checkpoint_dir) -> Iterator[dict[str, str]]:
     """The session's settings, with a database of this module's own: other modules' runs (later
-    logical dates) must not count as newer views here."""
+    logical dates) must not count as newer views here; audit checkpoints go to a file."""
+    import json
+
     from certsync.config import connection_uri
     from certsync_lab.stack import certsync_database
 
+    config = {
+        **json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]),
+        "audit_checkpoint_dir": str(checkpoint_dir),
+    }
     env = {
         **sync_env,
         "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(certsync_database(embedded_pg, E2E_DATABASE)),
+        "AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps(config),
     }
     with airflow_settings(env):
         yield env
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("audit-checkpoints")
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +276,54 @@ def test_verifier_finds_altered_removed_inserted_rows_and_a_cut_tail(first_run, 
     assert _tampered(owner_engine, inserted, checkpoint=checkpoint)  # a copied row lands off the chain
     cut = f"DELETE FROM certsync.audit_log WHERE seq > {last - 2}"  # noqa: S608 - an int
     assert _tampered(owner_engine, cut, checkpoint=checkpoint) == [f"row {last - 1}: truncated"]
+
+
+def test_each_run_appends_its_signed_checkpoint_and_verify_audit_checks_the_log(
+    first_run, db, checkpoint_dir
+) -> None:
+    import json
+
+    run, _requests = first_run
+    summary = db.execute(
+        "SELECT summary FROM certsync.sync_run WHERE airflow_run_id = %s", (run.run_id,)
+    ).fetchone()[0]
+    lines = (checkpoint_dir / "checkpoints.jsonl").read_text().splitlines()
+    assert summary["audit_checkpoint"] in [json.loads(line) for line in lines]  # later runs append theirs
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["verify_audit"] == "success", states
+
+
+def test_auditor_views_answer_from_the_history(first_run, db, embedded_pg) -> None:
+    """As certsync_auditor: the timeline's open ranges are what each recipient holds now, the run's
+    outcome, its refusals and each certificate's holders come out of the views."""
+    run, _requests = first_run
+    auditor = f"postgresql://certsync_auditor@127.0.0.1:{embedded_pg.port}/{E2E_DATABASE}"
+    with psycopg.connect(auditor) as conn:
+        now_held = conn.execute(
+            "SELECT recipient_id, attribute, sha256 FROM certsync.recipient_certificate_timeline"
+            " WHERE upper_inf(held) AND added_by_airflow_run_id = %s",
+            (run.run_id,),
+        ).fetchall()
+        outcome = conn.execute(
+            "SELECT state, published, dry_run, allow_mass_removal, audit_checkpoint_seq FROM certsync.run_outcomes"
+            " WHERE airflow_run_id = %s",
+            (run.run_id,),
+        ).fetchone()
+        refusals = conn.execute(
+            "SELECT count(*) FROM certsync.refusals WHERE airflow_run_id = %s", (run.run_id,)
+        ).fetchone()[0]
+        holders = conn.execute("SELECT count(DISTINCT sha256) FROM certsync.certificate_history").fetchone()[
+            0
+        ]
+        conn.execute("SELECT * FROM certsync.expiring_soon").fetchall()
+    published = {
+        (r, "userCertificate", bytes(h).hex())
+        for r, hashes in db.execute("SELECT recipient_id, user_certificate FROM certsync.published_state")
+        for h in hashes
+    }
+    assert {tuple(row) for row in now_held if row[1] == "userCertificate"} == published
+    assert outcome[0] == "succeeded" and outcome[1] > 0 and outcome[2:4] == (False, False) and outcome[4]
+    assert refusals > 0 and holders >= len({h for _r, _a, h in published})
 
 
 def test_xcom_carries_only_small_references_and_no_secret(first_run, sync_env, app_credential_files) -> None:

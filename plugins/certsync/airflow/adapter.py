@@ -245,6 +245,7 @@ def finish_run(
             ),
             "conflicts": sum(n for k, n in actions.items() if k.endswith(":conflict")),
             "audit_head": summary["audit_head"],
+            "audit_checkpoint": summary.get("audit_checkpoint"),  # signed: seq, head, at, key_id
         },
     )
     log.info("run %s published %d changes; asset event emitted", run_id, published)
