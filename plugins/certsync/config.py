@@ -18,7 +18,7 @@ Connections (default ids; the DAG's params and the CLI's options choose others)
     certsync_postgres_owner  postgresql://<owner>@host/db  (only for `certsync db upgrade`)
 Variable
     certsync_config    JSON: trust_anchors, intermediates, crls, profile, removal_threshold,
-                       publish_batch_size, validation_processes, run_lock_wait_s,
+                       publish_batch_size, validation_processes, run_lock_wait_s, publish_time_box_s,
                        full_read_every_hours, disabled_accounts, left_scope
 """
 
@@ -58,7 +58,9 @@ CONFIG_KEYS = (
     "publish_batch_size",
     "validation_processes",
     "run_lock_wait_s",
+    "publish_time_box_s",
     "audit_checkpoint_dir",
+    "retention_days",
     "full_read_every_hours",
     "disabled_accounts",
     "left_scope",
@@ -219,10 +221,14 @@ class SyncSettings:
     validation_processes: int = 2
     # How long a stage waits for another run to finish before it is refused (0: refuse at once).
     run_lock_wait_s: int = 600
+    # Seconds a run may publish, from its first request, before it defers the rest to the next run (0: none).
+    publish_time_box_s: int = 0
     # The key that signs audit rows (connection certsync_audit_signing); a run refuses to start without.
     audit_signer: AuditSigner | None = field(default=None, repr=False)
     # Where each run appends its signed audit checkpoint (checkpoints.jsonl); None: only the run's summary.
     audit_checkpoint_dir: Path | None = None
+    # Days the per-run working tables (staging, value results, plans, snapshots) are kept; 0: forever.
+    retention_days: int = 90
     # A delta run reads everything when the last full read is older than this (None: never).
     full_read_every: timedelta | None = timedelta(hours=24)
     disabled_accounts: str = "withdraw"
@@ -407,7 +413,9 @@ def audit_signer(conn: Connection | None) -> AuditSigner | None:
         previous = conn.extra.get("previous_key")
         return AuditSigner(
             key=key,
-            previous=SigningKey.from_text(str(previous), where=f"{where} extra.previous_key") if previous else None,
+            previous=SigningKey.from_text(str(previous), where=f"{where} extra.previous_key")
+            if previous
+            else None,
         )
     except AuditKeyError as exc:
         raise ConfigError(str(exc)) from None
@@ -451,8 +459,10 @@ def load_settings(
         publish_batch_size=_int_setting(where, config, "publish_batch_size", 200, minimum=1),
         validation_processes=_int_setting(where, config, "validation_processes", 2, minimum=1),
         run_lock_wait_s=_int_setting(where, config, "run_lock_wait_s", 600, minimum=0),
+        publish_time_box_s=_int_setting(where, config, "publish_time_box_s", 0, minimum=0),
         audit_signer=audit_signer(source.connection(AUDIT_SIGNING_CONN_ID)),  # the key is checked at begin
         audit_checkpoint_dir=_optional_path(config, "audit_checkpoint_dir", where=where),
+        retention_days=_int_setting(where, config, "retention_days", 90, minimum=0),
         full_read_every=_hours(where, config, "full_read_every_hours", 24),
         disabled_accounts=_choice(where, config, "disabled_accounts", ACCOUNT_POLICIES),
         left_scope=_choice(where, config, "left_scope", ACCOUNT_POLICIES),

@@ -392,6 +392,9 @@ def finish(services: Services, *, run_id: int) -> dict[str, Any]:
         summary = runs.summarize(conn, run_id)
         summary["run"] = runs.run_record(conn, run_id)
         summary["failed_by_reason"] = runs.failed_by_reason(conn, run_id)
+        backlog = publisher.backlog(conn, run_id=run_id)
+        if backlog:  # a time-boxed run: what is left for the next run, and how long it should take
+            summary["backlog"] = backlog
         head = audit.chain_head(conn)
         summary["audit_head"] = str(head) if head else None
         summary["audit_checkpoint"] = _checkpoint(services, conn, run_id=run_id)

@@ -21,7 +21,17 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from certsync.exchange.outcomes import ACCEPTED, CONFLICT, FINAL_REFUSALS, Outcome, backoff_s, outcome_unknown
+from sqlalchemy.engine import Connection
+
+from certsync.exchange.outcomes import (
+    ACCEPTED,
+    AUTH,
+    CONFLICT,
+    FINAL_REFUSALS,
+    Outcome,
+    backoff_s,
+    outcome_unknown,
+)
 from certsync.exchange.recipients import hashes
 from certsync.exchange.throttle import ExchangeDown
 from certsync.failures import Unavailable
@@ -114,10 +124,23 @@ def settle_open_intents(services: Services, lock: RunLock, *, task_try: int) -> 
 
 
 def publish_action(
-    services: Services, lock: RunLock, info: runs.RunInfo, action: publishing.PendingAction, *, task_try: int
+    services: Services,
+    lock: RunLock,
+    info: runs.RunInfo,
+    action: publishing.PendingAction,
+    *,
+    task_try: int,
+    deadline: float | None = None,
 ) -> str:
     """Send one action: intent, request, outcome per attempt; returns the action's final state
-    ("pending" when the circuit breaker opened before it was done: the next try sends it)."""
+    ("pending" when the circuit breaker opened before it was done: the next try sends it;
+    "deferred" when the run's time box was used up before it started)."""
+    if deadline is not None and time.monotonic() >= deadline and not info.dry_run:
+        with services.engine.begin() as conn:
+            publishing.set_action_state(
+                conn, run_id=info.run_id, action_no=action.action_no, state="deferred", reason="time_box"
+            )
+        return "deferred"
     if info.dry_run:
         with services.engine.begin() as conn:
             publishing.set_action_state(conn, run_id=info.run_id, action_no=action.action_no, state="dry_run")
@@ -191,6 +214,11 @@ class _SharedLock:
             self._lock.ensure()
 
 
+# Newly valid certificates first, then replacements, then removals: a time-boxed run spends its
+# time on what users miss most.
+KIND_ORDER = {"add": 0, "replace": 1, "remove": 2}
+
+
 def publish_batch(
     services: Services,
     lock: RunLock,
@@ -199,14 +227,21 @@ def publish_batch(
     *,
     task_try: int,
 ) -> dict[str, int]:
-    """Send a batch's actions concurrently (the client's adaptive window bounds what is in flight).
-    Raises Unavailable, with counts, when the circuit breaker opened: the actions not done stay
-    pending for the task's next try, and nothing waits on a service that is down."""
+    """Send a batch's actions concurrently (the client's adaptive window bounds what is in flight),
+    additions first. Raises Unavailable, with counts, when the circuit breaker opened: the actions
+    not done stay pending for the task's next try, and nothing waits on a service that is down.
+    With a time box, what is left when it is used up is deferred to the next run."""
     shared = _SharedLock(lock)
+    actions = sorted(actions, key=lambda a: (KIND_ORDER.get(a.kind, 3), a.action_no))
+    deadline = _deadline(services, info)
     workers = max(1, min(services.settings.exchange.max_concurrency, len(actions)))
     counts: dict[str, int] = {}
+    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="publish") as pool:
-        futures = [pool.submit(publish_action, services, shared, info, a, task_try=task_try) for a in actions]  # type: ignore[arg-type]
+        futures = [
+            pool.submit(publish_action, services, shared, info, a, task_try=task_try, deadline=deadline)  # type: ignore[arg-type]
+            for a in actions
+        ]
         for future in futures:
             state = future.result()
             counts[state] = counts.get(state, 0) + 1
@@ -217,7 +252,39 @@ def publish_batch(
             f"{breaker.describe()}; batch stopped after {len(actions) - left} of {len(actions)} actions,"
             f" {left} left pending for the next try"
         ) from ExchangeDown(breaker.describe())
+    if counts.get("deferred"):
+        _log_deferred(services, counts, time.monotonic() - started)
     return counts
+
+
+def _deadline(services: Services, info: runs.RunInfo) -> float | None:
+    """When this run's time box ends, on this process's monotonic clock: counted from the run's
+    first request (so retries and sibling batch tasks share one box), by the database's clock."""
+    box = services.settings.publish_time_box_s
+    if not box:
+        return None
+    with services.engine.connect() as conn:
+        elapsed = publishing.publishing_for_s(conn, run_id=info.run_id)
+    return time.monotonic() + box - elapsed
+
+
+def _log_deferred(services: Services, counts: dict[str, int], elapsed_s: float) -> None:
+    done = counts.get("published", 0)
+    pace = done / elapsed_s if elapsed_s > 0 else 0.0
+    log.warning(
+        "time box of %ds used up: %d actions deferred to the next run (at this batch's pace of %.1f/s,"
+        " about %.0f s more)",
+        services.settings.publish_time_box_s,
+        counts["deferred"],
+        pace,
+        counts["deferred"] / pace if pace else float("nan"),
+    )
+
+
+def backlog(conn: Connection, *, run_id: int) -> dict[str, float | int] | None:
+    """What a time-boxed run left for the next one, and an estimate of how long that takes at this
+    run's pace (None when nothing was deferred)."""
+    return publishing.backlog(conn, run_id=run_id)
 
 
 def _newer_view(services: Services, info: runs.RunInfo, action: publishing.PendingAction) -> bool:
@@ -245,7 +312,7 @@ def _record(
 ) -> str:
     """Close the intent with Exchange's answer and move state in one transaction."""
     state = {ACCEPTED: "published", CONFLICT: "conflict"}.get(outcome.kind, "retry")
-    if outcome.kind in FINAL_REFUSALS:
+    if outcome.kind in FINAL_REFUSALS or outcome.kind == AUTH:  # AUTH: refused again after a token refresh
         state = "failed"
     with services.engine.begin() as conn:
         publishing.record_outcome(conn, intent=intent, outcome=outcome, task_try=task_try)

@@ -32,7 +32,8 @@ UNAVAILABLE = "unavailable"
 AUTH = "auth"
 UNKNOWN = "unknown"  # no readable answer: the write may or may not have been applied
 
-RETRYABLE = frozenset({THROTTLED, TRANSIENT, UNAVAILABLE, AUTH})
+# AUTH is not here: the client already refreshed the token once and sent again; twice refused is final.
+RETRYABLE = frozenset({THROTTLED, TRANSIENT, UNAVAILABLE})
 FINAL_REFUSALS = frozenset({NOT_FOUND, PERMISSION, BAD_PARAMETER, REJECTED})
 # The audit log's outcome column for each kind.
 AUDIT_OUTCOME = {ACCEPTED: "accepted", CONFLICT: "conflict"} | {kind: "rejected" for kind in FINAL_REFUSALS}

@@ -361,3 +361,37 @@ def set_action_state(
         ),
         {"s": state, "reason": reason, "r": run_id, "n": action_no},
     )
+
+
+def publishing_for_s(conn: Connection, *, run_id: int) -> float:
+    """Seconds since this run's first request (0 before it sent any), by the database's clock."""
+    elapsed = conn.execute(
+        sa.text(
+            "SELECT extract(epoch FROM clock_timestamp() - min(at))::float FROM certsync.audit_log"
+            " WHERE run_id = :r AND phase = 'intent'"
+        ),
+        {"r": run_id},
+    ).scalar()
+    return float(elapsed or 0.0)
+
+
+def backlog(conn: Connection, *, run_id: int) -> dict[str, float | int] | None:
+    """Actions a time-boxed run deferred, and the seconds the next run needs for them at this run's
+    pace (accepted requests over the span of its requests)."""
+    row = conn.execute(
+        sa.text(
+            "SELECT (SELECT count(*) FROM certsync.planned_action WHERE run_id = :r AND state = 'deferred')"
+            " AS deferred, count(*) FILTER (WHERE outcome = 'accepted') AS accepted,"
+            " extract(epoch FROM max(at) - min(at))::float AS span_s"
+            " FROM certsync.audit_log WHERE run_id = :r"
+        ),
+        {"r": run_id},
+    ).one()
+    if not row.deferred:
+        return None
+    pace = row.accepted / row.span_s if row.span_s else 0.0
+    return {
+        "deferred": int(row.deferred),
+        "pace_per_s": round(pace, 2),
+        "estimated_s": round(row.deferred / pace) if pace else None,
+    }
