@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ from certsync.exchange.client import ExchangeClient, ExchangeError
 from certsync.exchange.recipients import Recipient
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
 from certsync.plan import AccountPolicy, build_plan
-from certsync.store import db, planning, publishing, runlock, runs, runslot, source, validation
+from certsync.store import db, planning, publishing, retention, runlock, runs, runslot, source, validation
 from certsync.store.db import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -406,6 +406,8 @@ def finish(services: Services, *, run_id: int) -> dict[str, Any]:
         runs.finish_run(conn, run_id=run_id, state=state, summary=summary)
     _drop_lease(services, run_id)
     log.info("run %s finished; audit chain head %s", run_id, summary["audit_head"])
+    with services.engine.begin() as conn:  # after the run is closed: its own rows are never pruned
+        retention.prune(conn, keep_days=services.settings.retention_days, now=datetime.now(UTC))
     if problems:
         raise RunFailed(f"run {run_id} failed: {'; '.join(problems)}")
     return summary
