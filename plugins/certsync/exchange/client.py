@@ -132,6 +132,23 @@ class ExchangeClient:
         )
         ticket = self.throttle.acquire(cmdlet)
         started = time.monotonic()
+        outcome = Outcome(kind=UNKNOWN, status=None, code="NoAnswer")
+        try:  # the slot is given back whatever happens, or the window would shrink for good
+            answer = self._post(url, cmdlet, parameters, headers, request_id, started)
+            outcome = answer.outcome
+            return answer
+        finally:
+            self.throttle.release(ticket, outcome)
+
+    def _post(
+        self,
+        url: str,
+        cmdlet: str,
+        parameters: dict[str, Any],
+        headers: dict[str, str],
+        request_id: uuid.UUID,
+        started: float,
+    ) -> Answer:
         try:
             response = self._session.post(
                 url,
@@ -147,11 +164,10 @@ class ExchangeClient:
                 status=None,
                 code=type(exc).__name__,
                 detail=f"no answer from {self._settings.base_url}",
+                client_request_id=request_id,
             )
-            self.throttle.release(ticket, outcome)
             return Answer(outcome=outcome, body=None, headers={}, latency_s=time.monotonic() - started)
         outcome = dataclasses.replace(classify(response), client_request_id=request_id)
-        self.throttle.release(ticket, outcome)
         body, _why = read_body(response)
         return Answer(
             outcome=outcome, body=body, headers=dict(response.headers), latency_s=time.monotonic() - started
