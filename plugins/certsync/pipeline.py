@@ -477,8 +477,10 @@ def run_all(
     logical_date: datetime,
     dry_run: bool = False,
     allow_mass_removal: bool = False,
+    mode: str = "delta",
 ) -> dict[str, Any]:
-    """Every stage once, in this process: what the DAG does, without a scheduler."""
+    """Every stage once, in this process: what the DAG does, without a scheduler. `mode` "delta"
+    reads what changed since the watermark (a full read when there is none usable)."""
     run_id = begin(
         services,
         dag_id=dag_id,
