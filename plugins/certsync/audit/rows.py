@@ -98,9 +98,12 @@ def export_rows(path: Path) -> Iterator[dict[str, Any]]:
         for number, line in enumerate(handle, 2):
             data = _json_line(line, where=f"{where}, line {number}")
             try:
-                yield {c: _from_json(encoding.COLUMN_TYPES[c], data.get(c)) for c in encoding.COLUMNS}
+                row = {c: _from_json(encoding.COLUMN_TYPES[c], data.get(c)) for c in encoding.COLUMNS}
             except (TypeError, ValueError, AttributeError) as exc:
                 raise ExportError(f"{where}, line {number}: unreadable value ({exc})") from None
+            if not isinstance(row["seq"], int) or isinstance(row["seq"], bool):
+                raise ExportError(f"{where}, line {number}: no sequence number")
+            yield row
 
 
 def _json_line(line: str, *, where: str) -> Any:
