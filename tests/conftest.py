@@ -19,14 +19,21 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 
 
-# Suites that start servers of their own run whole on one worker under `pytest -n` (pytest-xdist,
-# `--dist loadgroup`): tests/integration shares session fixtures and Samba's fixed LDAP port 389;
-# the others share a session's Airflow stack or keep their tests in a deliberate order.
+# Suites that start servers of their own run whole on one worker under `pytest -n 2` (pytest-xdist):
+# tests/integration shares session fixtures and Samba's fixed LDAP port 389; the others share a
+# session's Airflow stack or keep their tests in a deliberate order. (xdist's own `loadgroup` cannot
+# do this under pytest 9, whose node ids it can no longer suffix with the group.)
 _WHOLE_SUITES = ("integration", "scheduler", "compose", "packaging")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        suite = item.path.relative_to(REPO / "tests").parts[0]
-        if suite in _WHOLE_SUITES:
-            item.add_marker(pytest.mark.xdist_group(suite))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SuiteScheduling(LoadScopeScheduling):
+        """One work unit per server suite, one per test elsewhere; the biggest units go first."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            parts = nodeid.split("/")
+            return parts[1] if len(parts) > 2 and parts[1] in _WHOLE_SUITES else nodeid
+
+    return SuiteScheduling(config, log)
