@@ -12,6 +12,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # PostgreSQL and Redis servers: the compose test runs the stack's database and broker services with them.
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_apt+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# ldapsearch: bench/bench_extract.py reads the directory with it as the baseline.
+command -v ldapsearch >/dev/null 2>&1 || need_apt+=(ldap-utils)
 # ip (bridges and veth pairs between the compose test's namespaces).
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
