@@ -272,10 +272,21 @@ def test_throttle_decreases_once_per_event_and_grows_back() -> None:
     for _ in range(10):
         throttle.release(throttle.acquire("x"), Outcome(kind="accepted", status=200))
     assert throttle.rate > rate
-    concurrency = Outcome(kind="throttled", status=429, code="ConcurrencyLimit")
+    concurrency = Outcome(kind="throttled", status=503, code="ConcurrencyLimit")
     now[0] = 5.0
-    throttle.release(throttle.acquire("x"), concurrency)
-    assert throttle.window <= 4
+    window = throttle.window
+    rate = throttle.rate
+    tickets = [throttle.acquire("x") for _ in range(3)]
+    for ticket in tickets:
+        throttle.release(ticket, concurrency)
+    assert int(throttle.window) == int(window) - 1 and throttle.rate == rate  # a count, not a rate
+    for _ in range(20):
+        throttle.release(throttle.acquire("x"), Outcome(kind="accepted", status=200))
+    assert int(throttle.window) == int(window) - 1  # held before probing higher
+    now[0] += 31.0
+    for _ in range(20):
+        throttle.release(throttle.acquire("x"), Outcome(kind="accepted", status=200))
+    assert throttle.window > int(window) - 1
 
 
 def test_breaker_opens_on_consecutive_service_failures_only() -> None:

@@ -5,7 +5,9 @@ Microsoft publishes no budget for InvokeCommand, so nothing here assumes one. Th
 unpaced (bounded by its concurrency window) until the service first throttles; from then on it paces
 at a rate that grows by about one request per second every second while answers are good and drops
 by a fifth on each throttling event (one decrease per event: answers to requests sent before the last
-decrease do not count again). The per-tenant concurrency message halves the concurrency window.
+decrease do not count again). The per-tenant concurrency message is about a count, not a rate: it
+steps the concurrency window down by one (once per event) and holds it there for a while before
+probing one higher, so a small cap costs one refusal per probe, not one per round trip.
 Rate-Limit-Remaining at 0 holds the rate where it is.
 """
 
@@ -23,7 +25,7 @@ from certsync.exchange.outcomes import ACCEPTED, THROTTLED, UNAVAILABLE, UNKNOWN
 log = logging.getLogger(__name__)
 
 RATE_DECREASE = 0.8
-CONCURRENCY_DECREASE = 0.5
+WINDOW_HOLD_S = 30.0  # after a concurrency refusal, the window stays put this long before growing
 RATE_INCREASE_PER_S = 1.0  # additive increase: requests/s gained per second of good answers
 MIN_RATE = 0.2
 WINDOW_S = 2.0  # span over which the achieved rate is measured
@@ -57,6 +59,8 @@ class Throttle:
         self._in_flight = 0
         self._next_send = 0.0
         self._decreased_at = float("-inf")
+        self._window_decreased_at = float("-inf")
+        self._window_hold_until = float("-inf")
         self._sent: deque[float] = deque()
         self.waited_s = 0.0
         self.decreases = 0
@@ -96,7 +100,10 @@ class Throttle:
         """Free the slot and adapt to what the answer said."""
         with self._cond:
             self._in_flight -= 1
-            if outcome.kind == THROTTLED and ticket.sent_at >= self._decreased_at:
+            if outcome.kind == THROTTLED and outcome.code == "ConcurrencyLimit":
+                if ticket.sent_at > self._window_decreased_at:
+                    self._narrow(outcome)
+            elif outcome.kind == THROTTLED and ticket.sent_at > self._decreased_at:
                 self._decrease(outcome)
             elif outcome.kind == ACCEPTED or outcome.status in (200, 400, 404):
                 self._increase(outcome)
@@ -107,26 +114,39 @@ class Throttle:
         return len(self._sent) / span
 
     def _decrease(self, outcome: Outcome) -> None:
-        before_rate, before_window = self.rate, self.window
-        if outcome.code == "ConcurrencyLimit":
-            self.window = max(1.0, self.window * CONCURRENCY_DECREASE)
+        before = self.rate
         self.rate = max(MIN_RATE, min(self.rate or float("inf"), self._achieved()) * RATE_DECREASE)
         self._decreased_at = self._clock()
         self.decreases += 1
         log.warning(
-            "Exchange Online throttled (%s, Retry-After %s): pacing %s -> %.1f req/s, window %d -> %d",
+            "Exchange Online throttled (%s, Retry-After %s): pacing %s -> %.1f req/s",
             outcome.code,
             outcome.retry_after_s,
-            "unpaced" if before_rate is None else f"{before_rate:.1f}",
+            "unpaced" if before is None else f"{before:.1f}",
             self.rate,
-            int(before_window),
+        )
+
+    def _narrow(self, outcome: Outcome) -> None:
+        before = self.window
+        self.window = max(1.0, float(int(self.window) - 1))
+        now = self._clock()
+        self._window_decreased_at = now
+        self._window_hold_until = now + WINDOW_HOLD_S
+        self.decreases += 1
+        log.warning(
+            "Exchange Online refused a request over the tenant's concurrency (HTTP %s): window %d -> %d,"
+            " held for %.0fs",
+            outcome.status,
+            int(before),
             int(self.window),
+            WINDOW_HOLD_S,
         )
 
     def _increase(self, outcome: Outcome) -> None:
         if outcome.rate.get("Rate-Limit-Remaining") == "0":
             return  # the budget is spent: hold, do not grow into the next 429
-        self.window = min(float(self.max_concurrency), self.window + 1.0 / max(self.window, 1.0))
+        if self._clock() >= self._window_hold_until:
+            self.window = min(float(self.max_concurrency), self.window + 1.0 / max(self.window, 1.0))
         if self.rate is not None:
             self.rate += RATE_INCREASE_PER_S / max(self.rate, 1.0)
 
