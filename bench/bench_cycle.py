@@ -1,0 +1,482 @@
+"""The whole sync cycle at 20,000 and 100,000 users: every stage in full and delta mode, each next to
+the limit of the system it talks to, measured in the same run, and a naive baseline beside it.
+
+    make bench                                   # both sizes, then writes bench/RESULTS.md
+    unshare -n bash -c 'ip link set lo up; .venv/bin/python bench/bench_cycle.py --users 20000'
+
+Each size's lab (a Samba AD DC seeded with the population and the emulator's tenant, built by
+certsync_lab.stack.LabStack) is built once and kept in .certsync/bench-<users>; building is not
+measured. Every measurement starts from the tenant as it was seeded (a pristine copy is kept beside
+it) and a new PostgreSQL cluster, so its first run is a real first run. Each size is measured in a
+child process of its own (so the certsync process's memory is that size's alone) and its figures
+are kept in .certsync/bench-<users>/figures.json; RESULTS.md is written from those files. Samba
+serves LDAP on the fixed port 389: run it in a private network namespace (`make bench` does).
+Figures are printed and written, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "RESULTS.md"
+DAG_ID = "certsync-bench"
+SAMPLE_EVERY_S = 0.25
+log = logging.getLogger("bench_cycle")
+
+
+def lab_home(users: int) -> Path:
+    return REPO / ".certsync" / f"bench-{users}"
+
+
+# -- the lab: built once, restored for every measurement ---------------------------------------------
+
+
+def build(users: int):  # type: ignore[no-untyped-def]
+    """Build the lab of `users` users once (directory and tenant), keep a pristine copy of the
+    tenant, and return a stopped LabStack of it."""
+    from certsync_lab.stack import LabStack
+
+    home = lab_home(users)
+    stack = LabStack(home=home, users=users)
+    pristine = home / "emulator.pristine"
+    if not pristine.exists():
+        began = time.monotonic()
+        stack.up()
+        stack.down()
+        shutil.copytree(home / "emulator", pristine)
+        (home / "built.json").write_text(json.dumps({"users": users, "build_s": time.monotonic() - began}))
+        log.info("built the %d-user lab in %.0f s (kept in %s)", users, time.monotonic() - began, home)
+    return stack
+
+
+def restore_tenant(stack) -> None:  # type: ignore[no-untyped-def]
+    home = stack.home
+    shutil.rmtree(home / "emulator")
+    shutil.copytree(home / "emulator.pristine", home / "emulator")
+
+
+def start(stack, budget: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    """A new database, the tenant as seeded and the directory as built; nothing re-seeded
+    (LabStack.up would refresh the tenant from the directory)."""
+    from certsync_lab.stack import DATABASE, certsync_database
+
+    stack.down()
+    shutil.rmtree(stack.home / "postgres", ignore_errors=True)
+    restore_tenant(stack)
+    stack.postgres.start()
+    certsync_database(stack.postgres, DATABASE)
+    stack.samba.start()
+    start_emulator(stack, budget)
+
+
+def start_emulator(stack, budget: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    stack.emulator.start()
+    stack.emulator.control.set_config(**budget)
+
+
+def service_pids(stack) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    from certsync_lab.emulator.server import read_endpoint
+
+    def pid_in(path: Path) -> int | None:
+        try:
+            return int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    found = {
+        "postgres": pid_in(stack.postgres.data_dir / "postmaster.pid"),
+        "samba": pid_in(stack.samba.home / "run" / "samba.pid"),
+        "emulator": (read_endpoint(stack.emulator.home) or {}).get("pid"),
+    }
+    return {"certsync": os.getpid(), **{k: int(v) for k, v in found.items() if v}}
+
+
+# -- per-stage memory and profiles --------------------------------------------------------------------
+
+
+PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue  # a thread or process that exited meanwhile
+    return found
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident MiB of a process and its descendants (validation workers, PostgreSQL backends), read
+    from /proc directly: psutil's children() walks the whole process table on every call."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_MIB
+        except (OSError, IndexError, ValueError):
+            continue
+        todo += _children(current)
+    return total
+
+
+class StageSampler:
+    """Samples each process tree's RSS; keeps the peak per (stage, process) of the current stage."""
+
+    def __init__(self, *, roots: dict[str, int]) -> None:
+        self.roots = roots
+        self.stage = "-"
+        self.peaks: dict[str, dict[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> StageSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            self.sample()
+
+    def sample(self) -> None:
+        peaks = self.peaks.setdefault(self.stage, {})
+        for name, pid in self.roots.items():
+            peaks[name] = max(peaks.get(name, 0.0), tree_rss_mib(pid))
+
+
+@contextmanager
+def py_spy(out: Path | None, *, subprocesses: bool) -> Iterator[None]:
+    """py-spy record of this process (and its children: the validation workers, but also the
+    emulator this process started) while the block runs; 25 samples/s keeps its cost small."""
+    if out is None:
+        yield
+        return
+    cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(os.getpid())]
+    cmd += ["--subprocesses"] if subprocesses else []
+    cmd += ["--format", "raw", "--rate", "25", "--nonblocking", "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches before the stage starts
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def _frame(text: str) -> str:
+    """'func (path/to/file.py:123)' -> 'func (file.py)': samples add up per function, not per line."""
+    func, _, where = text.partition(" (")
+    return f"{func} ({where.rsplit('/', 1)[-1].split(':')[0]})"
+
+
+def summarise_profile(path: Path, top: int = 12) -> list[dict[str, Any]]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks, without the
+    bench's own memory sampler thread."""
+    if not path.exists():
+        return []
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if "StageSampler" in stack:
+            continue
+        frames = [_frame(f) for f in stack.split(";")[1:]]
+        count = int(count_text)
+        total += count
+        if frames:
+            own[frames[-1]] += count
+            for frame in set(frames):
+                inclusive[frame] += count
+    total = max(total, 1)
+    rows: list[dict[str, Any]] = [
+        {"function": f, "self": n / total, "inclusive": inclusive[f] / total} for f, n in own.most_common(top)
+    ]
+    return [
+        *rows,
+        {"total_samples": total, "top_inclusive": [(f, n / total) for f, n in inclusive.most_common(40)]},
+    ]
+
+
+# -- one sync run, stage by stage ------------------------------------------------------------------------
+
+
+class Cycle:
+    def __init__(
+        self, *, services: Any, sampler: StageSampler, profile_dir: Path | None, workers: int
+    ) -> None:
+        self.services = services
+        self.sampler = sampler
+        self.profile_dir = profile_dir
+        self.workers = workers
+
+    @contextmanager
+    def stage(
+        self, stages: list[dict[str, Any]], label: str, name: str, unit: str
+    ) -> Iterator[dict[str, Any]]:
+        out = self.profile_dir / f"{label}-{name}.txt" if self.profile_dir else None
+        row: dict[str, Any] = {"stage": name, "unit": unit, "items": 0}
+        with py_spy(out, subprocesses=name == "validate"):
+            self.sampler.stage = f"{label}:{name}"
+            began = time.perf_counter()
+            yield row
+            row["seconds"] = time.perf_counter() - began
+            self.sampler.sample()
+            self.sampler.stage = "-"
+        row["load1"] = os.getloadavg()[0]
+        row["peak_rss_mib"] = self.sampler.peaks.get(f"{label}:{name}", {})
+        if out is not None:
+            row["profile"] = summarise_profile(out)
+        stages.append(row)
+
+    def run(self, *, label: str, mode: str) -> dict[str, Any]:
+        from certsync import pipeline
+
+        stages: list[dict[str, Any]] = []
+        now = datetime.now(UTC)
+        with self.stage(stages, label, "begin", "runs") as row:
+            run_id = pipeline.begin(self.services, dag_id=DAG_ID, airflow_run_id=f"bench {label} {now.isoformat()}", logical_date=now, mode=mode, dry_run=False)  # fmt: skip
+            row["items"] = 1
+        with self.stage(stages, label, "extract", "users") as row:
+            counts = pipeline.extract(self.services, run_id=run_id)
+            row["items"], row["detail"] = counts["users"], {k: counts[k] for k in ("mode", "users", "values")}
+        with self.stage(stages, label, "read_recipients", "recipients") as row:
+            row["items"] = pipeline.read_recipients(self.services, run_id=run_id)["recipients"]
+        with self.stage(stages, label, "validate", "values") as row:
+            row["items"] = pipeline.validate(self.services, run_id=run_id)["validated"]
+        with self.stage(stages, label, "plan", "users") as row:
+            batches = pipeline.plan(self.services, run_id=run_id, allow_mass_removal=True)
+        with self.stage(stages, label, "publish", "actions") as row:
+            row["items"] = self.publish(run_id, batches)
+        with self.stage(stages, label, "finish", "runs") as row:
+            summary = pipeline.finish(self.services, run_id=run_id)
+            row["items"] = 1
+        stages[4]["items"] = self.source_users()
+        stages[4]["detail"] = {"actions": summary["actions"]}
+        return {
+            "label": label,
+            "mode": mode,
+            "run_id": run_id,
+            "stages": stages,
+            "actions": summary["actions"],
+        }
+
+    def publish(self, run_id: int, batches: list[int]) -> int:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from certsync import pipeline
+
+        def one(batch: int) -> int:
+            counts = pipeline.publish(self.services, run_id=run_id, batch=batch)
+            return counts.get("published", 0)
+
+        if self.workers <= 1:
+            return sum(one(b) for b in batches)
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return sum(pool.map(one, batches))
+
+    def source_users(self) -> int:
+        import sqlalchemy as sa
+
+        with self.services.engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT count(*) FROM certsync.source_user")).scalar_one())
+
+
+# -- churn --------------------------------------------------------------------------------------------------
+
+
+def churn(stack: Any, share: float, seed: int) -> dict[str, int]:
+    """Change `share` of the users: one with two or more userCertificate values loses its last one
+    (a change to publish, unless it was an expired renewal), any other gets a new displayName."""
+    import ldap3
+
+    conn = stack.samba.connect()
+    try:
+        found = conn.extend.standard.paged_search(stack.samba.users_ou, "(&(objectClass=user)(!(objectClass=computer)))", attributes=["userCertificate"], paged_size=1000)  # fmt: skip
+        entries = [(e["dn"], e["raw_attributes"].get("userCertificate", [])) for e in found if e.get("type") == "searchResEntry"]  # fmt: skip
+        picked = random.Random(seed).sample(entries, max(1, int(len(entries) * share)))
+        counts = {"certificate_dropped": 0, "display_name": 0}
+        for dn, values in picked:
+            if len(values) >= 2:
+                conn.modify(dn, {"userCertificate": [(ldap3.MODIFY_REPLACE, list(values[:-1]))]})
+                counts["certificate_dropped"] += 1
+            else:
+                conn.modify(dn, {"displayName": [(ldap3.MODIFY_REPLACE, [f"changed {seed}"])]})
+                counts["display_name"] += 1
+        return counts
+    finally:
+        conn.unbind()
+
+
+# -- one size -----------------------------------------------------------------------------------------------
+
+
+def limits(stack: Any, services: Any, run_id: int, page_size: int) -> dict[str, Any]:
+    import cycle_limits
+    import sqlalchemy as sa
+
+    pw = cycle_limits.password_file(stack.home, stack.samba.password)
+    found: dict[str, Any] = {"load1_before": os.getloadavg()[0]}
+    found["ldapsearch"] = cycle_limits.ldapsearch(url=stack.samba.ldap_url, bind_dn=stack.samba.bind_dn, password_file=pw, base=stack.samba.users_ou, page_size=page_size)  # fmt: skip
+    found["recipient_read"] = cycle_limits.raw_recipient_read(services.exchange)
+    with services.engine.connect() as conn:
+        values = [bytes(v) for (v,) in conn.execute(sa.text("SELECT value FROM certsync.cert_blob"))]
+    found["parse"] = cycle_limits.raw_parse(values)
+    del values
+    found["copy"] = cycle_limits.copy_limits(stack.postgres.dsn_for("certsync"), run_id)
+    found["load1_after"] = os.getloadavg()[0]
+    return found
+
+
+def with_time_box(env: dict[str, str], seconds: int) -> dict[str, str]:
+    """The lab's settings with publish_time_box_s: a run publishes for that long and defers the
+    rest to the next run (for a size whose whole first publish would not fit the time at hand)."""
+    if not seconds:
+        return env
+    config = json.loads(env["AIRFLOW_VAR_CERTSYNC_CONFIG"])
+    return {**env, "AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps({**config, "publish_time_box_s": seconds})}
+
+
+def measure(users: int, args: argparse.Namespace) -> dict[str, Any]:
+    import cycle_naive
+
+    from certsync.config import EnvSource, load_settings
+    from certsync.pipeline import Services
+
+    budget = {"rate_per_s": args.rate, "burst": args.burst, "max_concurrency": args.cap}
+    stack = build(users)
+    figures: dict[str, Any] = {"users": users, "budget": budget, "started": datetime.now(UTC).isoformat()}
+    figures["publish_box_s"] = args.publish_box
+    figures["build"] = json.loads((stack.home / "built.json").read_text())
+    start(stack, budget)
+    try:
+        os.environ.update(with_time_box(stack.environment(), args.publish_box))
+        services = Services(settings=load_settings(EnvSource()))
+        figures["settings"] = {"validation_processes": services.settings.validation_processes, "publish_batch_size": services.settings.publish_batch_size, "exchange_max_concurrency": services.settings.exchange.max_concurrency, "ldap_page_size": services.settings.directory.page_size, "publish_workers": args.workers}  # fmt: skip
+        profile_dir = stack.home / "profiles" if args.profile else None
+        if profile_dir:
+            shutil.rmtree(profile_dir, ignore_errors=True)
+            profile_dir.mkdir(parents=True)
+        with StageSampler(roots=service_pids(stack)) as sampler:
+            cycle = Cycle(services=services, sampler=sampler, profile_dir=profile_dir, workers=args.workers)
+            first = cycle.run(label="first", mode="full")
+            print(render_run(first), flush=True)
+            figures["limits"] = limits(
+                stack, services, first["run_id"], services.settings.directory.page_size
+            )
+            steady = cycle.run(label="steady", mode="full")
+            print(render_run(steady), flush=True)
+            figures["churn"] = churn(stack, args.churn, seed=int(time.time()))
+            delta = cycle.run(label="delta", mode="delta")
+            print(render_run(delta), flush=True)
+        figures["runs"] = [first, steady, delta]
+        stack.emulator.stop()
+        restore_tenant(stack)  # the naive cycle meets the tenant as the first run did
+        start_emulator(stack, budget)
+        services.__dict__.pop("exchange", None)  # a client for the restarted emulator
+        figures["naive"] = cycle_naive.run(services, sample=min(args.naive_sample, users))
+        figures["naive"]["load1"] = os.getloadavg()[0]
+        services.engine.dispose()
+    finally:
+        stack.down()
+    figures["finished"] = datetime.now(UTC).isoformat()
+    return figures
+
+
+def render_run(run: dict[str, Any]) -> str:
+    lines = [f"{run['label']} ({run['mode']}): actions {run['actions']}"]
+    for s in run["stages"]:
+        rate = s["items"] / s["seconds"] if s["seconds"] > 0 and s["items"] else 0
+        rss = s["peak_rss_mib"].get("certsync", 0)
+        lines.append(f"  {s['stage']:<16} {s['seconds']:>8.2f} s {s['items']:>8} {s['unit']:<10} {rate:>9.0f}/s  RSS {rss:>5.0f} MiB  load {s['load1']:.1f}")  # fmt: skip
+    lines.append(f"  total {sum(s['seconds'] for s in run['stages']):.2f} s")
+    return "\n".join(lines)
+
+
+# -- the command --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, action="append", help="a size to measure (repeatable; default 20,000 and 100,000)")  # fmt: skip
+    parser.add_argument("--rate", type=float, default=200.0, help="the emulator's budget, Set-*/Get-* requests per second")  # fmt: skip
+    parser.add_argument("--burst", type=int, default=20, help="the budget's token bucket depth")
+    parser.add_argument("--cap", type=int, default=8, help="the emulator's per-tenant concurrency cap")
+    parser.add_argument("--workers", type=int, default=1, help="publish batches at once (1: as run_all)")
+    parser.add_argument(
+        "--churn", type=float, default=0.01, help="share of users changed before the delta run"
+    )
+    parser.add_argument("--naive-sample", type=int, default=5000, help="users the naive baseline's per-user steps run on")  # fmt: skip
+    parser.add_argument(
+        "--publish-box", type=int, default=0, help="publish_time_box_s of every run (0: none)"
+    )
+    parser.add_argument("--profile", type=int, action="append", default=[], help="py-spy every stage at this size (repeatable)")  # fmt: skip
+    parser.add_argument("--build-only", action="store_true", help="build the labs and stop")
+    parser.add_argument("--report-only", action="store_true", help="write RESULTS.md from the kept figures")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def run_child(users: int, args: argparse.Namespace) -> None:
+    """Measure one size in a process of its own; its figures land in the lab's home."""
+    cmd = [sys.executable, __file__, "--child", "--users", str(users), "--rate", str(args.rate)]
+    cmd += ["--burst", str(args.burst), "--cap", str(args.cap), "--workers", str(args.workers)]
+    cmd += ["--churn", str(args.churn), "--naive-sample", str(args.naive_sample)]
+    cmd += ["--publish-box", str(args.publish_box)]
+    cmd += [f"--profile={size}" for size in args.profile]
+    subprocess.run(cmd, check=True)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    logging.getLogger("certsync_lab").setLevel(logging.INFO)
+    sizes = args.users or [20_000, 100_000]
+    if args.build_only:
+        for users in sizes:
+            build(users)
+        return 0
+    if args.child:
+        users = sizes[0]
+        args.profile = users in args.profile
+        figures = measure(users, args)
+        (lab_home(users) / "figures.json").write_text(json.dumps(figures, indent=1, default=str))
+        return 0
+    if not args.report_only:
+        for users in sizes:
+            run_child(users, args)
+    import cycle_report
+
+    cycle_report.write(RESULTS, [lab_home(u) / "figures.json" for u in sizes])
+    print(f"wrote {RESULTS.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,111 @@
+"""What each stage's system allows, measured on the same rows in the same run (bench_cycle.py):
+a raw ldapsearch of the same entries and attributes, a raw paged read of the same recipients, a
+raw DER parse of the same values, and psql COPY of the same rows (in, and out where a stage reads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from certsync.directory import ATTRIBUTES
+from certsync.directory.settings import USER_FILTER
+from certsync.exchange.client import READ_CMDLETS, RECIPIENT_FIELDS
+
+# The rows each database-bound stage writes (COPY in) or reads (COPY out), by table and run column.
+STAGE_ROWS: dict[str, dict[str, list[tuple[str, str | None]]]] = {
+    "extract": {"in": [("staging_user", "run_id"), ("staging_value", "run_id")], "out": []},
+    "read_recipients": {"in": [("exo_recipient", "seen_run_id")], "out": []},
+    "plan": {
+        "in": [("planned_action", "run_id"), ("value_result", "run_id")],
+        "out": [("source_user", None), ("source_value", None), ("cert_verdict", None), ("exo_recipient", "seen_run_id")],
+    },
+}  # fmt: skip
+
+
+def ldapsearch(*, url: str, bind_dn: str, password_file: Path, base: str, page_size: int) -> dict[str, Any]:
+    """ldapsearch -E pr=<page>/noprompt of the reader's filter and attributes; output counted only."""
+    cmd = ["ldapsearch", "-x", "-LLL", "-H", url, "-D", bind_dn, "-y", str(password_file), "-b", base]
+    cmd += ["-E", f"pr={page_size}/noprompt", USER_FILTER, *ATTRIBUTES]
+    began = time.perf_counter()
+    entries = 0
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            entries += line.startswith(b"dn:")
+    seconds = time.perf_counter() - began
+    if proc.returncode:
+        raise RuntimeError(f"ldapsearch failed with {proc.returncode}")
+    return {"items": entries, "seconds": seconds}
+
+
+def password_file(home: Path, password: str) -> Path:
+    path = home / "bench-bind.password"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(password)  # -y reads the file whole: no trailing newline
+    return path
+
+
+def raw_recipient_read(exchange: Any) -> dict[str, Any]:
+    """The same paged Get-* requests read_recipients makes, JSON decoded, nothing else done."""
+    began = time.perf_counter()
+    count = sum(
+        1
+        for cmdlet in READ_CMDLETS
+        for _ in exchange.read(cmdlet, {"ResultSize": "Unlimited"}, select=RECIPIENT_FIELDS)
+    )
+    return {"items": count, "seconds": time.perf_counter() - began}  # fmt: skip
+
+
+def raw_parse(values: list[bytes]) -> dict[str, Any]:
+    """x509 DER load of every value, one process (PKCS#7 blobs fail fast and are counted)."""
+    began = time.perf_counter()
+    failed = 0
+    for value in values:
+        try:
+            x509.load_der_x509_certificate(value)
+        except ValueError:
+            failed += 1
+    return {"items": len(values), "seconds": time.perf_counter() - began, "not_der": failed}
+
+
+def _psql(dsn: str, command: str) -> float:
+    began = time.perf_counter()
+    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", dsn, "-c", command], check=True)
+    return time.perf_counter() - began
+
+
+def _where(column: str | None, run_id: int) -> str:
+    return f" WHERE {column} = {int(run_id)}" if column else ""
+
+
+def copy_in(dsn: str, table: str, column: str | None, run_id: int) -> dict[str, Any]:
+    """psql \\copy FROM of this run's rows of `table` into an empty copy of it with its indexes."""
+    with tempfile.NamedTemporaryFile(suffix=".copy") as dump:
+        _psql(dsn, f"\\copy (SELECT * FROM certsync.{table}{_where(column, run_id)}) TO '{dump.name}'")  # noqa: S608 - constant table names
+        _psql(dsn, f"DROP TABLE IF EXISTS public.bench_{table}; CREATE TABLE public.bench_{table} (LIKE certsync.{table} INCLUDING DEFAULTS INCLUDING INDEXES)")  # fmt: skip
+        seconds = _psql(dsn, f"\\copy public.bench_{table} FROM '{dump.name}'")
+        rows = sum(1 for _ in open(dump.name, "rb"))  # noqa: SIM115 - counted once, closed by GC
+        _psql(dsn, f"DROP TABLE public.bench_{table}")
+    return {"items": rows, "seconds": seconds}
+
+
+def copy_out(dsn: str, table: str, column: str | None, run_id: int) -> dict[str, Any]:
+    seconds = _psql(dsn, f"\\copy (SELECT * FROM certsync.{table}{_where(column, run_id)}) TO '/dev/null'")  # noqa: S608 - constant table names
+    return {"items": None, "seconds": seconds}
+
+
+def copy_limits(dsn: str, run_id: int) -> dict[str, dict[str, Any]]:
+    """Per database-bound stage: the COPY seconds of the rows it writes and reads, and the detail."""
+    found: dict[str, dict[str, Any]] = {}
+    for stage, rows in STAGE_ROWS.items():
+        parts = {f"in {t}": copy_in(dsn, t, c, run_id) for t, c in rows["in"]}
+        parts |= {f"out {t}": copy_out(dsn, t, c, run_id) for t, c in rows["out"]}
+        found[stage] = {"seconds": sum(p["seconds"] for p in parts.values()), "parts": parts}
+    return found

@@ -1,0 +1,210 @@
+"""bench/RESULTS.md from the figures bench_cycle.py keeps for each size (figures.json)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+TARGET_FULL_S = 90.0
+TARGET_DELTA_S = 15.0
+TARGET_RATIO = 0.5
+TARGET_RSS_MIB = 1024.0
+
+
+def _n(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float | None, str]:
+    """Seconds the stage's system needs for the same rows (measured in the same run), and what."""
+    lim, name = figures["limits"], stage["stage"]
+    copy = lim["copy"].get(name, {}).get("seconds")
+    if name == "extract":
+        raw = lim["ldapsearch"]["seconds"]
+        return max(raw, copy), f"ldapsearch {raw:.1f} s, COPY {copy:.1f} s (overlapped: the larger)"
+    if name == "read_recipients":
+        raw = lim["recipient_read"]["seconds"]
+        return max(raw, copy), f"raw paged Get-* {raw:.1f} s, COPY {copy:.1f} s"
+    if name == "validate":
+        parse = lim["parse"]
+        per_value = parse["seconds"] / max(1, parse["items"])
+        return per_value * stage["items"], f"DER parse, 1 process, {parse['items'] / parse['seconds']:,.0f}/s"
+    if name == "plan":
+        return copy, "COPY out of the rows read + COPY in of the rows written"
+    if name == "publish":
+        rate = figures["budget"]["rate_per_s"]
+        return stage["items"] / rate, f"budget {rate:.0f} requests/s"
+    return None, ""
+
+
+def _rss(stage: dict[str, Any]) -> float:
+    return stage["peak_rss_mib"].get("certsync", 0.0)
+
+
+def run_table(figures: dict[str, Any], run: dict[str, Any], *, with_limits: bool) -> list[str]:
+    head = "| stage | s | items | items/s | certsync peak RSS MiB | load1 |"
+    sep = "|---|---|---|---|---|---|"
+    if with_limits:
+        head += " limit s | ratio | limit measured as |"
+        sep += "---|---|---|"
+    lines = [head, sep]
+    for s in run["stages"]:
+        rate = s["items"] / s["seconds"] if s["items"] and s["seconds"] > 0 else None
+        row = f"| {s['stage']} | {s['seconds']:.2f} | {s['items']:,} {s['unit']} | {_n(rate)} | {_rss(s):.0f} | {s['load1']:.1f} |"
+        if with_limits:
+            limit, what = stage_limit(figures, s)
+            ratio = limit / s["seconds"] if limit is not None and s["seconds"] > 0 else None
+            row += f" {_n(limit, 2)} | {_n(ratio, 2)} | {what} |"
+        lines.append(row)
+    total = sum(s["seconds"] for s in run["stages"])
+    lines.append(f"| **total** | **{total:.2f}** | | | {max(_rss(s) for s in run['stages']):.0f} | |")
+    return lines
+
+
+def _run(figures: dict[str, Any], label: str) -> dict[str, Any]:
+    return next(r for r in figures["runs"] if r["label"] == label)
+
+
+def _seconds(run: dict[str, Any], stage: str) -> float:
+    return next(s["seconds"] for s in run["stages"] if s["stage"] == stage)
+
+
+def totals(figures: dict[str, Any]) -> dict[str, float]:
+    first, steady, delta = (_run(figures, x) for x in ("first", "steady", "delta"))
+    total = {
+        label: sum(s["seconds"] for s in r["stages"])
+        for label, r in (("first", first), ("steady", steady), ("delta", delta))
+    }
+    total["first_without_publish"] = total["first"] - _seconds(first, "publish")
+    total["steady_without_publish"] = total["steady"] - _seconds(steady, "publish")
+    return total
+
+
+def size_section(figures: dict[str, Any]) -> list[str]:
+    users, budget, t = figures["users"], figures["budget"], totals(figures)
+    first = _run(figures, "first")
+    lines = [f"## {users:,} users", ""]
+    lines.append(
+        f"Started {figures['started']}; settings {json.dumps(figures['settings'])}; emulator budget {json.dumps(budget)}; 1% churn before the delta run: {json.dumps(figures['churn'])}."
+    )
+    lines += [
+        "",
+        f"### First run (full read, empty database, tenant as seeded); actions {json.dumps(first['actions'])}",
+        "",
+    ]
+    lines += run_table(figures, first, with_limits=True)
+    for label, title in (
+        ("steady", "Second full run (nothing changed)"),
+        ("delta", "Delta run after 1% churn"),
+    ):
+        run = _run(figures, label)
+        lines += ["", f"### {title}; actions {json.dumps(run['actions'])}", ""]
+        lines += run_table(figures, run, with_limits=False)
+    lines += ["", "### Naive baseline", "", *naive_lines(figures, t)]
+    return lines
+
+
+def naive_lines(figures: dict[str, Any], t: dict[str, float]) -> list[str]:
+    naive = figures["naive"]
+    ext, counts = naive["extrapolated_s"], naive["sample_counts"]
+    lines = [
+        f"Full read of all {naive['users']:,} users measured ({naive['read_s']:.1f} s); validation, Get-Recipient per recipient and Set-* per change measured on {naive['sample']:,} users ({counts}) and extrapolated x{naive['scale']:.1f}. Load {naive['load1']:.1f}.",
+        "",
+        "| | read s | validate s | one Get per recipient s | one Set per change s | cycle s | certsync first run s | certsync delta s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| naive (every cycle) | {naive['read_s']:.1f} | {ext['validate']:.1f} | {ext['get']:.1f} | {ext['set']:.1f} | {naive['total_s']:.1f} | {t['first']:.1f} | {t['delta']:.1f} |",
+    ]
+    return lines
+
+
+def targets(all_figures: list[dict[str, Any]]) -> list[str]:
+    lines = ["| users | target | measured | met |", "|---|---|---|---|"]
+    for f in all_figures:
+        t, users = totals(f), f"{f['users']:,}"
+        lines.append(
+            f"| {users} | full cycle without the Exchange budget <= {TARGET_FULL_S:.0f} s | first run {t['first_without_publish']:.1f} s, second full run {t['steady_without_publish']:.1f} s | {'yes' if t['first_without_publish'] <= TARGET_FULL_S else 'no'} |"
+        )
+        lines.append(
+            f"| {users} | delta at 1% churn <= {TARGET_DELTA_S:.0f} s | {t['delta']:.1f} s (publish included) | {'yes' if t['delta'] <= TARGET_DELTA_S else 'no'} |"
+        )
+        ratios = []
+        for s in _run(f, "first")["stages"]:
+            limit, _ = stage_limit(f, s)
+            if limit is not None and s["seconds"] > 0:
+                ratios.append((s["stage"], limit / s["seconds"]))
+        low = [f"{n} {r:.2f}" for n, r in ratios if r < TARGET_RATIO]
+        lines.append(
+            f"| {users} | every stage >= {TARGET_RATIO} of its limit | {', '.join(f'{n} {r:.2f}' for n, r in ratios)} | {'yes' if not low else 'no: ' + ', '.join(low)} |"
+        )
+        peak = max(_rss(s) for r in f["runs"] for s in r["stages"])
+        lines.append(
+            f"| {users} | certsync peak RSS < 1 GiB | {peak:.0f} MiB | {'yes' if peak < TARGET_RSS_MIB else 'no'} |"
+        )
+    return lines
+
+
+def scaling(all_figures: list[dict[str, Any]]) -> list[str]:
+    if len(all_figures) < 2:
+        return ["Only one size measured."]
+    small, large = all_figures[0], all_figures[-1]
+    lines = [
+        f"Per-item cost at {large['users']:,} over per-item cost at {small['users']:,} (1.00 = linear).",
+        "",
+    ]
+    lines += [
+        "| run | stage | s small | s large | items small | items large | cost ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label in ("first", "steady", "delta"):
+        for a, b in zip(_run(small, label)["stages"], _run(large, label)["stages"], strict=True):
+            ratio = None
+            if a["items"] and b["items"] and a["seconds"] > 0:
+                ratio = (b["seconds"] / b["items"]) / (a["seconds"] / a["items"])
+            lines.append(
+                f"| {label} | {a['stage']} | {a['seconds']:.2f} | {b['seconds']:.2f} | {a['items']:,} | {b['items']:,} | {_n(ratio, 2)} |"
+            )
+    return lines
+
+
+def profiles(all_figures: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for f in all_figures:
+        for run in f["runs"]:
+            for s in run["stages"]:
+                prof = s.get("profile")
+                if not prof or s["seconds"] < 1.0:
+                    continue
+                lines += [
+                    "",
+                    f"{f['users']:,} users, {run['label']} run, **{s['stage']}** ({s['seconds']:.1f} s, {prof[-1]['total_samples']} samples): self time",
+                ]
+                lines += [f"- {p['self']:.0%} {p['function']}" for p in prof[:-1][:8]]
+                lines += [
+                    "  inclusive: "
+                    + "; ".join(f"{fn} {share:.0%}" for fn, share in prof[-1]["top_inclusive"][:8])
+                ]
+    return lines or ["No size was profiled (`--profile SIZE`)."]
+
+
+def write(path: Path, figure_files: list[Path]) -> None:
+    all_figures = [json.loads(p.read_text()) for p in figure_files if p.exists()]
+    all_figures.sort(key=lambda f: f["users"])
+    lines = [
+        "# Benchmark results (`make bench`)",
+        "",
+        f"Written by bench/bench_cycle.py. Machine: {platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}.",
+        "Other work shared this machine: every figure carries the 1-minute load average when it was taken (`load1`), and each ratio compares two figures of the same run. What the columns mean and what the figures say: bench/README.md, section *Whole cycle*.",
+        "",
+        "## Targets",
+        "",
+        *targets(all_figures),
+        "",
+    ]
+    for f in all_figures:
+        lines += [*size_section(f), ""]
+    lines += ["## Scaling", "", *scaling(all_figures), "", "## Profiles (py-spy)", *profiles(all_figures), ""]
+    path.write_text("\n".join(lines))
