@@ -86,23 +86,19 @@ def gone_reasons(conn: Connection) -> dict[uuid.UUID, str]:
 
 
 def save_recipients(conn: Connection, *, run_id: int, recipients: Iterable[Recipient]) -> int:
-    """Replace this run's snapshot of Exchange (other runs keep theirs)."""
-    params = [
-        {**r.__dict__, "uc": list(r.user_certificate), "us": list(r.user_smime_certificate), "run_id": run_id}
-        for r in recipients
-    ]
+    """Replace this run's snapshot of Exchange (other runs keep theirs). COPY, not INSERT: a
+    tenant's whole recipient list is written every run."""
     conn.execute(sa.text("DELETE FROM certsync.exo_recipient WHERE seen_run_id = :r"), {"r": run_id})
-    if params:
-        conn.execute(
-            sa.text(
-                "INSERT INTO certsync.exo_recipient (recipient_id, primary_smtp, recipient_type,"
-                " is_dir_synced, is_cloud_managed, user_certificate, user_smime_certificate, seen_run_id)"
-                " VALUES (:recipient_id, :primary_smtp, :recipient_type, :is_dir_synced, :is_cloud_managed,"
-                " :uc, :us, :run_id)"
-            ),
-            params,
-        )
-    return len(params)
+    return copy_rows(
+        conn,
+        "COPY certsync.exo_recipient (recipient_id, primary_smtp, recipient_type, is_dir_synced,"
+        " is_cloud_managed, user_certificate, user_smime_certificate, seen_run_id) FROM STDIN",
+        (
+            (r.recipient_id, r.primary_smtp, r.recipient_type, r.is_dir_synced, r.is_cloud_managed,
+             list(r.user_certificate), list(r.user_smime_certificate), run_id)
+            for r in recipients
+        ),
+    )  # fmt: skip
 
 
 def purge_old_snapshots(conn: Connection, *, keep_runs: int = 3) -> int:
