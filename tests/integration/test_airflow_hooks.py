@@ -98,10 +98,14 @@ def test_the_connection_form_gets_each_types_fields_and_labels() -> None:
     assert set(ldap.extra_fields) == {
         "base_dn",
         "search_filter",
+        "group_dn",
         "use_ssl",
         "start_tls",
         "ca_file",
+        "allow_plain_bind",
         "page_size",
+        "time_limit_s",
+        "change_tracking",
     }
     assert ldap.extra_fields["page_size"]["value"] == 500
     assert exchange.standard_fields.login.title == "Application (client) ID"
@@ -130,7 +134,10 @@ def test_each_type_tests_true_against_its_real_service(environ, monkeypatch, con
 def test_a_connection_saved_by_the_form_tests_true(environ, monkeypatch) -> None:
     """The form saves every extra field, unset ones as null and the rest with their defaults."""
     saved = _conn(environ, "certsync_ldap")
-    form = {"search_filter": None, "use_ssl": False, "start_tls": False, "ca_file": None, "page_size": 500}
+    form = {
+        "search_filter": None, "group_dn": None, "use_ssl": False, "start_tls": False, "ca_file": None,
+        "allow_plain_bind": True, "page_size": 500, "time_limit_s": 120, "change_tracking": "usn",
+    }  # fmt: skip
     ok, message = _test_in_airflow(
         monkeypatch, dataclasses.replace(saved, extra={**form, "base_dn": saved.extra["base_dn"]})
     )

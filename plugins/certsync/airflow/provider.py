@@ -22,12 +22,24 @@ def _field(label: str, kind: str, description: str, default: Any = None, **schem
 
 
 LDAP_FIELDS = {
-    "base_dn": _field("Base DN", "string", "Users are read below this DN."),
-    "search_filter": _field("Search filter", "string", "LDAP filter for users (default: mail users)."),
+    "base_dn": _field("Base DN", "string", "Users are read below this DN (several: separate with ;)."),
+    "search_filter": _field("Search filter", "string", "Extra LDAP filter, ANDed with the user filter."),
+    "group_dn": _field("Group DN", "string", "Only members of this group (nested groups count)."),
     "use_ssl": _field("Use LDAPS", "boolean", "Connect with TLS from the start (port 636).", False),
     "start_tls": _field("StartTLS", "boolean", "Upgrade a plain LDAP connection with StartTLS.", False),
     "ca_file": _field("CA file", "string", "PEM file of the CAs that issued the DC's certificate."),
-    "page_size": _field("Page size", "integer", "Entries per LDAP page.", 500, minimum=1),
+    "allow_plain_bind": _field(
+        "Allow plain bind", "boolean", "Bind without TLS (the password travels in clear): labs only.", False
+    ),
+    "page_size": _field("Page size", "integer", "Entries per LDAP page.", 500, minimum=1, maximum=1000),
+    "time_limit_s": _field("Time limit (s)", "integer", "Server time limit per search.", 120, minimum=1),
+    "change_tracking": _field(
+        "Change tracking",
+        "string",
+        "How a delta finds changes: uSNChanged or DirSync.",
+        "usn",
+        enum=["usn", "dirsync", None],
+    ),
 }
 
 EXCHANGE_FIELDS = {
