@@ -472,3 +472,21 @@ def test_strict_mode_refuses_shapes_the_module_never_sends(
     assert invoker.post("Set-MailUser", bare).status_code == 200
     item = invoker.post("Get-MailUser", {"Identity": "bulk02"}).json()["value"][0]
     assert item["UserCertificate"] == [{"Data": list(base64.b64decode(CERT_A))}]
+
+
+def test_config_command_sets_the_switchable_unknowns(emulator: EmulatorProcess) -> None:
+    home = str(emulator.home)
+    args = ["config", "--home", home, "--set", "read_value_shape=data_ints", "--set", "strict=false"]
+    result = CliRunner().invoke(
+        emulator_cli, [*args, "--set", "concurrency_status=503", "--set", "read_lag_s=2"]
+    )
+    assert result.exit_code == 0, result.output
+    config = emulator.control.config()
+    assert (config["read_value_shape"], config["strict"], config["concurrency_status"]) == (
+        "data_ints",
+        False,
+        503,
+    )
+    assert config["read_lag_s"] == 2
+    bad = CliRunner().invoke(emulator_cli, ["config", "--home", home, "--set", "read_value_shape=xml"])
+    assert bad.exit_code != 0 and "read_value_shape must be one of" in bad.output

@@ -152,6 +152,13 @@ def dump(home: Path) -> None:
     "--fault", "faults", multiple=True, help="CMDLET:COUNT:STATUS, e.g. Set-Mailbox:3:503 (repeatable)."
 )
 @click.option("--clear-faults", is_flag=True)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    help="KEY=VALUE for any other switch (VALUE as JSON, else text), e.g. read_value_shape=data_ints,"
+    " strict=false, concurrency_status=503, read_lag_s=120, max_values=15 (repeatable).",
+)
 def config(
     home: Path,
     rate: float | None,
@@ -161,8 +168,10 @@ def config(
     jitter_ms: float | None,
     faults: tuple[str, ...],
     clear_faults: bool,
+    settings: tuple[str, ...],
 ) -> None:
-    """Change throttle, latency and faults of the emulator running in HOME; prints the config."""
+    """Change throttle, latency, faults and the switchable unknowns of the emulator running in HOME;
+    prints the config."""
     endpoint = read_endpoint(home)
     if endpoint is None:
         raise click.ClickException("no running emulator announced in this home")
@@ -178,9 +187,23 @@ def config(
         if faults or clear_faults:
             kept = [] if clear_faults else list(control.config()["faults"])
             changes["faults"] = kept + [_parse_fault(text) for text in faults]
-        click.echo(json.dumps(control.set_config(**changes), indent=2))
+        changes.update(_parse_setting(text) for text in settings)
+        try:
+            click.echo(json.dumps(control.set_config(**changes), indent=2))
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     finally:
         control.close()
+
+
+def _parse_setting(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise click.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="--set")
+    try:
+        return key.strip(), json.loads(raw)
+    except ValueError:
+        return key.strip(), raw
 
 
 def _config_changes(
