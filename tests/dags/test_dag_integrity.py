@@ -50,6 +50,8 @@ def test_finish_is_a_teardown_whose_failure_fails_the_run(dagbag: DagBag) -> Non
     assert finish.is_teardown and finish.on_failure_fail_dagrun
     assert dag.get_task("begin").is_setup
     assert {t.task_id for t in finish.upstream_list} == {"begin", "publish"}
+    # Airflow judges a run by its leaves: any task after finish would hide finish's failure.
+    assert finish.downstream_list == [], [t.task_id for t in finish.downstream_list]
 
 
 def test_timeouts_retries_and_the_failure_callback_are_set(dagbag: DagBag) -> None:

@@ -174,6 +174,7 @@ class SchedulerLab:
         self.airflow(
             "backfill", "create", "--dag-id", "certsync", "--from-date", iso(from_date),
             "--to-date", iso(to_date), "--reprocess-behavior", reprocess,
+            timeout=300.0,  # the CLI loads every provider first: minutes on a busy machine
         )  # fmt: skip
 
     def wait_for_backfills(self, *, timeout: float = 60.0) -> None:
