@@ -124,12 +124,15 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def tree_rss_mib(pid: int) -> float:
+def tree_rss_mib(pid: int, *, exclude: frozenset[int] = frozenset()) -> float:
     """Resident MiB of a process and its descendants (validation workers, PostgreSQL backends), read
-    from /proc directly: psutil's children() walks the whole process table on every call."""
+    from /proc directly: psutil's children() walks the whole process table on every call. The
+    subtrees of `exclude` are left out (the services this process started are its children too)."""
     total, todo = 0.0, [pid]
     while todo:
         current = todo.pop()
+        if current in exclude:
+            continue
         try:
             total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_MIB
         except (OSError, IndexError, ValueError):
@@ -163,7 +166,8 @@ class StageSampler:
     def sample(self) -> None:
         peaks = self.peaks.setdefault(self.stage, {})
         for name, pid in self.roots.items():
-            peaks[name] = max(peaks.get(name, 0.0), tree_rss_mib(pid))
+            others = frozenset(p for p in self.roots.values() if p != pid)
+            peaks[name] = max(peaks.get(name, 0.0), tree_rss_mib(pid, exclude=others))
 
 
 @contextmanager

@@ -32,7 +32,8 @@ def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float |
     if name == "validate":
         parse = lim["parse"]
         per_value = parse["seconds"] / max(1, parse["items"])
-        return per_value * stage["items"], f"DER parse, 1 process, {parse['items'] / parse['seconds']:,.0f}/s"
+        rate = parse["items"] / parse["seconds"]
+        return per_value * stage["items"], f"DER parse and field read, 1 process, {rate:,.0f}/s"
     if name == "plan":
         return copy, "COPY out of the rows read + COPY in of the rows written"
     if name == "publish":
