@@ -145,6 +145,8 @@ def test_a_time_boxed_run_defers_the_rest_and_the_next_run_finishes(
         " WHERE s.airflow_run_id = 'budget-boxed' AND kind IN ('add', 'replace', 'remove') ORDER BY action_no"
     ).fetchall()
     assert ("published" in {s for _, s in kinds}) and deferred < len(kinds)
+    send_order = {"add": 0, "replace": 1, "remove": 2}  # additions first, removals last, across batches
+    assert [k for k, _ in kinds] == sorted((k for k, _ in kinds), key=send_order.__getitem__), kinds
     assert _unclosed(db) == 0
     run_all(_services(env), dag_id="budget", airflow_run_id="budget-after-box", logical_date=clock.next())
     assert all(_held(emulator_stack)[i] == baseline[i] for i in drifted)

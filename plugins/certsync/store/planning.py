@@ -143,6 +143,9 @@ def published_owners(conn: Connection) -> dict[str, uuid.UUID]:
     return {r.recipient_id: r.object_guid for r in rows}
 
 
+_SEND_ORDER = {"add": 0, "replace": 1, "remove": 2}
+
+
 def _action_rows(
     run_id: int, plan: Plan, *, first_no: int, batch_size: int, superseded: bool
 ) -> tuple[list[tuple], int]:
@@ -150,7 +153,10 @@ def _action_rows(
     superseded run keeps its plan for the record, with nothing to publish."""
     publishable = 0
     rows = []
-    for action_no, action in enumerate(plan.actions, start=first_no):
+    # Batches go out in number order, so a run cut short by its time box has sent the newly valid
+    # certificates first, then the replacements, and leaves removals (the least urgent) for later.
+    ordered = sorted(plan.actions, key=lambda a: _SEND_ORDER.get(a.kind, len(_SEND_ORDER)))
+    for action_no, action in enumerate(ordered, start=first_no):
         batch = -1
         reason = action.reason
         if action.kind in ("add", "replace", "remove") and not superseded:
