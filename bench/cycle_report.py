@@ -193,12 +193,15 @@ def profiles(all_figures: list[dict[str, Any]]) -> list[str]:
 
 def write(path: Path, figure_files: list[Path]) -> None:
     all_figures = [json.loads(p.read_text()) for p in figure_files if p.exists()]
+    missing = [p.parent.name for p in figure_files if not p.exists()]
     all_figures.sort(key=lambda f: f["users"])
     lines = [
         "# Benchmark results (`make bench`)",
         "",
         f"Written by bench/bench_cycle.py. Machine: {platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}.",
         "Other work shared this machine: every figure carries the 1-minute load average when it was taken (`load1`), and each ratio compares two figures of the same run. What the columns mean and what the figures say: bench/README.md, section *Whole cycle*.",
+        "",
+        *(f"Not measured: {name} (no figures; its lab was never built and measured)." for name in missing),
         "",
         "## Targets",
         "",
