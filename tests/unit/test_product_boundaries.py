@@ -38,3 +38,13 @@ def test_product_module_imports_no_lab_and_no_web_framework(path: Path) -> None:
 def test_only_the_airflow_integration_imports_airflow(path: Path) -> None:
     if "airflow" in _imported_roots(path):
         assert any(path.is_relative_to(folder) for folder in AIRFLOW_ALLOWED)
+
+
+def test_every_product_package_is_in_the_wheel() -> None:
+    """A subpackage missing from pyproject's list installs from a checkout but not from the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    root = REPO / "plugins"
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "certsync").rglob("__init__.py")}
+    assert found - listed == set()
