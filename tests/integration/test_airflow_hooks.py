@@ -170,7 +170,7 @@ WRONG = {
     "ldap wrong password": ("certsync_ldap", {"password": WRONG_SECRET}, "invalidCredentials"),
     "ldap wrong port": ("certsync_ldap", {"port": 1, "password": WRONG_SECRET}, "ldap://127.0.0.1:1"),
     "exchange wrong secret": ("certsync_exchange", {"password": WRONG_SECRET}, "Invalid client secret"),
-    "exchange wrong port": ("certsync_exchange", {"port": 1}, "cannot reach https://127.0.0.1:1"),
+    "exchange wrong port": ("certsync_exchange", {"port": 1}, "no answer from https://127.0.0.1:1"),
     "store wrong port": ("certsync_postgres", {"port": 1, "password": WRONG_SECRET}, "cannot connect"),
     "store unknown login": ("certsync_postgres", {"login": "nobody"}, 'role "nobody" does not exist'),
     "store as the owner": ("certsync_postgres", {"login": "postgres"}, "superuser or the schema's owner"),
@@ -224,6 +224,8 @@ def test_a_run_reads_the_connections_its_params_name(
         conn = _conn(environ, conn_id, conn_id=f"{conn_id}_b")
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}_B", connection_uri(conn))
     monkeypatch.setenv("AIRFLOW_VAR_CERTSYNC_CONFIG", environ["AIRFLOW_VAR_CERTSYNC_CONFIG"])
+    signing = "AIRFLOW_CONN_CERTSYNC_AUDIT_SIGNING"  # the audit key has no param: its id is fixed
+    monkeypatch.setenv(signing, environ[signing])
     conf = {f"{name}_conn_id": f"certsync_{name}_b" for name in ("ldap", "exchange", "postgres")}
     set_calls = _set_calls(emulator_stack)
     run = dag.test(logical_date=lab_at - timedelta(days=41, hours=5), run_conf={**conf, "dry_run": True})

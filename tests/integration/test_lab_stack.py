@@ -242,7 +242,7 @@ def test_down_then_up_keeps_every_port(lab: Lab) -> None:
 
 def test_exec_runs_certsync_against_the_lab(lab: Lab) -> None:
     output = lab.run("exec", "certsync", "run", "--dry-run")
-    assert "Audit chain:" in output
+    assert "Audit log:" in output and "signed rows" in output
 
 
 def test_the_lab_changed_no_folder_it_did_not_create(lab: Lab) -> None:

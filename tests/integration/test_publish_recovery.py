@@ -57,7 +57,16 @@ def env(sync_env: dict[str, str], embedded_pg) -> dict[str, str]:
     from certsync_lab.stack import certsync_database
 
     conn = certsync_database(embedded_pg, DATABASE)
-    return {**sync_env, "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(conn)}
+    # One request in flight: each kill point is a point in one request's life. With several in
+    # flight, which request a hold or fault catches is a race (concurrency: test_publish_budget).
+    exchange = EnvSource(environ=sync_env).connection("certsync_exchange")
+    assert exchange is not None
+    exchange = dataclasses.replace(exchange, extra={**exchange.extra, "max_concurrency": 1})
+    return {
+        **sync_env,
+        "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(conn),
+        "AIRFLOW_CONN_CERTSYNC_EXCHANGE": connection_uri(exchange),
+    }
 
 
 def _services(env: dict[str, str], **config) -> Services:
@@ -250,9 +259,15 @@ def test_killed_between_intent_and_request(env, db, emulator_stack, baseline, cl
     emulator_stack.control.inject_fault(cmdlet="Set-Mailbox", count=1, status=503)
     try:
         worker = _worker(env, key, when)
-        (_seq, identity, _certs), *_ = _wait_for("an open intent", lambda: _open_intents(db), worker=worker)
+        _wait_for("an open intent", lambda: _open_intents(db), worker=worker)
         _kill(worker)
-        _wait_for("the held request to be refused", lambda: _set_calls(emulator_stack), timeout_s=10)
+        # Publishing is concurrent: the held request is the one Exchange refused, whichever intent it has.
+        refused = _wait_for(
+            "the held request to be refused",
+            lambda: [c for c in _set_calls(emulator_stack) if c["status"] == 503],
+            timeout_s=30,
+        )
+        identity = refused[0]["identity"]  # type: ignore[index]
     finally:
         emulator_stack.control.set_config(holds=[], faults=[])
     assert _held(emulator_stack)[identity] != baseline[identity]  # not applied
