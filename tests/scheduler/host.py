@@ -37,7 +37,7 @@ API_PORT = 8080  # the namespace is private: nothing else listens here
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
-USERS = 30
+USERS = 60  # enough users with published certificates for every test to change some (disabled accounts publish none)
 # Small publish batches: a run maps publish over several batches, as a tenant-sized run would.
 PUBLISH_BATCH_SIZE = 4
 
