@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import uuid
@@ -115,3 +116,15 @@ class Invoker:
         return self.session.post(
             url or self.endpoint, json=body, headers=self.headers(cmdlet, **headers), timeout=30
         )
+
+
+def held_certificates(emulator: Any) -> dict[str, tuple[frozenset[bytes], frozenset[bytes]]]:
+    """What Exchange holds: recipient id -> (userCertificate hashes, userSMIMECertificate hashes)."""
+
+    def hashes(values: list[str]) -> frozenset[bytes]:
+        return frozenset(hashlib.sha256(base64.b64decode(v)).digest() for v in values)
+
+    return {
+        r["ExternalDirectoryObjectId"]: (hashes(r["UserCertificate"]), hashes(r["UserSMimeCertificate"]))
+        for r in emulator.control.state()["recipients"]
+    }

@@ -5,14 +5,13 @@ every request is audited (intent and closing row) and Exchange ends holding the 
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
 import time
 from datetime import datetime, timedelta
 
 import psycopg
 import pytest
+from emulator_support import held_certificates
 
 from certsync.config import EnvSource, connection_uri, load_settings
 from certsync.failures import Unavailable
@@ -59,21 +58,11 @@ def db(env, embedded_pg):
         yield conn
 
 
-def _held(emulator) -> dict[str, tuple[frozenset[bytes], frozenset[bytes]]]:
-    def hashes(values: list[str]) -> frozenset[bytes]:
-        return frozenset(hashlib.sha256(base64.b64decode(v)).digest() for v in values)
-
-    return {
-        r["ExternalDirectoryObjectId"]: (hashes(r["UserCertificate"]), hashes(r["UserSMimeCertificate"]))
-        for r in emulator.control.state()["recipients"]
-    }
-
-
 @pytest.fixture(scope="module")
 def baseline(env, emulator_stack, clock, db) -> dict:
     emulator_stack.control.reset_config()
     run_all(_services(env), dag_id="budget", airflow_run_id="budget-baseline", logical_date=clock.next())
-    return _held(emulator_stack)
+    return held_certificates(emulator_stack)
 
 
 def _drift(env, emulator, baseline, count: int) -> list[str]:
@@ -121,7 +110,7 @@ def test_exchange_down_stops_the_batch_at_once_and_the_retry_resumes(
     assert took < 60, took
     assert _unclosed(db) == 0
     run_all(_services(env), dag_id="budget", airflow_run_id="budget-after-down", logical_date=clock.next())
-    assert all(_held(emulator_stack)[i] == baseline[i] for i in drifted)
+    assert all(held_certificates(emulator_stack)[i] == baseline[i] for i in drifted)
 
 
 def test_a_time_boxed_run_defers_the_rest_and_the_next_run_finishes(
@@ -149,4 +138,4 @@ def test_a_time_boxed_run_defers_the_rest_and_the_next_run_finishes(
     assert [k for k, _ in kinds] == sorted((k for k, _ in kinds), key=send_order.__getitem__), kinds
     assert _unclosed(db) == 0
     run_all(_services(env), dag_id="budget", airflow_run_id="budget-after-box", logical_date=clock.next())
-    assert all(_held(emulator_stack)[i] == baseline[i] for i in drifted)
+    assert all(held_certificates(emulator_stack)[i] == baseline[i] for i in drifted)

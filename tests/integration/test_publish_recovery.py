@@ -14,9 +14,7 @@ and Exchange holds what a clean run left there (the valid certificates).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -29,6 +27,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
+from emulator_support import held_certificates
 
 from certsync.config import EnvSource, connection_uri, load_settings
 from certsync.pipeline import Services, run_all
@@ -97,25 +96,13 @@ def clock(lab_at) -> Clock:
     return Clock(lab_at + timedelta(hours=1))  # inside the CRLs' validity
 
 
-def _held(emulator) -> dict[str, tuple[frozenset[bytes], frozenset[bytes]]]:
-    """What Exchange holds: recipient id -> (userCertificate hashes, userSMIMECertificate hashes)."""
-
-    def hashes(values: list[str]) -> frozenset[bytes]:
-        return frozenset(hashlib.sha256(base64.b64decode(v)).digest() for v in values)
-
-    return {
-        r["ExternalDirectoryObjectId"]: (hashes(r["UserCertificate"]), hashes(r["UserSMimeCertificate"]))
-        for r in emulator.control.state()["recipients"]
-    }
-
-
 @pytest.fixture(scope="module")
 def baseline(env, emulator_stack, clock, db) -> dict:
     """A clean run first: what Exchange holds afterwards is the valid certificates (the oracle)."""
     emulator_stack.control.reset_config()
     run_all(_services(env), dag_id="recovery", airflow_run_id="baseline", logical_date=clock.next())
     assert not _open_intents(db)
-    return _held(emulator_stack)
+    return held_certificates(emulator_stack)
 
 
 def _drift(env, emulator, baseline, count: int = DRIFTED) -> list[str]:
@@ -167,7 +154,7 @@ def _check_recovered(db, emulator, baseline, drifted: list[str]) -> list[dict]:
         applied = [i for i, c in enumerate(sent) if c["status"] == 200]
         assert len(applied) == 1 and applied[0] == len(sent) - 1, (identity, sent)  # nothing after it
     assert {c["identity"] for c in calls} <= set(drifted)
-    assert _held(emulator) == baseline
+    assert held_certificates(emulator) == baseline
     return calls
 
 
@@ -270,7 +257,7 @@ def test_killed_between_intent_and_request(env, db, emulator_stack, baseline, cl
         identity = refused[0]["identity"]  # type: ignore[index]
     finally:
         emulator_stack.control.set_config(holds=[], faults=[])
-    assert _held(emulator_stack)[identity] != baseline[identity]  # not applied
+    assert held_certificates(emulator_stack)[identity] != baseline[identity]  # not applied
     _resume(env, key, when)
     calls = _check_recovered(db, emulator_stack, baseline, drifted)
     assert [c["status"] for c in calls if c["identity"] == identity] == [503, 200]
@@ -285,7 +272,9 @@ def test_killed_after_exchange_applied_before_the_outcome(env, db, emulator_stac
     try:
         worker = _worker(env, key, when)
         (_seq, identity, _certs), *_ = _wait_for("an open intent", lambda: _open_intents(db), worker=worker)
-        _wait_for("Exchange to apply it", lambda: _held(emulator_stack)[identity] == baseline[identity])
+        _wait_for(
+            "Exchange to apply it", lambda: held_certificates(emulator_stack)[identity] == baseline[identity]
+        )
         _kill(worker)
         assert _open_intents(db)  # applied in Exchange, no outcome recorded
         _wait_for("the held answer", lambda: _set_calls(emulator_stack), timeout_s=15)
