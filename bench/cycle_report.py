@@ -9,6 +9,8 @@ from typing import Any
 
 import psutil
 
+REPO = Path(__file__).resolve().parents[1]
+
 TARGET_FULL_S = 90.0
 TARGET_DELTA_S = 15.0
 TARGET_RATIO = 0.5
@@ -211,4 +213,5 @@ def write(path: Path, figure_files: list[Path]) -> None:
     for f in all_figures:
         lines += [*size_section(f), ""]
     lines += ["## Scaling", "", *scaling(all_figures), "", "## Profiles (py-spy)", *profiles(all_figures), ""]
-    path.write_text("\n".join(lines))
+    # Profiles name processes by their command lines: paths shown relative to the checkout.
+    path.write_text("\n".join(lines).replace(f"{REPO}/", ""))
