@@ -128,3 +128,15 @@ def held_certificates(emulator: Any) -> dict[str, tuple[frozenset[bytes], frozen
         r["ExternalDirectoryObjectId"]: (hashes(r["UserCertificate"]), hashes(r["UserSMimeCertificate"]))
         for r in emulator.control.state()["recipients"]
     }
+
+
+class Clock:
+    """Logical dates for a module's runs, each one minute after the previous (an older run than one
+    that already planned would be superseded)."""
+
+    def __init__(self, start: dt.datetime) -> None:
+        self.now = start
+
+    def next(self) -> dt.datetime:
+        self.now += dt.timedelta(minutes=1)
+        return self.now

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import psycopg
 import pytest
-from emulator_support import held_certificates
+from emulator_support import Clock, held_certificates
 
 from certsync.config import EnvSource, connection_uri, load_settings
 from certsync.failures import Unavailable
@@ -36,15 +36,6 @@ def _services(env: dict[str, str], **config) -> Services:
     settings = load_settings(EnvSource(environ=env))
     exchange = dataclasses.replace(settings.exchange, timeout_s=5.0, max_concurrency=2, breaker_threshold=3)
     return Services(settings=dataclasses.replace(settings, exchange=exchange, **config))
-
-
-class Clock:
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-
-    def next(self) -> datetime:
-        self.now += timedelta(minutes=1)
-        return self.now
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
-from emulator_support import held_certificates
+from emulator_support import Clock, held_certificates
 
 from certsync.config import EnvSource, connection_uri, load_settings
 from certsync.pipeline import Services, run_all
@@ -78,17 +78,6 @@ def _services(env: dict[str, str], **config) -> Services:
 def db(env, embedded_pg) -> Iterator[psycopg.Connection]:
     with psycopg.connect(embedded_pg.dsn_for(DATABASE), autocommit=True) as conn:
         yield conn
-
-
-class Clock:
-    """Each run of this module one minute after the previous one (older runs are superseded)."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-
-    def next(self) -> datetime:
-        self.now += timedelta(minutes=1)
-        return self.now
 
 
 @pytest.fixture(scope="module")
