@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -351,6 +352,28 @@ def test_fault_injection_by_cmdlet(emulator: EmulatorProcess, invoker: Invoker) 
     given = invoker.post("Get-Recipient", {"ResultSize": 1})
     assert given.status_code == 400
     assert "DataValidationException|Injected validation failure." in _detail(given)
+
+
+def test_a_held_call_is_the_one_refused_while_others_pass(
+    emulator: EmulatorProcess, invoker: Invoker
+) -> None:
+    emulator.control.hold(cmdlet="Get-MailUser", count=1, before_ms=1500, then_status=503)
+    results: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def call(identity: str) -> None:
+        response = invoker.post("Get-MailUser", {"Identity": identity})
+        with lock:
+            results[identity] = response.status_code
+
+    held = threading.Thread(target=call, args=("bulk00",))
+    held.start()
+    while emulator.control.config()["holds"][0]["count"]:
+        time.sleep(0.05)  # until the first call has taken the hold
+    call("bulk01")  # a concurrent call meanwhile goes through
+    held.join()
+    assert results == {"bulk00": 503, "bulk01": 200}
+    assert [e["identity"] for e in emulator.control.requests()][-2:] == ["bulk01", "bulk00"]
 
 
 def test_request_log(emulator: EmulatorProcess, invoker: Invoker) -> None:

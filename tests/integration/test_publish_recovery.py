@@ -231,8 +231,7 @@ def test_killed_between_intent_and_request(env, db, emulator_stack, baseline, cl
     drifted = _drift(env, emulator_stack, baseline)
     when, key = clock.next(), f"between-{uuid.uuid4()}"
     # The first Set-Mailbox is held 5 s, then refused: the worker dies before Exchange applies anything.
-    emulator_stack.control.hold(cmdlet="Set-Mailbox", count=1, before_ms=5000)
-    emulator_stack.control.inject_fault(cmdlet="Set-Mailbox", count=1, status=503)
+    emulator_stack.control.hold(cmdlet="Set-Mailbox", count=1, before_ms=5000, then_status=503)
     try:
         worker = _worker(env, key, when)
         _wait_for("an open intent", lambda: _open_intents(db), worker=worker)

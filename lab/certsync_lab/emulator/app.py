@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from certsync_lab.emulator.cmdlets import MAX_PAGE_SIZE, CmdletRunner, PageRequest
-from certsync_lab.emulator.controls import AUTH_ENDPOINT_TARGET, Controls
+from certsync_lab.emulator.controls import AUTH_ENDPOINT_TARGET, Controls, FaultRule
 from certsync_lab.emulator.errors import CmdletError, aadsts
 from certsync_lab.emulator.requestlog import RequestEntry, RequestLog
 from certsync_lab.emulator.state import StateStore
@@ -261,7 +261,10 @@ async def _admitted(emulator: Emulator, request: Request, call: _Call) -> tuple[
     hold = emulator.controls.take_hold(call.cmdlet)
     if hold is not None and hold.before_ms > 0:
         await asyncio.sleep(hold.before_ms / 1000.0)
-    fault = emulator.controls.take_fault(call.cmdlet)
+    if hold is not None and hold.then_status is not None:
+        fault: FaultRule | None = FaultRule(cmdlet=call.cmdlet, count=1, status=hold.then_status)
+    else:
+        fault = emulator.controls.take_fault(call.cmdlet)
     if fault is not None:
         return _fault_response(fault, rate_headers), f"Fault{fault.status}"
     response, outcome = _run_cmdlet(emulator, request, call)

@@ -77,9 +77,17 @@ class EmulatorControl:
         return self.set_config(faults=faults)
 
     def hold(
-        self, *, cmdlet: str, count: int, before_ms: float = 0.0, after_ms: float = 0.0
+        self,
+        *,
+        cmdlet: str,
+        count: int,
+        before_ms: float = 0.0,
+        after_ms: float = 0.0,
+        then_status: int | None = None,
     ) -> dict[str, Any]:
-        """Hold the next `count` calls of `cmdlet` before and/or after the cmdlet runs."""
+        """Hold the next `count` calls of `cmdlet` before and/or after the cmdlet runs; with
+        `then_status`, refuse each held call after `before_ms` instead of running it."""
         holds = list(self.config()["holds"])
-        holds.append({"cmdlet": cmdlet, "count": count, "before_ms": before_ms, "after_ms": after_ms})
+        rule = {"cmdlet": cmdlet, "count": count, "before_ms": before_ms, "after_ms": after_ms}
+        holds.append({**rule, "then_status": then_status})
         return self.set_config(holds=holds)

@@ -42,12 +42,15 @@ class FaultRule:
 class HoldRule:
     """Hold the next ``count`` requests for ``cmdlet`` ("*" = any): ``before_ms`` before the cmdlet
     runs (a fault answered then leaves nothing applied) and ``after_ms`` after it ran, i.e. applied
-    but not yet answered: the window in which a client times out or dies without knowing."""
+    but not yet answered: the window in which a client times out or dies without knowing.
+    ``then_status`` refuses the held request itself after ``before_ms`` (nothing applied): a separate
+    fault rule would go to whichever concurrent request reaches it first, not the held one."""
 
     cmdlet: str
     count: int
     before_ms: float = 0.0
     after_ms: float = 0.0
+    then_status: int | None = None
 
     def matches(self, cmdlet: str) -> bool:
         return self.count > 0 and self.cmdlet in ("*", cmdlet)
@@ -218,3 +221,5 @@ def _validate(config: EmulatorConfig) -> None:
     for hold in config.holds:
         if hold.count < 0 or hold.before_ms < 0 or hold.after_ms < 0:
             raise ValueError("hold count, before_ms and after_ms must not be negative")
+        if hold.then_status is not None and not 400 <= hold.then_status <= 599:
+            raise ValueError(f"hold then_status must be an HTTP error status, got {hold.then_status}")
