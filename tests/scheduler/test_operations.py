@@ -81,11 +81,32 @@ def test_clearing_a_successful_run_changes_nothing_twice(synced_lab: SchedulerLa
     assert lab.disagreements(record["run_id"]) == []
 
 
-def _wait_for_write(lab: SchedulerLab, since: int, timeout: float = 60.0) -> None:
+def _publish_with_a_request_in_flight(lab: SchedulerLab, run_id: str, timeout: float = 60.0) -> dict:
+    """The running publish task instance that has committed an intent whose Set-* is not answered yet.
+
+    Each mapped publish sends its batch concurrently, so a batch can be finished by the time its
+    first answer shows in the emulator's log; an open intent under slow writes is still in flight.
+    """
     deadline = time.monotonic() + timeout
-    while not lab.writes(since):
-        assert time.monotonic() < deadline, "publish sent no Set-* in time"
+    while time.monotonic() < deadline:
+        record = lab.sync_run(run_id)
+        batches = lab.query(
+            "SELECT p.batch FROM certsync.audit_log i JOIN certsync.planned_action p"
+            " ON p.run_id = i.run_id AND p.action_no = i.action_no"
+            " WHERE i.run_id = %s AND i.phase = 'intent'"
+            " AND NOT EXISTS (SELECT 1 FROM certsync.audit_log c WHERE c.intent_seq = i.seq)",
+            (record["run_id"] if record else -1,),
+        )
+        running = {
+            t["map_index"]: t
+            for t in lab.task_instances(run_id)
+            if t["task_id"] == "publish" and t["state"] == "running"
+        }
+        for (batch,) in batches:
+            if batch in running:
+                return running[batch]
         time.sleep(0.2)
+    raise AssertionError(f"no publish had a request in flight: {lab.describe_tasks(run_id)}")
 
 
 def _wait_for_loss(lab: SchedulerLab, run_id: str, killed: dict[str, Any], timeout: float = 60.0) -> str:
@@ -111,12 +132,12 @@ def test_worker_killed_during_publish_then_cleared_publishes_every_change_once(
     lab = synced_lab
     lab.drop_certificates(6)
     since = len(lab.requests())
-    # Slow writes keep publish busy long enough to kill it between (or during) its requests.
-    lab.set_emulator(latency_ms=1500)
+    # Slow writes keep a request in flight long enough to kill its publish after the intent committed.
+    lab.set_emulator(latency_ms=4000)
     at = now()
     run_id = lab.trigger(logical_date=at)
-    publish = lab.wait_for_task(run_id, "publish", {"running"}, timeout=RUN_TIMEOUT_S)
-    _wait_for_write(lab, since)
+    lab.wait_for_task(run_id, "publish", {"running"}, timeout=RUN_TIMEOUT_S)
+    publish = _publish_with_a_request_in_flight(lab, run_id)
     lab.kill_task_process(publish["id"])
     _wait_for_loss(lab, run_id, publish)
     lab.reset_emulator()
