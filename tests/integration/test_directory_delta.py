@@ -362,3 +362,34 @@ def test_hostile_values_are_kept_as_data_and_the_read_goes_on(samba_dc, ous, eng
         ("None", 0),
         ("o'hara+tag@corp.example.test", 401),
     ]
+
+
+def test_raw_decoding_reads_what_ldap3_reads_ranges_included(samba_dc, ous, ldap) -> None:
+    """The reader decodes entries to raw values only; every user it reads, and a ranged read that
+    ldap3 completes page by page, match ldap3's own decoding of the same search."""
+    ou = f"OU=delta-decoding,{samba_dc.base_dn}"
+    assert ldap.add(ou, "organizationalUnit") or ldap.result["result"] == 68
+    dn = _add(ldap, ou, "ranged")
+    proxies = [f"smtp:alias{i}@corp.example.test".encode() for i in range(7)]
+    assert ldap.modify(dn, {"proxyAddresses": [(ldap3.MODIFY_REPLACE, proxies)]}), ldap.result
+    settings = _settings(samba_dc, ous, base_dn=f"{ous['a']};{ou}", group_dn=None)
+    reader = DirectoryReader(settings=settings)
+    own = {u.object_guid: u for u in reader.iter_users()}
+    assert own, "the scope holds users"
+    plain = ldap3.Connection(ldap.server, user=settings.bind_dn, password=settings.password, auto_bind=True)
+    try:
+        theirs = {u.object_guid: u for u in reader.iter_users(plain)}
+        assert own == theirs
+        assert sorted(own[_guid(ldap, dn)].proxy_addresses) == sorted(p.decode() for p in proxies)
+        one = ldap3.Connection(plain.server, user=settings.bind_dn, password=settings.password,
+                               auto_bind=True, auto_range=False, return_empty_attributes=False)  # fmt: skip
+        one.search(dn, "(objectClass=*)", ldap3.BASE, attributes=["proxyAddresses;range=0-2"])
+        assert list(one.response[0]["raw_attributes"]) == ["proxyAddresses;range=0-2"]  # that range only
+        one.unbind()
+        with reader.session() as lean:
+            for conn in (lean, plain):  # and ldap3 asks for the rest
+                conn.search(dn, "(objectClass=*)", ldap3.BASE, attributes=["proxyAddresses;range=0-2"])
+                raw = conn.response[0]["raw_attributes"]
+                assert sorted(bytes(v) for v in raw["proxyAddresses"]) == sorted(proxies), raw.keys()
+    finally:
+        plain.unbind()

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import ldap3
 from ldap3.core.exceptions import LDAPException, LDAPTimeLimitExceededResult
 
+from certsync.directory.decoding import decode_entries_raw
 from certsync.directory.entries import ATTRIBUTES, DirectoryUser, clean, guid_filter, guid_of, to_user
 from certsync.directory.settings import USER_FILTER, DirectorySettings
 
@@ -89,7 +90,7 @@ class DirectoryReader:
             raise DirectoryError(
                 f"cannot bind to {s.url} as {s.bind_dn}: {type(exc).__name__}: {exc}"
             ) from None
-        return conn
+        return decode_entries_raw(conn)
 
     @contextmanager
     def session(self) -> Iterator[ldap3.Connection]:
