@@ -14,7 +14,7 @@ hash-chained, append-only audit log in Postgres.
 | `plan` | desired (valid, at most 15, newest first) vs what Exchange holds -> actions |
 | `publish` | sends each batch of actions with Set-Mailbox / Set-MailUser / Set-MailContact |
 | `finish` | (teardown) closes the run, fails when any action failed or stayed pending, and emits the `certsync://published` asset event when something was published |
-| `verify_audit` | beside `finish`: recomputes every audit row's hash and signature and checks them against the signed checkpoints |
+| `verify_audit` | beside `finish`: recomputes the hash and signature of every audit row since its last signed verification mark (every row with `full_audit_verify`, or when the last full check is older than `audit_full_verify_days`) and checks them against the signed checkpoints |
 
 **Params**
 
@@ -22,6 +22,7 @@ hash-chained, append-only audit log in Postgres.
 |---|---|---|
 | `dry_run` | `false` | plan, but publish nothing |
 | `allow_mass_removal` | `false` | ignore the removal threshold for this run (recorded with the run) |
+| `full_audit_verify` | `false` | `verify_audit` checks the whole audit log, not only the rows since its last verification |
 | `extract_mode` | `delta` | `delta` reads what changed since the last run's watermark (full when there is none usable, or the last full read is older than `full_read_every_hours`); `full` reads the whole scope |
 | `ldap_conn_id` | `certsync_ldap` | the directory's connection (type *certsync: Active Directory*) |
 | `exchange_conn_id` | `certsync_exchange` | the tenant's connection (type *certsync: Exchange Online*) |
@@ -92,6 +93,11 @@ def _conn_ids() -> dict[str, str]:
     params={
         "dry_run": Param(False, type="boolean", description="Plan, but publish nothing."),
         "allow_mass_removal": Param(False, type="boolean", description="Ignore the removal threshold once."),
+        "full_audit_verify": Param(
+            False,
+            type="boolean",
+            description="verify_audit checks the whole audit log, not only what is new.",
+        ),
         "extract_mode": Param(
             "delta",
             enum=["delta", "full"],
@@ -175,11 +181,12 @@ def certsync():
 
     @task(trigger_rule="all_done", execution_timeout=timedelta(hours=1))
     def verify_audit() -> dict:
-        """Verify every audit row's hash and signature against the signed checkpoints (fails naming the first bad row)."""
+        """Verify the audit rows since the last verification (all with full_audit_verify) against the signed checkpoints (fails naming the first bad row)."""
         from certsync import pipeline
         from certsync.airflow.adapter import run_stage
 
-        return run_stage(pipeline.verify_audit, conn_ids=_conn_ids())
+        full = bool(get_current_context()["params"]["full_audit_verify"])
+        return run_stage(pipeline.verify_audit, conn_ids=_conn_ids(), full=full)
 
     sync_run = begin()
     extracted = extract(sync_run)

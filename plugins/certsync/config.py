@@ -60,6 +60,7 @@ CONFIG_KEYS = (
     "run_lock_wait_s",
     "publish_time_box_s",
     "audit_checkpoint_dir",
+    "audit_full_verify_days",
     "retention_days",
     "full_read_every_hours",
     "disabled_accounts",
@@ -227,6 +228,9 @@ class SyncSettings:
     audit_signer: AuditSigner | None = field(default=None, repr=False)
     # Where each run appends its signed audit checkpoint (checkpoints.jsonl); None: only the run's summary.
     audit_checkpoint_dir: Path | None = None
+    # verify_audit checks only the rows since its last signed verification mark, and the whole log
+    # when the last full check is older than this many days (0: only when asked).
+    audit_full_verify_days: int = 7
     # Days the per-run working tables (staging, value results, plans, snapshots) are kept; 0: forever.
     retention_days: int = 90
     # A delta run reads everything when the last full read is older than this (None: never).
@@ -462,6 +466,7 @@ def load_settings(
         publish_time_box_s=_int_setting(where, config, "publish_time_box_s", 0, minimum=0),
         audit_signer=audit_signer(source.connection(AUDIT_SIGNING_CONN_ID)),  # the key is checked at begin
         audit_checkpoint_dir=_optional_path(config, "audit_checkpoint_dir", where=where),
+        audit_full_verify_days=_int_setting(where, config, "audit_full_verify_days", 7, minimum=0),
         retention_days=_int_setting(where, config, "retention_days", 90, minimum=0),
         full_read_every=_hours(where, config, "full_read_every_hours", 24),
         disabled_accounts=_choice(where, config, "disabled_accounts", ACCOUNT_POLICIES),

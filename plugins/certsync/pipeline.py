@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from certsync import audit, publisher
 from certsync.audit import checkpoints
+from certsync.audit import partitions as audit_partitions
 from certsync.audit import writer as audit_writer
 from certsync.audit.signing import AUDIT_SIGNING_CONN_ID
 from certsync.certificates.parallel import validate_many
@@ -153,6 +154,8 @@ def begin(
     slot for it until its finish. While another live run holds the slot, wait up to `wait_s`
     seconds, then raise RunBusy naming the holder (nothing of this run is kept then)."""
     fingerprint = preflight(services)
+    # This month's and next month's audit partitions exist before any row of this run arrives.
+    audit_partitions.ensure(services.engine)
     record = record or runs.RunRecord(allow_mass_removal=False)
     deadline, logged = time.monotonic() + wait_s, False
     while True:
@@ -433,9 +436,11 @@ def _checkpoint(services: Services, conn: Any, *, run_id: int) -> dict[str, Any]
     return checkpoint.to_json()
 
 
-def verify_audit(services: Services) -> dict[str, Any]:
-    """Verify the whole audit log after a run (every hash and signature, in Python) against the
-    signed checkpoints kept outside the database; fails (RunFailed) naming the first bad row."""
+def verify_audit(services: Services, *, full: bool = False) -> dict[str, Any]:
+    """Verify the audit log after a run (every hash and signature, in Python) against the signed
+    checkpoints kept outside the database: the rows since the last signed verification mark, or
+    all of them when `full` (or the last full check is older than audit_full_verify_days); fails
+    (RunFailed) naming the first bad row."""
     from certsync.audit.selfcheck import AuditBroken, after_run
 
     signer = services.settings.audit_signer
@@ -446,10 +451,13 @@ def verify_audit(services: Services) -> dict[str, Any]:
             services.engine,
             signer=signer,
             directory=services.settings.audit_checkpoint_dir,
+            full=full,
+            full_every_days=services.settings.audit_full_verify_days,
         )
     except AuditBroken as exc:
         raise RunFailed(str(exc)) from None
     return {
+        "mode": "incremental" if report.resumed else "full",
         "rows": report.rows,
         "head": report.last_seq,
         "checkpoint": report.checkpoint.seq if report.checkpoint else None,

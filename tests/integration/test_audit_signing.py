@@ -417,15 +417,20 @@ def test_rows_from_before_signing_are_recomputed_in_python_and_covered_by_the_fi
 
 
 def test_a_cut_at_a_checkpoint_keeps_what_remains_verifiable(history) -> None:
-    """Old rows dropped (as a detached partition would be): the checkpoint signed at the cut carries
-    verification of the rest; without it the missing head is named."""
+    """Old rows dropped (as a detached partition would be): the cut signed at the last row taken out
+    carries verification of the rest; without it (or with only a run's checkpoint there) the missing
+    head is named."""
     cut = ROWS_PER_KEY  # inside the first key's rows
     with history["owner"].connect() as conn:
         at_cut = conn.execute(
             sa.text("SELECT row_hash FROM certsync.audit_log WHERE seq = :s"), {"s": cut}
         ).scalar()
         conn.rollback()
-    carried = checkpoints.sign(seq=cut, head=bytes(at_cut), at=datetime.now(UTC), key=FIRST)
+    carried = checkpoints.sign(
+        seq=cut, head=bytes(at_cut), at=datetime.now(UTC), key=FIRST, kind=checkpoints.CUT,
+        first_seq=1, first_prev=b"", active_key=FIRST.key_id, label="test",
+    )  # fmt: skip
+    plain = checkpoints.sign(seq=cut, head=bytes(at_cut), at=datetime.now(UTC), key=FIRST)
     with history["owner"].connect() as conn:
         conn.begin()
         conn.execute(sa.text("ALTER TABLE certsync.audit_log DISABLE TRIGGER USER"))
@@ -436,7 +441,10 @@ def test_a_cut_at_a_checkpoint_keeps_what_remains_verifiable(history) -> None:
         conn.execute(sa.text("ALTER TABLE certsync.audit_log DISABLE TRIGGER USER"))
         conn.execute(sa.text("DELETE FROM certsync.audit_log WHERE seq <= :s"), {"s": cut})
         bare = _verify(conn, history)
+        run_checkpoint_only = _verify(conn, history, checkpoints=[plain, history["checkpoint"]])
         conn.rollback()
     assert kept.intact, kept.problems
     assert kept.first_seq == cut + 1
     assert _first(bare) == (cut + 1, "deleted")
+    # A run's checkpoint is no cut: rows deleted up to it are still named.
+    assert _first(run_checkpoint_only) == (cut + 1, "deleted")

@@ -3,8 +3,16 @@ kept outside the database, so that a cut tail or a history rewritten from scratc
 
 After every run one checkpoint is appended to `checkpoints.jsonl` in the directory named by
 certsync_config's `audit_checkpoint_dir` (one JSON object a line, never rewritten) and put into the
-run's summary and its Asset event. A checkpoint at the first row kept also carries verification
-across a cut when old audit partitions are dropped.
+run's summary and its Asset event.
+
+Two more kinds of signed statement share the format, each with a few more signed fields:
+  cut       written by `certsync audit detach` at the last row of each month it takes out: the
+            month's first row (`first_seq`) and that row's link (`first_prev`), the key in force at
+            the cut (`active_key`) and the month (`label`). Rows missing before the first row kept
+            are accepted only when a cut at the row before says so; the cut at a month's end and the
+            one before it let the month's export verify on its own.
+  verified  written by the verify_audit task at the head it verified, with the key in force there:
+            where the next run's incremental verification resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from certsync.audit import encoding
 from certsync.audit.signing import SigningKey, verifies
 
 FILE_NAME = "checkpoints.jsonl"
+CHECKPOINT, CUT, VERIFIED = "checkpoint", "cut", "verified"
+KINDS = (CHECKPOINT, CUT, VERIFIED)
 
 
 class CheckpointError(ValueError):
@@ -38,14 +48,30 @@ class Checkpoint:
     key_id: str
     signature: bytes
     run_id: int | None = None  # informative, not signed
+    kind: str = CHECKPOINT
+    # Signed for cuts and verification marks only (see the module's doc).
+    first_seq: int | None = None
+    first_prev: bytes | None = None
+    active_key: str | None = None
+    label: str | None = None
 
     def message(self) -> bytes:
-        return encoding.encode_checkpoint(
-            {"seq": self.seq, "head": self.head, "at": self.at, "key_id": self.key_id}
+        values = {"seq": self.seq, "head": self.head, "at": self.at, "key_id": self.key_id}
+        if self.kind == CHECKPOINT:
+            return encoding.encode_checkpoint(values)
+        return encoding.encode_seal(
+            {
+                **values,
+                "kind": self.kind,
+                "first_seq": self.first_seq,
+                "first_prev": self.first_prev,
+                "active_key": self.active_key,
+                "label": self.label,
+            }
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "seq": self.seq,
             "head": self.head.hex(),
             "at": self.at.isoformat(),
@@ -53,6 +79,15 @@ class Checkpoint:
             "signature": base64.b64encode(self.signature).decode(),
             "run_id": self.run_id,
         }
+        if self.kind != CHECKPOINT:
+            data.update(
+                kind=self.kind,
+                first_seq=self.first_seq,
+                first_prev=None if self.first_prev is None else self.first_prev.hex(),
+                active_key=self.active_key,
+                label=self.label,
+            )
+        return data
 
     @classmethod
     def from_json(cls, data: Any, *, where: str) -> Checkpoint:
@@ -60,7 +95,16 @@ class Checkpoint:
             at = datetime.fromisoformat(data["at"])
             if at.tzinfo is None:
                 raise ValueError("a checkpoint's time has a time zone")
+            kind = str(data.get("kind", CHECKPOINT))
+            if kind not in KINDS:
+                raise ValueError(f"unknown kind {kind!r}")
+            first_prev = data.get("first_prev")
             return cls(
+                kind=kind,
+                first_seq=None if data.get("first_seq") is None else int(data["first_seq"]),
+                first_prev=None if first_prev is None else bytes.fromhex(first_prev),
+                active_key=data.get("active_key"),
+                label=data.get("label"),
                 seq=int(data["seq"]),
                 head=bytes.fromhex(data["head"]),
                 at=at,
@@ -81,8 +125,13 @@ class Checkpoint:
             raise CheckpointError(f"{where}: its signature does not verify (altered or forged checkpoint)")
 
 
-def sign(*, seq: int, head: bytes, at: datetime, key: SigningKey, run_id: int | None = None) -> Checkpoint:
-    unsigned = Checkpoint(seq=seq, head=head, at=at, key_id=key.key_id, signature=b"", run_id=run_id)
+def sign(
+    *, seq: int, head: bytes, at: datetime, key: SigningKey, run_id: int | None = None, **signed: Any
+) -> Checkpoint:
+    """A signed checkpoint; `signed` holds the kind and the fields of a cut or verification mark."""
+    unsigned = Checkpoint(
+        seq=seq, head=head, at=at, key_id=key.key_id, signature=b"", run_id=run_id, **signed
+    )
     return Checkpoint(**{**unsigned.__dict__, "signature": key.sign(unsigned.message())})
 
 

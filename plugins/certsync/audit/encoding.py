@@ -22,6 +22,7 @@ from typing import Any
 
 ROW_TAG = b"certsync.audit.row.v1\n"
 CHECKPOINT_TAG = b"certsync.audit.checkpoint.v1\n"
+SEAL_TAG = b"certsync.audit.seal.v1\n"  # cuts and verification marks: a checkpoint with more fields
 ROW_SIGNATURE_TAG = b"certsync.audit.row-signature.v1\n"
 ENDORSEMENT_TAG = b"certsync.audit.key-endorsement.v1\n"
 
@@ -71,6 +72,15 @@ CHECKPOINT_FIELDS: tuple[tuple[str, str], ...] = (
     ("head", BYTES),
     ("at", TIME),
     ("key_id", TEXT),
+)
+
+SEAL_FIELDS: tuple[tuple[str, str], ...] = (
+    ("kind", TEXT),
+    *CHECKPOINT_FIELDS,
+    ("first_seq", INT),
+    ("first_prev", BYTES),
+    ("active_key", TEXT),
+    ("label", TEXT),
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -147,6 +157,10 @@ def endorsement_message(digest: bytes) -> bytes:
 
 def encode_checkpoint(values: Mapping[str, Any]) -> bytes:
     return encode(CHECKPOINT_TAG, CHECKPOINT_FIELDS, values)
+
+
+def encode_seal(values: Mapping[str, Any]) -> bytes:
+    return encode(SEAL_TAG, SEAL_FIELDS, values)
 
 
 # ---------------------------------------------------------------- rows from before signing

@@ -20,8 +20,8 @@ EXPORT_VERSION = 1
 # Only pg_catalog resolves names in the reading session: nobody's operator or function in another
 # schema stands in for the built-in ones.
 SAFE_PATH = sa.text("SET LOCAL search_path = pg_catalog, pg_temp")
-SELECT = sa.text(
-    f"SELECT {', '.join(encoding.COLUMNS)} FROM certsync.audit_log"  # noqa: S608 - fixed column names
+SELECT = (
+    f"SELECT {', '.join(encoding.COLUMNS)} FROM certsync.{{table}}"  # noqa: S608 - fixed column names
     " WHERE seq > :after ORDER BY seq"
 )
 
@@ -30,13 +30,20 @@ class ExportError(ValueError):
     """An export file cannot be read as one."""
 
 
-def db_rows(conn: Connection, *, after: int = 0, batch: int = 10_000) -> Iterator[dict[str, Any]]:
-    """Rows in sequence order, streamed (a server-side cursor, `batch` rows at a time)."""
+def db_rows(
+    conn: Connection, *, after: int = 0, batch: int = 10_000, table: str = "audit_log"
+) -> Iterator[dict[str, Any]]:
+    """Rows in sequence order, streamed (a server-side cursor, `batch` rows at a time); `table` is
+    the audit log or one of its month partitions (detached or not)."""
+    if not table.replace("_", "").isalnum():
+        raise ValueError(f"not an audit table name: {table!r}")
     if not conn.in_transaction():
         conn.begin()
     conn.execute(SAFE_PATH)
     result = conn.execute(
-        SELECT, {"after": after}, execution_options={"stream_results": True, "yield_per": batch}
+        sa.text(SELECT.format(table=table)),
+        {"after": after},
+        execution_options={"stream_results": True, "yield_per": batch},
     )
     for row in result:
         yield dict(row._mapping)
@@ -68,20 +75,41 @@ def _from_json(kind: str, value: Any) -> Any:
     return value
 
 
-def export(conn: Connection, out: IO[str]) -> int:
+def export(
+    conn: Connection, out: IO[str], *, table: str = "audit_log", segment: dict[str, Any] | None = None
+) -> int:
     """Write every row as one JSON line (bytes as hex, times in ISO 8601 with microseconds) after a
-    header line; returns the row count."""
-    out.write(
-        json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "columns": list(encoding.COLUMNS)})
-        + "\n"
-    )
+    header line; returns the row count. `segment` marks the export of one month taken out of the
+    log: its label, first and last row and the signed cuts at its start and end, so that it
+    verifies on its own."""
+    header: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "columns": list(encoding.COLUMNS),
+    }
+    if segment is not None:
+        header["segment"] = segment
+    out.write(json.dumps(header) + "\n")
     count = 0
-    for row in db_rows(conn):
+    for row in db_rows(conn, table=table):
         out.write(
             json.dumps({c: _to_json(encoding.COLUMN_TYPES[c], row[c]) for c in encoding.COLUMNS}) + "\n"
         )
         count += 1
     return count
+
+
+def export_header(path: Path) -> dict[str, Any]:
+    """The header line of an export file (checked to be one)."""
+    where = f"export file {str(path)!r}"
+    try:
+        with path.open() as handle:
+            header = _json_line(handle.readline(), where=f"{where}, line 1")
+    except OSError as exc:
+        raise ExportError(f"{where} cannot be read: {exc.strerror}") from None
+    if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{where} is not a certsync audit export")
+    return header
 
 
 def export_rows(path: Path) -> Iterator[dict[str, Any]]:

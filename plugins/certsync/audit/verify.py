@@ -8,10 +8,16 @@ hash and signature is recomputed here. A row is reported as
   forged     its hash matches but no trusted key signed it (a re-hashed chain, an inserted row)
   unsigned   a row without signature after signing began
   deleted    rows missing between two rows (a gap in the sequence), or before the first row kept
+             without a signed cut (from `certsync audit detach`) at the row before it
   broken     its link to the previous row does not hold
   rewritten  a checkpoint's row differs from what the checkpoint says
   truncated  rows the latest checkpoint vouches for are gone
   untrusted  a key row introduces a key neither given by the auditor nor endorsed by a trusted key
+  inserted   a row after the end a month's cut seals (verifying one month's export)
+
+Old months taken out of the database (`certsync audit detach`) leave a signed cut at their last
+row: the rows that remain start from it. An incremental verification resumes after a signed
+verification mark (`resume`) instead of the first row.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from certsync.audit import encoding
-from certsync.audit.checkpoints import Checkpoint, CheckpointError
+from certsync.audit.checkpoints import CUT, Checkpoint, CheckpointError
 from certsync.audit.signing import key_id, public_key, verifies
 
 MOVE_WINDOW = 10_000  # how far away a moved row's true position is looked for
@@ -52,6 +58,9 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     problem_count: int = 0
     checkpoint: Checkpoint | None = None
+    cut: Checkpoint | None = None  # the cut the rows start after, if any
+    resumed: Checkpoint | None = None  # the verification mark the rows start after, if any
+    active_key: str | None = None  # the chain's key in force at the last row
 
     @property
     def intact(self) -> bool:
@@ -67,6 +76,10 @@ class Report:
             first = self.problems[0]
             return f"audit log NOT intact: {self.problem_count} problem(s); first at row {first.seq} ({first.kind})"
         span = f"rows {self.first_seq}..{self.last_seq}" if self.rows else "no rows"
+        if self.cut is not None:
+            span += f" (after the cut at row {self.cut.seq}, {self.cut.label})"
+        if self.resumed is not None:
+            span += f" (resumed after row {self.resumed.seq}, verified {self.resumed.at.isoformat()})"
         cp = self.checkpoint
         return (
             f"audit log intact: {self.rows} {span}, head {self.last_seq}:{(self.head or b'').hex()},"
@@ -83,9 +96,20 @@ class Report:
 class _Chain:
     """The verifier's state while it walks the rows in sequence order."""
 
-    def __init__(self, *, trusted: Mapping[str, Ed25519PublicKey], checkpoints: list[Checkpoint]) -> None:
+    def __init__(
+        self,
+        *,
+        trusted: Mapping[str, Ed25519PublicKey],
+        checkpoints: list[Checkpoint],
+        resume: Checkpoint | None = None,
+        until: int | None = None,
+    ) -> None:
         self.trusted = dict(trusted)
-        self.by_seq = {c.seq: c for c in checkpoints}
+        self.by_seq: dict[int, list[Checkpoint]] = {}
+        for c in checkpoints:
+            self.by_seq.setdefault(c.seq, []).append(c)
+        self.cuts = {c.seq: c for c in checkpoints if c.kind == CUT}
+        self.resume, self.until = resume, until
         self.report = Report()
         self.prev_seq: int | None = None
         self.prev_hash: bytes | None = None
@@ -95,28 +119,57 @@ class _Chain:
 
     def start(self, row: Mapping[str, Any]) -> None:
         seq, prev = row["seq"], bytes(row["prev_hash"] or b"")
-        if seq == 1:
+        if self.resume is not None:
+            self._resume(seq, prev)
+        elif seq == 1:
             if prev:
                 self.report.add(
                     Problem(seq=seq, kind="broken", detail="the first row links to a predecessor")
                 )
-            return
-        base = self.by_seq.get(seq - 1)
-        if base is None:
+        else:
+            self._after_cut(seq, prev)
+
+    def _after_cut(self, seq: int, prev: bytes) -> None:
+        """The first row kept after old months were taken out: only a signed cut at the row before
+        accounts for the rows missing before it."""
+        cut = self.cuts.get(seq - 1)
+        if cut is None:
             self.report.add(
                 Problem(
                     seq=seq,
                     kind="deleted",
-                    detail=f"rows 1..{seq - 1} are missing and no checkpoint at row {seq - 1} carries the cut",
+                    detail=f"rows 1..{seq - 1} are missing and no signed cut at row {seq - 1} says they were taken out",
                 )
             )
-        elif not hmac.compare_digest(base.head, prev):
+        elif not hmac.compare_digest(cut.head, prev):
             self.report.add(
-                Problem(seq=seq, kind="broken", detail=f"does not link to the checkpoint at row {seq - 1}")
+                Problem(seq=seq, kind="broken", detail=f"does not link to the cut at row {seq - 1}")
             )
-        # The rows before the cut were verified when they were kept; the key in force then is the
-        # checkpoint's.
-        self.active, self.signing_began = (base.key_id, True) if base else (None, False)
+        # The rows before the cut were verified when they were taken out; the key in force then is
+        # the one the cut names.
+        self.report.cut = cut
+        self.active = cut.active_key if cut else None
+        self.signing_began = self.active is not None
+
+    def _resume(self, seq: int, prev: bytes) -> None:
+        mark = self.resume
+        assert mark is not None
+        self.report.resumed = mark
+        if seq != mark.seq + 1:
+            kind = "deleted" if seq > mark.seq + 1 else "moved"
+            self.report.add(
+                Problem(
+                    seq=seq,
+                    kind=kind,
+                    detail=f"verification resumes after row {mark.seq}, but row {mark.seq + 1} is not next",
+                )
+            )
+        elif not hmac.compare_digest(mark.head, prev):
+            self.report.add(
+                Problem(seq=seq, kind="broken", detail=f"does not link to row {mark.seq} as verified before")
+            )
+        self.active = mark.active_key
+        self.signing_began = self.active is not None
 
     def sequence(self, row: Mapping[str, Any]) -> bool:
         """False when the row does not follow the previous one (reported)."""
@@ -247,11 +300,22 @@ class _Chain:
         digest = self.content(row)  # one problem a row: what it holds before how it links
         if digest is not None and self.signature(row, digest) and in_sequence:
             self.link(row)
-        checkpoint = self.by_seq.get(row["seq"])
-        if checkpoint is not None and not hmac.compare_digest(checkpoint.head, bytes(row["row_hash"] or b"")):
+        for checkpoint in self.by_seq.get(row["seq"], ()):
+            if not hmac.compare_digest(checkpoint.head, bytes(row["row_hash"] or b"")):
+                report.add(
+                    Problem(
+                        seq=row["seq"],
+                        kind="rewritten",
+                        detail=f"differs from the {checkpoint.kind} signed for this row",
+                    )
+                )
+                break
+        if self.until is not None and row["seq"] > self.until:
             report.add(
                 Problem(
-                    seq=row["seq"], kind="rewritten", detail="differs from the checkpoint signed for this row"
+                    seq=row["seq"],
+                    kind="inserted",
+                    detail=f"comes after row {self.until}, where the cut seals the month",
                 )
             )
         report.rows += 1
@@ -265,8 +329,12 @@ def verify_rows(
     *,
     public_keys: Mapping[str, Ed25519PublicKey],
     checkpoints: list[Checkpoint],
+    resume: Checkpoint | None = None,
+    until: int | None = None,
 ) -> Report:
     """Walk the rows (in sequence order) and check them against the keys and checkpoints given.
+    `resume`: a verification mark, already checked by the caller, the rows continue from.
+    `until`: the rows are one month's export that ends at the cut at this row.
     Raises CheckpointError when no checkpoint is given or one does not verify."""
     if not public_keys:
         raise CheckpointError("no public key given: verification needs the auditor's public key")
@@ -274,32 +342,44 @@ def verify_rows(
         raise CheckpointError(
             "no checkpoint given: without one a cut tail or a rewritten chain cannot be told"
         )
-    chain = _Chain(trusted=public_keys, checkpoints=checkpoints)
+    chain = _Chain(trusted=public_keys, checkpoints=checkpoints, resume=resume, until=until)
+    chain.report.resumed = resume
+    if resume is not None:  # nothing new is still a resumed verification, with the mark's key
+        chain.active = resume.active_key
+    if until is not None and until not in chain.cuts:
+        raise CheckpointError(
+            f"no signed cut at row {until}: the end of this month's export cannot be vouched for"
+        )
     for row in rows:
         chain.row(row)
+    chain.report.active_key = chain.active
     problems = chain.report.problems
     if not problems or problems[0].kind == "untrusted":  # otherwise the broken chain is the news
         _check_keys_given(public_keys, chain.seen_keys | {c.key_id for c in checkpoints})
-    for number, checkpoint in enumerate(checkpoints, 1):
-        try:
-            checkpoint.check(chain.trusted, where=f"checkpoint {number} (row {checkpoint.seq})")
-        except CheckpointError as exc:
-            if chain.report.intact:
-                raise  # nothing else is wrong: the key or the checkpoint given is
-            # A chain already found broken may have lost the key row that made the key trusted.
-            chain.report.add(Problem(seq=checkpoint.seq, kind="rewritten", detail=str(exc)))
-    latest = max(checkpoints, key=lambda c: c.seq)
+    _check_signatures(chain, checkpoints)
+    latest = chain.cuts[until] if until is not None else max(checkpoints, key=lambda c: c.seq)
     chain.report.checkpoint = latest
-    last = chain.report.last_seq or 0
+    last = chain.report.last_seq if chain.report.last_seq is not None else (resume.seq if resume else 0)
     if last < latest.seq:
         chain.report.add(
             Problem(
                 seq=last + 1,
                 kind="truncated",
-                detail=f"rows {last + 1}..{latest.seq} are gone (the checkpoint of {latest.at.isoformat()} vouches for them)",
+                detail=f"rows {last + 1}..{latest.seq} are gone (the {latest.kind} of {latest.at.isoformat()} vouches for them)",
             )
         )
     return chain.report
+
+
+def _check_signatures(chain: _Chain, checkpoints: list[Checkpoint]) -> None:
+    for number, checkpoint in enumerate(checkpoints, 1):
+        try:
+            checkpoint.check(chain.trusted, where=f"{checkpoint.kind} {number} (row {checkpoint.seq})")
+        except CheckpointError as exc:
+            if chain.report.intact:
+                raise  # nothing else is wrong: the key or the checkpoint given is
+            # A chain already found broken may have lost the key row that made the key trusted.
+            chain.report.add(Problem(seq=checkpoint.seq, kind="rewritten", detail=str(exc)))
 
 
 def _check_keys_given(given: Mapping[str, Ed25519PublicKey], used: set[str]) -> None:
