@@ -15,6 +15,7 @@ _EXPORTS = {
     "SeedUser": "certsync_lab.population",
     "generate_population": "certsync_lab.population",
     "load_population": "certsync_lab.population",
+    "load_population_offline": "certsync_lab.population",
 }
 
 __all__ = sorted(_EXPORTS)

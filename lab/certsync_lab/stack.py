@@ -29,7 +29,12 @@ from certsync_lab.emulator.seed import Shares, seed_from_directory
 from certsync_lab.emulator.state import register_client
 from certsync_lab.emulator.tls import certificate_builder, private_key_pem, write_private_file
 from certsync_lab.pki import Pki
-from certsync_lab.population import generate_population, load_population
+from certsync_lab.population import (
+    OFFLINE_FROM,
+    generate_population,
+    load_population,
+    load_population_offline,
+)
 from certsync_lab.postgres import EmbeddedPostgres
 from certsync_lab.samba import SambaDC
 
@@ -127,13 +132,17 @@ class LabStack:
         pki.write_trust_files(
             self.trust_dir, crl_this_update=at - timedelta(days=1), crl_next_update=at + timedelta(days=3650)
         )
-        added = load_population(
-            url=self.samba.ldap_url,
-            bind_dn=self.samba.bind_dn,
-            password=self.samba.password,
-            ou_dn=self.samba.users_ou,
-            users=population,
-        )
+        if self.users >= OFFLINE_FROM:
+            # Over LDAP a large population takes hours on a busy host; offline, minutes.
+            added = load_population_offline(samba=self.samba, ou_dn=self.samba.users_ou, users=population)
+        else:
+            added = load_population(
+                url=self.samba.ldap_url,
+                bind_dn=self.samba.bind_dn,
+                password=self.samba.password,
+                ou_dn=self.samba.users_ou,
+                users=population,
+            )
         marker.write_text(
             json.dumps({"users": self.users, "seed": self.seed, "at": at.isoformat(), "added": added})
         )

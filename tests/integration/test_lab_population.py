@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
+from ldap3.protocol.formatters.formatters import format_sid
 
 from certsync_lab.pki import Pki
 from certsync_lab.population import (
@@ -22,6 +23,7 @@ from certsync_lab.population import (
     SeedUser,
     generate_population,
     load_population,
+    load_population_offline,
 )
 from certsync_lab.samba import SambaDC
 
@@ -147,6 +149,50 @@ def test_load_reads_back_with_certificates(samba_dc: SambaDC, lab_population: li
         assert sorted(v.decode() for v in attrs.get("proxyAddresses", [])) == sorted(user.proxy_addresses)
         assert _text(attrs, "userAccountControl") == ("514" if user.disabled else "512")
         assert _text(attrs, "displayName") == user.display_name
+
+
+def test_offline_load_matches_the_ldap_load(populated_dc: SambaDC, lab_population: list[SeedUser]) -> None:
+    # populated_dc holds lab_population loaded over LDAP; the same users, under other account names,
+    # go offline into an OU of their own and must read back alike through certsync's reader.
+    offline = [dataclasses.replace(u, sam_account_name=f"O{u.sam_account_name}"[:20]) for u in lab_population]
+    ou = f"OU=lab-offline-test,{populated_dc.base_dn}"
+    assert load_population_offline(samba=populated_dc, ou_dn=ou, users=offline) == len(offline)
+    assert populated_dc.running  # stopped for the load, started again
+    assert load_population_offline(samba=populated_dc, ou_dn=ou, users=offline) == 0
+
+    over_ldap = {u.sam_account_name: u for u in _reader_users(populated_dc, populated_dc.users_ou)}
+    loaded = {u.sam_account_name.removeprefix("O"): u for u in _reader_users(populated_dc, ou)}
+    assert set(loaded) == {u.sam_account_name for u in lab_population}
+    assigned = ("object_guid", "dn", "sam_account_name", "usn_changed")
+    for name, user in loaded.items():
+        expected = dataclasses.asdict(over_ldap[name])
+        got = dataclasses.asdict(user)
+        assert {k: v for k, v in got.items() if k not in assigned} == {
+            k: v for k, v in expected.items() if k not in assigned
+        }
+    # Samba assigned what it assigns over LDAP: fresh GUIDs, later USNs, a SID from the domain's pool.
+    assert not {u.object_guid for u in loaded.values()} & {u.object_guid for u in over_ldap.values()}
+    assert min(u.usn_changed for u in loaded.values()) > max(u.usn_changed for u in over_ldap.values())
+    sids = _sids(populated_dc, ou)
+    domain = _sids(populated_dc, populated_dc.users_ou)[0].rsplit("-", 1)[0]
+    assert len(set(sids)) == len(offline) and all(sid.rsplit("-", 1)[0] == domain for sid in sids)
+
+
+def _reader_users(dc: SambaDC, ou: str) -> list:
+    from certsync.directory import DirectoryReader, DirectorySettings
+
+    settings = DirectorySettings(
+        url=dc.ldap_url, bind_dn=dc.bind_dn, password=dc.password, base_dn=ou, allow_plain_bind=True
+    )
+    return list(DirectoryReader(settings=settings).iter_users())
+
+
+def _sids(dc: SambaDC, ou: str) -> list[str]:
+    conn = dc.connect()
+    conn.search(ou, "(objectClass=user)", ldap3.SUBTREE, attributes=["objectSid"])
+    sids = [format_sid(entry.objectSid.raw_values[0]) for entry in conn.entries]
+    conn.unbind()
+    return sids
 
 
 def _paged_read(dc: SambaDC, ou: str) -> dict[str, dict[str, list[bytes]]]:
