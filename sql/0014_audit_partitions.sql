@@ -146,13 +146,17 @@ REVOKE ALL ON FUNCTION certsync.audit_log_ensure_partitions() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION certsync.audit_log_ensure_partitions() TO certsync_app;
 
 -- A partition for every month the old table has rows in, up to next month.
-SELECT certsync.audit_log_ensure_partition(month::date)
-FROM generate_series(
-    date_trunc('month', coalesce((SELECT min(at) FROM certsync.audit_log_unpartitioned), now()) AT TIME ZONE 'UTC'),
-    date_trunc('month', greatest(now(), (SELECT max(at) FROM certsync.audit_log_unpartitioned)) AT TIME ZONE 'UTC')
-        + interval '1 month',
-    interval '1 month'
-) AS month;
+DO $$
+BEGIN
+    PERFORM certsync.audit_log_ensure_partition(month::date)
+    FROM generate_series(
+        date_trunc('month', coalesce((SELECT min(at) FROM certsync.audit_log_unpartitioned), now()) AT TIME ZONE 'UTC'),
+        date_trunc('month', greatest(now(), (SELECT max(at) FROM certsync.audit_log_unpartitioned)) AT TIME ZONE 'UTC')
+            + interval '1 month',
+        interval '1 month'
+    ) AS month;
+END
+$$;
 
 INSERT INTO certsync.audit_log
 SELECT seq, at, run_id, dag_id, airflow_run_id, object_guid, recipient_id, primary_smtp, cmdlet, action,

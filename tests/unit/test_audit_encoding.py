@@ -4,13 +4,15 @@ alike, and every signature is bound to its row, its place and its key."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from certsync.audit import encoding
-from certsync.audit.checkpoints import CheckpointError, sign
+from certsync.audit.checkpoints import CHECKPOINT, CUT, VERIFIED, Checkpoint, CheckpointError, sign
 from certsync.audit.signing import SigningKey, parse_public_keys, verifies
 
 TEXT_FIELDS = [name for name, kind in encoding.ROW_FIELDS if kind == encoding.TEXT]
@@ -124,3 +126,18 @@ def test_legacy_text_escapes_like_postgres_jsonb() -> None:
         '["' + "01" * 32 + '"], [], 1, "accepted", null, null, null, "00000000-0000-0000-0000-000000000001"]'
         in text
     )
+
+
+def test_a_cut_signs_its_month_and_edges_and_is_no_checkpoint() -> None:
+    key = SigningKey.generate()
+    keys = {key.key_id: key.private.public_key()}
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    cut = sign(seq=9, head=b"\x01" * 32, at=at, key=key, kind=CUT, first_seq=4, first_prev=b"\x02" * 32,
+               active_key=key.key_id, label="2026-11")  # fmt: skip
+    cut.check(keys, where="cut")
+    assert Checkpoint.from_json(cut.to_json(), where="json") == cut
+    for changed in ({"label": "2026-10"}, {"first_seq": 1}, {"first_prev": b""}, {"active_key": "x"},
+                    {"kind": CHECKPOINT}, {"kind": VERIFIED}):  # fmt: skip
+        altered = replace(cut, **changed)
+        with pytest.raises(CheckpointError, match="does not verify"):
+            altered.check(keys, where="cut")

@@ -105,17 +105,35 @@ class _Chain:
         until: int | None = None,
     ) -> None:
         self.trusted = dict(trusted)
+        self.report = Report()
+        self.cuts = self._signed_cuts([c for c in checkpoints if c.kind == CUT])
         self.by_seq: dict[int, list[Checkpoint]] = {}
         for c in checkpoints:
-            self.by_seq.setdefault(c.seq, []).append(c)
-        self.cuts = {c.seq: c for c in checkpoints if c.kind == CUT}
+            if c.kind != CUT or self.cuts.get(c.seq) is c:
+                self.by_seq.setdefault(c.seq, []).append(c)
         self.resume, self.until = resume, until
-        self.report = Report()
         self.prev_seq: int | None = None
         self.prev_hash: bytes | None = None
         self.active: str | None = None  # the chain's current key
         self.signing_began = False
         self.seen_keys: set[str] = set()  # every key a key row introduced, trusted or not
+
+    def _signed_cuts(self, cuts: list[Checkpoint]) -> dict[int, Checkpoint]:
+        """The cuts whose signature holds with a key the auditor gave; any other is reported and
+        accounts for nothing (a cut made up in the database leaves the rows before it missing)."""
+        signed = {}
+        for cut in cuts:
+            if cut.key_id not in self.trusted:
+                detail = f"the cut of {cut.label} at row {cut.seq} is signed by {cut.key_id}, a key not given"
+                self.report.add(Problem(seq=cut.seq, kind="untrusted", detail=detail))
+                continue
+            try:
+                cut.check(self.trusted, where=f"the cut of {cut.label} at row {cut.seq}")
+            except CheckpointError as exc:
+                self.report.add(Problem(seq=cut.seq, kind="forged", detail=str(exc)))
+                continue
+            signed[cut.seq] = cut
+        return signed
 
     def start(self, row: Mapping[str, Any]) -> None:
         seq, prev = row["seq"], bytes(row["prev_hash"] or b"")
@@ -357,7 +375,8 @@ def verify_rows(
     if not problems or problems[0].kind == "untrusted":  # otherwise the broken chain is the news
         _check_keys_given(public_keys, chain.seen_keys | {c.key_id for c in checkpoints})
     _check_signatures(chain, checkpoints)
-    latest = chain.cuts[until] if until is not None else max(checkpoints, key=lambda c: c.seq)
+    usable = [c for c in checkpoints if c.kind != CUT or chain.cuts.get(c.seq) is c]
+    latest = chain.cuts[until] if until is not None else max(usable or checkpoints, key=lambda c: c.seq)
     chain.report.checkpoint = latest
     last = chain.report.last_seq if chain.report.last_seq is not None else (resume.seq if resume else 0)
     if last < latest.seq:
@@ -373,6 +392,8 @@ def verify_rows(
 
 def _check_signatures(chain: _Chain, checkpoints: list[Checkpoint]) -> None:
     for number, checkpoint in enumerate(checkpoints, 1):
+        if checkpoint.kind == CUT:
+            continue  # checked before the walk
         try:
             checkpoint.check(chain.trusted, where=f"{checkpoint.kind} {number} (row {checkpoint.seq})")
         except CheckpointError as exc:
