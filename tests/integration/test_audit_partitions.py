@@ -297,6 +297,24 @@ def test_dropping_the_next_month_from_the_command_line(log) -> None:
          str(log["exports"] / f"audit_log_{MONTHS[2]:%Y_%m}.jsonl")],
     )  # fmt: skip
     assert verified.exit_code == 0, verified.output
+    # An export of what remains carries the cuts, so a run's checkpoint alone verifies it offline.
+    remaining, only_head = log["exports"] / "remaining.jsonl", log["exports"] / "head.jsonl"
+    checkpoints.append(log["exports"], _head_checkpoint(log["owner"]))
+    (log["exports"] / checkpoints.FILE_NAME).rename(only_head)
+    exported = CliRunner().invoke(main, ["audit", "export", "--out", str(remaining), "--dsn", log["dsn"]])
+    assert exported.exit_code == 0, exported.output
+    offline = CliRunner().invoke(
+        main,
+        ["audit", "verify", "--public-key", str(_public_key_file(log)), "--checkpoint", str(only_head),
+         "--export", str(remaining)],
+    )  # fmt: skip
+    assert offline.exit_code == 0 and f"after the cut at row {3 * PER_MONTH}" in offline.output, (
+        offline.output
+    )
+    # This month is never taken out: rows are still arriving in it.
+    with pytest.raises(CutRefused, match="only past months"):
+        partitions.detach(log["owner"], before=_month(-1), signer=SIGNER, given=[], export_dir=log["exports"],
+                          checkpoint_dir=None, drop=True)  # fmt: skip
 
 
 def _public_key_file(log: dict) -> Path:

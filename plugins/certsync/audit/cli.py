@@ -148,13 +148,16 @@ def _verify_database(dsn: str, *, keys, checkpoints):  # type: ignore[no-untyped
 @click.pass_context
 def export_command(ctx: click.Context, out: Path, dsn: str | None) -> None:
     """Write every audit row, as stored, to a JSON-lines file that verifies offline."""
+    from certsync.audit.partitions import db_cuts
     from certsync.audit.rows import export
     from certsync.store import db
 
     engine = db.create_engine(_dsn(ctx, dsn))
     try:
         with engine.connect() as conn, out.open("w") as handle:
-            count = export(conn, handle)
+            cuts = [c.to_json() for c in db_cuts(conn)]
+            conn.rollback()
+            count = export(conn, handle, cuts=cuts)
     finally:
         engine.dispose()
     click.echo(f"{count} rows written to {out}")

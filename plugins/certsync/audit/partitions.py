@@ -123,6 +123,10 @@ def _check_contiguous(conn: Connection, taken: list[Month], before: date) -> Non
     remaining = conn.execute(
         sa.text("SELECT min(seq) FROM certsync.audit_log WHERE at >= :cut"), {"cut": cut_at}
     ).scalar()
+    if remaining is None and any(m.row_count for m in taken):
+        raise CutRefused(
+            f"no audit row from {before:%Y-%m} on: the newest row stays, as the chain continues from it"
+        )
     previous: Month | None = None
     for month in (m for m in taken if m.row_count):
         if previous is not None and month.first_seq != previous.last_seq + 1:
@@ -203,7 +207,8 @@ def verify_export(path: Path, *, keys: dict[str, Any], given: Iterable[Checkpoin
     in its header (and any given) up to the cut at its end."""
     header = rows.export_header(path)
     segment = header.get("segment")
-    extra = [Checkpoint.from_json(c, where=f"{path.name} header") for c in (segment or {}).get("cuts", [])]
+    carried = [*(segment or {}).get("cuts", []), *header.get("cuts", [])]
+    extra = [Checkpoint.from_json(c, where=f"{path.name} header") for c in carried]
     until = int(segment["last_seq"]) if segment else None
     return verify_rows(rows.export_rows(path), public_keys=keys, checkpoints=[*given, *extra], until=until)
 
@@ -227,6 +232,9 @@ def detach(
 ) -> list[Taken]:
     """Take every month before `before` out of the audit log (see the module's doc); returns what
     was taken. Raises CutRefused, changing nothing, when it is not safe."""
+    this_month = datetime.now(UTC).date().replace(day=1)
+    if before > this_month:
+        raise CutRefused(f"only past months can be taken out: {before:%Y-%m} is after {this_month:%Y-%m}")
     with engine.connect() as conn:
         known = [*given, *db_cuts(conn)]
         taken = [m for m in months(conn) if m.month < before]

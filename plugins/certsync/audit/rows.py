@@ -76,12 +76,18 @@ def _from_json(kind: str, value: Any) -> Any:
 
 
 def export(
-    conn: Connection, out: IO[str], *, table: str = "audit_log", segment: dict[str, Any] | None = None
+    conn: Connection,
+    out: IO[str],
+    *,
+    table: str = "audit_log",
+    segment: dict[str, Any] | None = None,
+    cuts: list[dict[str, Any]] | None = None,
 ) -> int:
     """Write every row as one JSON line (bytes as hex, times in ISO 8601 with microseconds) after a
     header line; returns the row count. `segment` marks the export of one month taken out of the
     log: its label, first and last row and the signed cuts at its start and end, so that it
-    verifies on its own."""
+    verifies on its own. `cuts`: the signed cuts of months taken out before, so that an export of
+    what remains verifies with the checkpoints alone."""
     header: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -89,6 +95,8 @@ def export(
     }
     if segment is not None:
         header["segment"] = segment
+    if cuts:
+        header["cuts"] = cuts
     out.write(json.dumps(header) + "\n")
     count = 0
     for row in db_rows(conn, table=table):
