@@ -9,29 +9,34 @@ Figures:
   Set-*, commit) per 100,000 rows against an embedded PostgreSQL, measured on --append rows.
 - verify: `verify_rows` over rows read from PostgreSQL with the plain streaming SELECT the command
   uses (encode, SHA-256 and Ed25519 verify of every row, in one process), per 1,000,000 rows; the
-  in-memory part (no database) is shown apart.
+  in-memory part (no database) is shown apart. The history spans twelve month partitions (sql/0014).
+- verify_audit: the DAG's check (certsync.audit.selfcheck.after_run) in full over the same history,
+  then incremental after one more run's --run-rows rows appended by the writer.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from certsync.audit import checkpoints, encoding, writer
 from certsync.audit.rows import db_rows
+from certsync.audit.selfcheck import after_run
 from certsync.audit.signing import AuditSigner, SigningKey
 from certsync.audit.verify import verify_rows
 from certsync_lab.postgres import EmbeddedPostgres
 from certsync_lab.stack import certsync_database
 
-AT = datetime(2026, 6, 1, tzinfo=UTC)
+AT = datetime(2025, 6, 1, tzinfo=UTC)
+SPAN = timedelta(days=360)  # the loaded history is spread over twelve months
 
 
 def _fields(n: int, run_id: int) -> dict:
@@ -61,13 +66,14 @@ def _fields(n: int, run_id: int) -> dict:
 
 
 def signed_rows(count: int, key: SigningKey, run_id: int):
-    """`count` signed rows as the writer makes them (a key row first), chained in memory."""
-    prev = b""
+    """`count` signed rows as the writer makes them (a key row first), chained in memory, their
+    times spread evenly over SPAN from AT."""
+    prev, step = b"", SPAN / count
     for seq in range(1, count + 1):
         fields = {"run_id": run_id, "dag_id": "certsync", "airflow_run_id": "bench", "task_try": 1,
                   "phase": "key", "public_key": key.public_raw} if seq == 1 else _fields(seq, run_id)  # fmt: skip
         row = {name: fields.get(name) for name in encoding.COLUMNS}
-        row.update(seq=seq, at=AT, prev_hash=prev, key_id=key.key_id)
+        row.update(seq=seq, at=AT + step * seq, prev_hash=prev, key_id=key.key_id)
         digest = encoding.row_hash(row)
         row.update(row_hash=digest, signature=key.sign(encoding.signed_message(digest)))
         prev = digest
@@ -108,6 +114,40 @@ def bench_append(engine: sa.Engine, key: SigningKey, run_id: int, count: int) ->
     return time.perf_counter() - start
 
 
+def make_partitions(engine: sa.Engine) -> None:
+    """The month partitions of the loaded history (the owner's function, as a run's begin calls it)."""
+    with engine.begin() as conn:
+        for month in range(13):
+            first = (AT.replace(day=15) + timedelta(days=30.5 * month)).date()
+            conn.execute(sa.text("SELECT certsync.audit_log_ensure_partition(:m)"), {"m": first})
+
+
+def bench_verify_audit(engine: sa.Engine, key: SigningKey, run_id: int, run_rows: int, head: sa.Row) -> None:
+    """verify_audit as the DAG runs it: full, then incremental after one more run."""
+    signer = AuditSigner(key=key)
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoints.append(
+            Path(directory), checkpoints.sign(seq=head[0], head=bytes(head[1]), at=AT, key=key)
+        )
+        start = time.perf_counter()
+        full = after_run(engine, signer=signer, directory=Path(directory), full=True)
+        full_s = time.perf_counter() - start
+        print(f"verify_audit full: {full.rows} rows in {full_s:.1f}s")
+        bench_append(engine, key, run_id, run_rows)
+        with engine.connect() as conn:
+            now = conn.execute(
+                sa.text("SELECT seq, row_hash FROM certsync.audit_log ORDER BY seq DESC LIMIT 1")
+            ).one()
+        checkpoints.append(Path(directory), checkpoints.sign(seq=now[0], head=bytes(now[1]), at=AT, key=key))
+        start = time.perf_counter()
+        incremental = after_run(engine, signer=signer, directory=Path(directory))
+        inc_s = time.perf_counter() - start
+        assert incremental.resumed is not None and incremental.intact
+        print(
+            f"verify_audit incremental: {incremental.rows} new rows after a history of {full.rows} in {inc_s:.2f}s"
+        )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -115,7 +155,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sign", type=int, default=100_000, help="rows signed in memory")
     parser.add_argument("--append", type=int, default=10_000, help="rows appended through PostgreSQL")
     parser.add_argument("--verify", type=int, default=1_000_000, help="rows verified from PostgreSQL")
+    parser.add_argument("--run-rows", type=int, default=2_000, help="rows one run adds (incremental verify)")
     args = parser.parse_args(argv)
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     key = SigningKey.generate()
     seconds = bench_sign(args.sign, key)
     print(
@@ -134,6 +176,7 @@ def main(argv: list[str]) -> int:
         with engine.begin() as conn:
             conn.execute(sa.text("ALTER TABLE certsync.audit_log DISABLE TRIGGER USER"))
             conn.execute(sa.text("DELETE FROM certsync.audit_log"))
+        make_partitions(engine)
         start = time.perf_counter()
         load(engine, signed_rows(args.verify, key, run_id), run_id)
         print(f"history of {args.verify} rows made and loaded in {time.perf_counter() - start:.0f}s")
@@ -157,7 +200,9 @@ def main(argv: list[str]) -> int:
         print(f"verify from PostgreSQL: {report.rows} rows in {total_s:.1f}s (reading {read_s:.1f}s)"
               f" = {total_s * per:.0f}s per 1,000,000 rows ({(total_s - read_s) * per:.0f}s of it hashing and"
               " signature checks)")  # fmt: skip
+        bench_verify_audit(engine, key, run_id, args.run_rows, head)
         engine.dispose()
+    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return 0
 
 
