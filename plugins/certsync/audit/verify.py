@@ -89,7 +89,7 @@ class Report:
                 if self.unsigned_before_signing
                 else ""
             )
-            + (f"; matches checkpoint {cp.seq}:{cp.head.hex()[:16]}… of {cp.at.isoformat()}" if cp else "")
+            + (f"; matches {cp.kind} {cp.seq}:{cp.head.hex()[:16]}… of {cp.at.isoformat()}" if cp else "")
         )
 
 
@@ -117,6 +117,9 @@ class _Chain:
         self.active: str | None = None  # the chain's current key
         self.signing_began = False
         self.seen_keys: set[str] = set()  # every key a key row introduced, trusted or not
+        # After rows missing without a cut (already reported), the first signed row's key is taken
+        # as the one in force, so that the gap, not every row after it, is the news.
+        self.adopt_key = False
 
     def _signed_cuts(self, cuts: list[Checkpoint]) -> dict[int, Checkpoint]:
         """The cuts whose signature holds with a key the auditor gave; any other is reported and
@@ -152,6 +155,7 @@ class _Chain:
         accounts for the rows missing before it."""
         cut = self.cuts.get(seq - 1)
         if cut is None:
+            self.adopt_key = True
             self.report.add(
                 Problem(
                     seq=seq,
@@ -168,6 +172,8 @@ class _Chain:
         self.report.cut = cut
         self.active = cut.active_key if cut else None
         self.signing_began = self.active is not None
+        if self.active is not None:
+            self.report.keys.append(self.active)
 
     def _resume(self, seq: int, prev: bytes) -> None:
         mark = self.resume
@@ -188,6 +194,8 @@ class _Chain:
             )
         self.active = mark.active_key
         self.signing_began = self.active is not None
+        if self.active is not None:
+            self.report.keys.append(self.active)
 
     def sequence(self, row: Mapping[str, Any]) -> bool:
         """False when the row does not follow the previous one (reported)."""
@@ -259,6 +267,8 @@ class _Chain:
             return True
         if row["phase"] == "key":
             return self._key_row(row, digest)
+        if self.active is None and self.adopt_key:  # the key in force was lost with the missing rows
+            self.active, self.adopt_key = row["key_id"], False
         if row["key_id"] != self.active:
             self.report.add(
                 Problem(
