@@ -215,10 +215,11 @@ class SambaDC:
             if was_running:
                 self.start()
         log.info(
-            "added %s of %s entries offline in %.1f s",
+            "added %s of %s entries offline in %.1f s (%.1f s of CPU)",
             summary["added"],
             summary["records"],
             summary["seconds"],
+            summary["cpu_s"],
         )
         return int(summary["added"])
 

@@ -17,6 +17,7 @@ The last line on stdout is a JSON summary.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -103,7 +104,13 @@ def main(argv: list[str]) -> int:
         samdb.transaction_cancel()
         raise
     samdb.transaction_commit()
-    summary = {"records": seen, "added": added, "seconds": round(time.monotonic() - began, 3)}
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    summary = {
+        "records": seen,
+        "added": added,
+        "seconds": round(time.monotonic() - began, 3),
+        "cpu_s": round(cpu.ru_utime + cpu.ru_stime, 3),
+    }
     print(json.dumps(summary), flush=True)
     return 0
 
