@@ -390,3 +390,23 @@ def test_a_full_check_runs_by_itself_when_the_last_is_old(log) -> None:
             conn.execute(sa.text("UPDATE certsync.audit_verification SET mark = CAST(:m AS jsonb) WHERE verification_no = :n"),
                          {"m": json.dumps(again.to_json()), "n": no})  # fmt: skip
     assert after_run(log["app"], signer=SIGNER, directory=log["dir"], full_every_days=7).resumed is None
+
+
+def test_a_row_without_its_month_partition_is_kept_in_the_default_one(log) -> None:
+    """No partition for this month (here: taken away inside a transaction): the append still
+    succeeds, into the default partition, and the month's partition is then not made over it."""
+    this_month = f"audit_log_{_month(0):%Y_%m}"
+    signing = log["owner"].execution_options(**{writer.SIGNER_OPTION: SIGNER})
+    with signing.connect() as conn:
+        conn.begin()
+        conn.execute(sa.text(f"ALTER TABLE certsync.audit_log DETACH PARTITION certsync.{this_month}"))
+        conn.execute(sa.text(f"ALTER TABLE certsync.{this_month} RENAME TO set_aside"))
+        seq = writer.append(conn, _fields(log["run_id"], 400))
+        where = conn.execute(
+            sa.text("SELECT tableoid::regclass::text FROM certsync.audit_log WHERE seq = :s"), {"s": seq}
+        ).scalar()
+        made = conn.execute(sa.text("SELECT certsync.audit_log_ensure_partition(CAST(:m AS date))"),
+                            {"m": _month(0)}).scalar()  # fmt: skip
+        conn.rollback()
+    assert where == "certsync.audit_log_default"
+    assert made is None
