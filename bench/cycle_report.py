@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 from pathlib import Path
@@ -94,6 +95,12 @@ def size_section(figures: dict[str, Any]) -> list[str]:
     lines.append(
         f"Started {figures['started']}; settings {json.dumps(figures['settings'])}; emulator budget {json.dumps(budget)}; 1% churn before the delta run: {json.dumps(figures['churn'])}."
     )
+    if figures.get("publish_box_s"):
+        lines[-1] += (
+            f" Every run published for at most {figures['publish_box_s']} s (`--publish-box`) and deferred the"
+            " rest, which the next run publishes first: the second full and the delta run's publish"
+            " rows hold those deferred actions."
+        )
     lines += [
         "",
         f"### First run (full read, empty database, tenant as seeded); actions {json.dumps(first['actions'])}",
@@ -153,7 +160,13 @@ def targets(all_figures: list[dict[str, Any]]) -> list[str]:
 def scaling(all_figures: list[dict[str, Any]]) -> list[str]:
     if len(all_figures) < 2:
         return ["Only one size measured."]
-    small, large = all_figures[0], all_figures[-1]
+    lines: list[str] = []
+    for small, large in itertools.pairwise(all_figures):
+        lines += [*scaling_pair(small, large), ""]
+    return lines[:-1]
+
+
+def scaling_pair(small: dict[str, Any], large: dict[str, Any]) -> list[str]:
     lines = [
         f"Per-item cost at {large['users']:,} over per-item cost at {small['users']:,} (1.00 = linear).",
         "",
