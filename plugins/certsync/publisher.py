@@ -10,6 +10,11 @@ recipient back before anything else is sent.
   may send (snapshot, publish) settles them first, under the run lock, so no other process can be
   sending them. An open intent of a sibling publish task of the same run is settled only when that
   task's stage lock is free (the task is gone).
+
+Cost: a batch reads what its actions need once (values, attempts so far, newer views), and its
+sending threads share one database session whose commits take every thread's queued writes at
+once (a group commit): the audit chain's lock is held from the append to the commit, and each
+commit waits for the disk. A request's closing rows ride with its thread's next intent.
 """
 
 from __future__ import annotations
@@ -18,11 +23,15 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.engine import Connection
 
+from certsync.audit import writer as audit_writer
 from certsync.exchange.outcomes import (
     ACCEPTED,
     AUTH,
@@ -35,13 +44,14 @@ from certsync.exchange.outcomes import (
 from certsync.exchange.recipients import hashes
 from certsync.exchange.throttle import ExchangeDown
 from certsync.failures import Unavailable
-from certsync.store import publishing, runs
+from certsync.store import db, publishing, runs
 from certsync.store.runlock import RunLock
 
 if TYPE_CHECKING:
     from certsync.pipeline import Services
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _read_back(services: Services, intent: publishing.Intent) -> tuple[bool, str]:
@@ -123,44 +133,145 @@ def settle_open_intents(services: Services, lock: RunLock, *, task_try: int) -> 
     return counts
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Lookups:
+    """What every action of a batch needs from the database, read once under the run lock. The run
+    slot keeps every other run out until the batch ends, so none of it can change meanwhile."""
+
+    blobs: dict[bytes, bytes]  # value by SHA-256
+    attempts: dict[str, int]  # requests this run already sent, by recipient
+    newer: set[str]  # recipients a newer run's view covers: never overwritten
+
+
+def _lookups(services: Services, info: runs.RunInfo, actions: list[publishing.PendingAction]) -> _Lookups:
+    hashes = sorted({h for a in actions for h in (*a.user_certificate, *a.user_smime_certificate)})
+    ids = sorted({a.recipient_id for a in actions})
+    with services.engine.connect() as conn:
+        return _Lookups(
+            blobs=publishing.values_by_hash(conn, hashes),
+            attempts=publishing.attempts_so_far(conn, run_id=info.run_id, recipient_ids=ids),
+            newer=publishing.newer_views(conn, run=info, recipient_ids=ids),
+        )
+
+
+class _Unit:
+    """One sending thread's writes, waiting for the group commit that takes them."""
+
+    def __init__(self, work: Callable[[Connection], object]) -> None:
+        self.work = work
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class _GroupCommit:
+    """The batch's one database session for its writes, shared by the sending threads: whoever
+    finds the session free commits every thread's writes queued meanwhile in one transaction.
+    Each audit append holds the chain's lock until its commit, and the commit waits for the WAL
+    to reach the disk (several ms): one commit per request would cap publishing at a few dozen
+    requests a second however many threads send. A failing transaction fails every write of its
+    group; nothing of it is kept, and the threads stop (intents it held are settled by read-back)."""
+
+    def __init__(self, conn: Connection, *, ensure: Callable[[], None]) -> None:
+        self._conn = conn
+        self._ensure = ensure
+        self._queue: list[_Unit] = []
+        self._queued = threading.Lock()
+        self._committing = threading.Lock()
+
+    def run(self, work: Callable[[Connection], T]) -> T:
+        unit = _Unit(work)
+        with self._queued:
+            self._queue.append(unit)
+        with self._committing:
+            if not unit.done:  # no other thread committed it meanwhile: commit the queue
+                with self._queued:
+                    group, self._queue = self._queue, []
+                self._commit(group)
+        if unit.error is not None:
+            raise unit.error
+        return unit.result  # type: ignore[return-value]
+
+    def _commit(self, group: list[_Unit]) -> None:
+        try:
+            self._ensure()  # no request without the run lock (a restarted database drops it)
+            with self._conn.begin(), audit_writer.together(self._conn), db.held(self._conn):
+                for unit in group:
+                    unit.result = unit.work(self._conn)
+        except BaseException as exc:
+            for unit in group:
+                unit.error = exc
+        finally:
+            for unit in group:
+                unit.done = True
+
+
+class _Sender:
+    """One sending thread's writes. The closing writes of a request (its outcome row and state)
+    are held back and committed with this thread's next write, usually the next request's intent:
+    one write to wait for per request instead of two. Nothing is sent before its intent commits,
+    and what was held back is committed before this thread waits, settles or ends; a process that
+    dies in between leaves an open intent, which the next stage settles by reading back."""
+
+    def __init__(self, group: _GroupCommit) -> None:
+        self._group = group
+        self._closing: list[Callable[[Connection], None]] = []
+
+    def write(self, work: Callable[[Connection], T]) -> T:
+        """Commit `work`, after the closing writes held back, and return its result."""
+        closing, self._closing = self._closing, []
+
+        def both(conn: Connection) -> T:
+            for close in closing:
+                close(conn)
+            return work(conn)
+
+        return self._group.run(both)
+
+    def hold(self, close: Callable[[Connection], None]) -> None:
+        self._closing.append(close)
+
+    def flush(self) -> None:
+        if self._closing:
+            self.write(lambda _conn: None)
+
+
 def publish_action(
     services: Services,
-    lock: RunLock,
     info: runs.RunInfo,
     action: publishing.PendingAction,
     *,
     task_try: int,
+    lookups: _Lookups,
+    sender: _Sender,
     deadline: float | None = None,
 ) -> str:
     """Send one action: intent, request, outcome per attempt; returns the action's final state
     ("pending" when the circuit breaker opened before it was done: the next try sends it;
     "deferred" when the run's time box was used up before it started)."""
     if deadline is not None and time.monotonic() >= deadline and not info.dry_run:
-        with services.engine.begin() as conn:
-            publishing.set_action_state(
-                conn, run_id=info.run_id, action_no=action.action_no, state="deferred", reason="time_box"
-            )
+        _set_state(sender, info, action, state="deferred", reason="time_box")
         return "deferred"
     if info.dry_run:
-        with services.engine.begin() as conn:
-            publishing.set_action_state(conn, run_id=info.run_id, action_no=action.action_no, state="dry_run")
+        _set_state(sender, info, action, state="dry_run")
         return "dry_run"
-    with services.engine.connect() as conn:
-        blobs = publishing.values_by_hash(conn, [*action.user_certificate, *action.user_smime_certificate])
-        done = publishing.attempts_so_far(conn, run_id=info.run_id, recipient_id=action.recipient_id)
+    blobs = lookups.blobs
+    done = lookups.attempts.get(action.recipient_id, 0)
     exchange = services.exchange
     last = done + services.settings.exchange.max_attempts
     for attempt in range(done + 1, last + 1):
         if exchange.breaker.open:
             return "pending"
-        if _newer_view(services, info, action):
+        if action.recipient_id in lookups.newer:
+            # No stale overwrite: skip (and say why) when a newer run's view is already published.
+            _set_state(sender, info, action, state="skipped", reason="newer_run_published")
             return "skipped"
-        lock.ensure()  # no request without the run lock (a restarted database drops it)
         request_id = uuid.uuid4()
-        with services.engine.begin() as conn:
-            intent = publishing.record_intent(
+        intent = sender.write(
+            lambda conn, attempt=attempt, request_id=request_id: publishing.record_intent(
                 conn, run=info, action=action, attempt=attempt, task_try=task_try, request_id=request_id
             )
+        )
         outcome = exchange.set_certificates(
             cmdlet=action.cmdlet,
             identity=action.recipient_id,
@@ -169,22 +280,36 @@ def publish_action(
             request_id=request_id,
         )
         if outcome_unknown(outcome):
+            sender.flush()
             _wait(outcome, attempt - done, action, why="answer lost; reading the recipient back")
             if settle(services, intent, by_run_id=info.run_id, task_try=task_try, lost=outcome):
                 return "published"
             continue
-        state = _record(services, info, action, intent, outcome, task_try)
+        state = _record(sender, info, action, intent, outcome, task_try)
         if state != "retry":
             return state
         if attempt < last and not exchange.breaker.open:
+            sender.flush()
             _wait(outcome, attempt - done, action, why="retrying")
     if exchange.breaker.open:
         return "pending"
-    with services.engine.begin() as conn:
-        publishing.set_action_state(
-            conn, run_id=info.run_id, action_no=action.action_no, state="failed", reason="out_of_attempts"
-        )
+    _set_state(sender, info, action, state="failed", reason="out_of_attempts")
     return "failed"
+
+
+def _set_state(
+    sender: _Sender,
+    info: runs.RunInfo,
+    action: publishing.PendingAction,
+    *,
+    state: str,
+    reason: str | None = None,
+) -> None:
+    sender.write(
+        lambda conn: publishing.set_action_state(
+            conn, run_id=info.run_id, action_no=action.action_no, state=state, reason=reason
+        )
+    )
 
 
 def _wait(outcome: Outcome, retry: int, action: publishing.PendingAction, *, why: str) -> None:
@@ -234,17 +359,38 @@ def publish_batch(
     shared = _SharedLock(lock)
     actions = sorted(actions, key=lambda a: (KIND_ORDER.get(a.kind, 3), a.action_no))
     deadline = _deadline(services, info)
+    lookups = _lookups(services, info, actions) if actions else _Lookups(blobs={}, attempts={}, newer=set())
+    todo = iter(actions)
+    taking = threading.Lock()
+    stop = threading.Event()  # a thread failed: the others take no new action
+
+    def take() -> publishing.PendingAction | None:
+        with taking:
+            return None if stop.is_set() else next(todo, None)
+
+    def send(group: _GroupCommit) -> Counter[str]:
+        done: Counter[str] = Counter()
+        sender = _Sender(group)
+        try:
+            while (action := take()) is not None:
+                state = publish_action(
+                    services, info, action, task_try=task_try, lookups=lookups, sender=sender, deadline=deadline
+                )  # fmt: skip
+                done[state] += 1
+            sender.flush()
+        except BaseException:
+            stop.set()
+            _flush_quietly(sender)
+            raise
+        return done
+
     workers = max(1, min(services.settings.exchange.max_concurrency, len(actions)))
-    counts: dict[str, int] = {}
+    counts: Counter[str] = Counter()
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="publish") as pool:
-        futures = [
-            pool.submit(publish_action, services, shared, info, a, task_try=task_try, deadline=deadline)  # type: ignore[arg-type]
-            for a in actions
-        ]
-        for future in futures:
-            state = future.result()
-            counts[state] = counts.get(state, 0) + 1
+    with services.engine.connect() as conn, ThreadPoolExecutor(workers, thread_name_prefix="publish") as pool:
+        group = _GroupCommit(conn, ensure=shared.ensure)
+        for future in [pool.submit(send, group) for _ in range(workers)]:
+            counts.update(future.result())
     breaker = services.exchange.breaker
     if breaker.open:
         left = counts.get("pending", 0)
@@ -254,7 +400,16 @@ def publish_batch(
         ) from ExchangeDown(breaker.describe())
     if counts.get("deferred"):
         _log_deferred(services, counts, time.monotonic() - started)
-    return counts
+    return dict(counts)
+
+
+def _flush_quietly(sender: _Sender) -> None:
+    """Commit what a failing thread held back, if the database still takes it; an intent left open
+    is settled by reading back."""
+    try:
+        sender.flush()
+    except Exception:  # the thread's own error is the one to raise
+        log.warning("could not record the outcome of this thread's last request; the next run settles it")
 
 
 def _deadline(services: Services, info: runs.RunInfo) -> float | None:
@@ -287,40 +442,30 @@ def backlog(conn: Connection, *, run_id: int) -> dict[str, float | int] | None:
     return publishing.backlog(conn, run_id=run_id)
 
 
-def _newer_view(services: Services, info: runs.RunInfo, action: publishing.PendingAction) -> bool:
-    """No stale overwrite: skip (and say why) when a newer run's view is already published."""
-    with services.engine.begin() as conn:
-        if not publishing.newer_view_published(conn, run=info, recipient_id=action.recipient_id):
-            return False
-        publishing.set_action_state(
-            conn,
-            run_id=info.run_id,
-            action_no=action.action_no,
-            state="skipped",
-            reason="newer_run_published",
-        )
-    return True
-
-
 def _record(
-    services: Services,
+    sender: _Sender,
     info: runs.RunInfo,
     action: publishing.PendingAction,
     intent: publishing.Intent,
     outcome: Outcome,
     task_try: int,
 ) -> str:
-    """Close the intent with Exchange's answer and move state in one transaction."""
+    """Close the intent with Exchange's answer and move state, in one transaction that the sender
+    commits with its next one (the state is decided here)."""
     state = {ACCEPTED: "published", CONFLICT: "conflict"}.get(outcome.kind, "retry")
     if outcome.kind in FINAL_REFUSALS or outcome.kind == AUTH:  # AUTH: refused again after a token refresh
         state = "failed"
-    with services.engine.begin() as conn:
-        publishing.record_outcome(conn, intent=intent, outcome=outcome, task_try=task_try)
+
+    def close(conn: Connection) -> None:
+        # State first, the audit row last: the chain's lock is held from the append to the commit.
+        reason = outcome.code if outcome.kind == ACCEPTED else f"{outcome.kind}:{outcome.code}"
         if state == "published":
-            publishing.mark_published(conn, run=info, action=action)
-        if state != "retry":
-            reason = outcome.code if outcome.kind == ACCEPTED else f"{outcome.kind}:{outcome.code}"
+            publishing.record_published(conn, run=info, action=action, reason=reason)
+        elif state != "retry":
             publishing.set_action_state(
                 conn, run_id=info.run_id, action_no=action.action_no, state=state, reason=reason
             )
+        publishing.record_outcome(conn, intent=intent, outcome=outcome, task_try=task_try)
+
+    sender.hold(close)
     return state

@@ -12,6 +12,8 @@ signed by itself and, when the previous key is configured, endorsed by it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -71,16 +73,51 @@ def _key_row(fields: dict[str, Any], signer: AuditSigner, *, seq: int, at: Any, 
     return row
 
 
+# Where the chain's head stands within the transaction that holds its lock (Connection.info).
+_HEAD = "certsync_audit_head"
+_HELD = "certsync_audit_held"  # rows appended inside together(), not inserted yet
+
+
 def append(conn: Connection, fields: dict[str, Any]) -> int:
     """Append one signed row (column values without seq, at and the chain columns); returns its seq.
-    The caller commits; the chain stays locked until then."""
+    The caller commits; the chain stays locked until then. Further rows of the same transaction
+    extend the head it left without reading it again (no one else can append meanwhile)."""
     signer = signer_of(conn)
-    conn.execute(LOCK)
-    head = conn.execute(HEAD).one()
-    seq, prev_hash = (head.seq or 0) + 1, bytes(head.row_hash or b"")
-    if head.active_key != signer.key.key_id:
-        key_row = _key_row(fields, signer, seq=seq, at=head.now, prev_hash=prev_hash)
-        conn.execute(INSERT, key_row)
-        seq, prev_hash = seq + 1, key_row["row_hash"]
-    conn.execute(INSERT, _complete(fields, seq=seq, at=head.now, prev_hash=prev_hash, key=signer.key))
+    transaction = conn.get_transaction()
+    head_now = conn.info.get(_HEAD)
+    if head_now is not None and head_now[0] is transaction:
+        _, seq, prev_hash, at = head_now
+        seq += 1
+    else:
+        conn.execute(LOCK)
+        head = conn.execute(HEAD).one()
+        seq, prev_hash, at = (head.seq or 0) + 1, bytes(head.row_hash or b""), head.now
+        if head.active_key != signer.key.key_id:
+            key_row = _key_row(fields, signer, seq=seq, at=at, prev_hash=prev_hash)
+            _insert(conn, key_row)
+            seq, prev_hash = seq + 1, key_row["row_hash"]
+    row = _complete(fields, seq=seq, at=at, prev_hash=prev_hash, key=signer.key)
+    _insert(conn, row)
+    conn.info[_HEAD] = (transaction, seq, row["row_hash"], at)
     return seq
+
+
+def _insert(conn: Connection, row: dict[str, Any]) -> None:
+    held = conn.info.get(_HELD)
+    if held is not None:
+        held.append(row)
+    else:
+        conn.execute(INSERT, row)
+
+
+@contextmanager
+def together(conn: Connection) -> Iterator[None]:
+    """Rows appended in the block (seq numbers given at once) are inserted when it ends, in one
+    pipelined round trip instead of one each; the caller commits after the block."""
+    conn.info[_HELD] = held = []
+    try:
+        yield
+    finally:
+        del conn.info[_HELD]
+    if held:
+        conn.execute(INSERT, held)

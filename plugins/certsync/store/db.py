@@ -7,7 +7,8 @@ certsync never starts a database: the run-time connection logs in as the least-p
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -55,6 +56,32 @@ def create_engine(dsn: str) -> Engine:
 def hash_list(values: Iterable[bytes] | None) -> tuple[bytes, ...]:
     """A bytea[] column of SHA-256 digests as the tuple of bytes the plan compares."""
     return tuple(bytes(v) for v in values or ())
+
+
+_HELD = "certsync_held_statements"
+
+
+def execute_or_hold(conn: sa.Connection, statement: sa.TextClause, params: dict) -> None:
+    """Execute a statement whose result nobody reads; inside held(conn), at the block's end."""
+    held = conn.info.get(_HELD)
+    if held is None:
+        conn.execute(statement, params)
+    else:
+        held.setdefault(statement.text, (statement, []))[1].append(params)
+
+
+@contextmanager
+def held(conn: sa.Connection) -> Iterator[None]:
+    """Statements given to execute_or_hold in the block run when it ends, each text once with all
+    its parameter sets (pipelined: one round trip per text instead of one per call). For writes to
+    different rows, whose order does not matter."""
+    conn.info[_HELD] = statements = {}
+    try:
+        yield
+    finally:
+        del conn.info[_HELD]
+    for statement, params in statements.values():
+        conn.execute(statement, params)
 
 
 def copy_rows(conn: sa.Connection, statement: str, rows: Iterable[tuple]) -> int:

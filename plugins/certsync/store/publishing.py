@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 
 from certsync.audit import writer
 from certsync.exchange.outcomes import Outcome
-from certsync.store.db import hash_list
+from certsync.store.db import execute_or_hold, hash_list
 from certsync.store.runs import RunInfo
 
 
@@ -56,32 +56,42 @@ def values_by_hash(conn: Connection, hashes: list[bytes]) -> dict[bytes, bytes]:
     return {bytes(r.sha256): bytes(r.value) for r in rows}
 
 
-def newer_view_published(conn: Connection, *, run: RunInfo, recipient_id: str) -> bool:
-    """True when a run with a later logical date already published this recipient, or planned from
-    a newer view of everything (whatever became of its publishing): an older run (a late backfill, a
-    cleared task of a run before it) must not overwrite that newer view."""
-    return bool(
-        conn.execute(
-            sa.text(
-                "SELECT 1 FROM certsync.published_state WHERE recipient_id = :id AND logical_date > :d"
-                " UNION ALL SELECT 1 FROM certsync.sync_run WHERE planned_at IS NOT NULL AND NOT dry_run"
-                " AND logical_date > :d AND run_id <> :run_id LIMIT 1"
-            ),
-            {"id": recipient_id, "d": run.logical_date, "run_id": run.run_id},
-        ).first()
-    )
-
-
-def attempts_so_far(conn: Connection, *, run_id: int, recipient_id: str) -> int:
-    """Requests this run already sent (or meant to send) this recipient: a retried task continues
-    the count. Rows from before write-ahead auditing count one each, intents count one each."""
-    return conn.execute(
+def newer_views(conn: Connection, *, run: RunInfo, recipient_ids: list[str]) -> set[str]:
+    """The recipients (of those given) that an older run must not overwrite: a run with a later
+    logical date already published them, or planned from a newer view of everything (whatever became
+    of its publishing; then all of them). A late backfill or a cleared task of an earlier run must
+    not overwrite that newer view."""
+    newer_run = conn.execute(
         sa.text(
-            "SELECT count(*) FROM certsync.audit_log WHERE run_id = :r AND recipient_id = :id"
-            " AND (phase IS NULL OR phase = 'intent')"
+            "SELECT 1 FROM certsync.sync_run WHERE planned_at IS NOT NULL AND NOT dry_run"
+            " AND logical_date > :d AND run_id <> :run_id LIMIT 1"
         ),
-        {"r": run_id, "id": recipient_id},
-    ).scalar_one()
+        {"d": run.logical_date, "run_id": run.run_id},
+    ).first()
+    if newer_run:
+        return set(recipient_ids)
+    rows = conn.execute(
+        sa.text(
+            "SELECT recipient_id FROM certsync.published_state"
+            " WHERE recipient_id = ANY(:ids) AND logical_date > :d"
+        ),
+        {"ids": recipient_ids, "d": run.logical_date},
+    )
+    return {r.recipient_id for r in rows}
+
+
+def attempts_so_far(conn: Connection, *, run_id: int, recipient_ids: list[str]) -> dict[str, int]:
+    """Requests this run already sent (or meant to send) each recipient: a retried task continues
+    the count. Rows from before write-ahead auditing count one each, intents count one each."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT recipient_id, count(*) AS n FROM certsync.audit_log"
+            " WHERE run_id = :r AND recipient_id = ANY(:ids) AND (phase IS NULL OR phase = 'intent')"
+            " GROUP BY recipient_id"
+        ),
+        {"r": run_id, "ids": recipient_ids},
+    )
+    return {r.recipient_id: int(r.n) for r in rows}
 
 
 # The values dicts below name a few columns by shorter keys.
@@ -302,14 +312,29 @@ def settle_applied(conn: Connection, *, intent: Intent, snapshot_run_ids: tuple[
     )
 
 
-def mark_published(
-    conn: Connection, *, run: RunInfo, action: PendingAction, state_run: RunInfo | None = None
-) -> None:
-    """Exchange accepted: record what it now holds in `run`'s snapshot, so a re-planned run finds
-    nothing left to do, and move the published state (as of `state_run`, the run that sent it, by
-    default `run`), but never back to an older run's view."""
-    sender = state_run or run
-    values = {
+# Exchange accepted: the run's snapshot says what the recipient holds now, and the published state
+# moves (never back to an older run's view). One statement, one round trip.
+_MARK_PUBLISHED = """
+WITH snapshot AS (
+    UPDATE certsync.exo_recipient SET user_certificate = :uc, user_smime_certificate = :us
+    WHERE recipient_id = :id AND seen_run_id = :snapshot
+){state}
+INSERT INTO certsync.published_state AS p (recipient_id, object_guid, user_certificate,
+    user_smime_certificate, run_id, logical_date, published_at)
+VALUES (:id, :guid, :uc, :us, :run_id, :d, now())
+ON CONFLICT (recipient_id) DO UPDATE SET object_guid = EXCLUDED.object_guid,
+    user_certificate = EXCLUDED.user_certificate, user_smime_certificate = EXCLUDED.user_smime_certificate,
+    run_id = EXCLUDED.run_id, logical_date = EXCLUDED.logical_date, published_at = EXCLUDED.published_at
+WHERE p.logical_date <= EXCLUDED.logical_date
+"""
+_ACTION_PUBLISHED = """, action AS (
+    UPDATE certsync.planned_action SET state = 'published', reason = coalesce(:reason, reason)
+    WHERE run_id = :snapshot AND action_no = :n
+)"""
+
+
+def _published_values(run: RunInfo, action: PendingAction, sender: RunInfo) -> dict:
+    return {
         "id": action.recipient_id,
         "guid": action.object_guid,
         "uc": list(action.user_certificate),
@@ -318,26 +343,25 @@ def mark_published(
         "snapshot": run.run_id,
         "d": sender.logical_date,
     }
-    conn.execute(
-        sa.text(
-            "UPDATE certsync.exo_recipient SET user_certificate = :uc, user_smime_certificate = :us"
-            " WHERE recipient_id = :id AND seen_run_id = :snapshot"
-        ),
-        values,
-    )
-    conn.execute(
-        sa.text(
-            "INSERT INTO certsync.published_state AS p (recipient_id, object_guid, user_certificate,"
-            " user_smime_certificate, run_id, logical_date, published_at)"
-            " VALUES (:id, :guid, :uc, :us, :run_id, :d, now())"
-            " ON CONFLICT (recipient_id) DO UPDATE SET object_guid = EXCLUDED.object_guid,"
-            " user_certificate = EXCLUDED.user_certificate,"
-            " user_smime_certificate = EXCLUDED.user_smime_certificate, run_id = EXCLUDED.run_id,"
-            " logical_date = EXCLUDED.logical_date, published_at = EXCLUDED.published_at"
-            " WHERE p.logical_date <= EXCLUDED.logical_date"
-        ),
-        values,
-    )
+
+
+def mark_published(
+    conn: Connection, *, run: RunInfo, action: PendingAction, state_run: RunInfo | None = None
+) -> None:
+    """Exchange accepted: record what it now holds in `run`'s snapshot, so a re-planned run finds
+    nothing left to do, and move the published state (as of `state_run`, the run that sent it, by
+    default `run`), but never back to an older run's view."""
+    values = _published_values(run, action, state_run or run)
+    conn.execute(sa.text(_MARK_PUBLISHED.format(state="")), values)
+
+
+_RECORD_PUBLISHED = sa.text(_MARK_PUBLISHED.format(state=_ACTION_PUBLISHED))
+
+
+def record_published(conn: Connection, *, run: RunInfo, action: PendingAction, reason: str | None) -> None:
+    """mark_published for the run that sent it, and its action's state 'published', at once."""
+    values = {**_published_values(run, action, run), "n": action.action_no, "reason": reason}
+    execute_or_hold(conn, _RECORD_PUBLISHED, values)
 
 
 def skip_batch(conn: Connection, *, run_id: int, batch: int, reason: str) -> int:
@@ -351,16 +375,16 @@ def skip_batch(conn: Connection, *, run_id: int, batch: int, reason: str) -> int
     ).rowcount
 
 
+_SET_ACTION_STATE = sa.text(
+    "UPDATE certsync.planned_action SET state = :s, reason = coalesce(:reason, reason)"
+    " WHERE run_id = :r AND action_no = :n"
+)
+
+
 def set_action_state(
     conn: Connection, *, run_id: int, action_no: int, state: str, reason: str | None = None
 ) -> None:
-    conn.execute(
-        sa.text(
-            "UPDATE certsync.planned_action SET state = :s, reason = coalesce(:reason, reason)"
-            " WHERE run_id = :r AND action_no = :n"
-        ),
-        {"s": state, "reason": reason, "r": run_id, "n": action_no},
-    )
+    execute_or_hold(conn, _SET_ACTION_STATE, {"s": state, "reason": reason, "r": run_id, "n": action_no})
 
 
 def publishing_for_s(conn: Connection, *, run_id: int) -> float:
