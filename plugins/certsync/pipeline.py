@@ -31,7 +31,7 @@ from certsync.exchange.auth import AuthError
 from certsync.exchange.client import ExchangeClient, ExchangeError
 from certsync.exchange.recipients import Recipient
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
-from certsync.plan import AccountPolicy, build_plan
+from certsync.plan import AccountPolicy, build_plan, delta_users
 from certsync.store import db, planning, publishing, retention, runlock, runs, runslot, source, validation
 from certsync.store.db import DatabaseError
 
@@ -314,17 +314,23 @@ def _validate(services: Services, *, run_id: int, shard: int, shards: int) -> di
 def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -> list[int]:
     """Compute and save the run's actions; returns the publish batch numbers."""
     settings = services.settings
+    policy = AccountPolicy(disabled_accounts=settings.disabled_accounts, left_scope=settings.left_scope)
     with services.run_lock(run_id, "plan"), services.engine.begin() as conn:
         info = runs.run_info(conn, run_id)
         superseded = _superseded(conn, info)
+        recipients = planning.recipients(conn, run_id=run_id)
+        published = planning.published_owners(conn)
+        base, planned, elsewhere = _delta_scope(conn, info, policy, recipients, published, superseded)
+        users = planning.source_users(
+            conn, fingerprint=info.trust_fingerprint, at=info.logical_date, only=planned
+        )
         result = build_plan(
-            planning.source_users(conn, fingerprint=info.trust_fingerprint, at=info.logical_date),
-            recipients=planning.recipients(conn, run_id=run_id),
-            published=planning.published_owners(conn),
-            policy=AccountPolicy(
-                disabled_accounts=settings.disabled_accounts, left_scope=settings.left_scope
-            ),
+            users,
+            recipients=recipients,
+            published=published,
+            policy=policy,
             gone=planning.gone_reasons(conn),
+            claimed_elsewhere=elsewhere,
         )
         if result.removals() > settings.removal_threshold and not allow_mass_removal and not superseded:
             raise RemovalThresholdExceeded(
@@ -334,10 +340,67 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         batches = planning.save_plan(
             conn, run_id=run_id, plan=result, batch_size=settings.publish_batch_size, superseded=superseded
         )
-    log.info("planned %d actions in %d batches", len(result.actions), batches)
+        carried = planning.carry_over(conn, run_id=run_id, base=base, planned=planned) if base else 0
+        planning.record_scope(
+            conn,
+            run_id=run_id,
+            base=base,
+            policy=_policy_text(policy),
+            planned_users=len(planned) if planned is not None else planning.user_count(conn),
+            contested=result.contested,
+        )
+    log.info(
+        "planned %d actions in %d batches (%s)",
+        len(result.actions),
+        batches,
+        f"delta from run {base.run_id}: {len(planned or ())} users planned again, {carried} actions carried over"
+        if base
+        else "every user",
+    )
     # Never an empty list: Airflow marks a task mapped over nothing `removed`, and a later clear or
     # reprocess of the run does not expand it again, so the batches of a re-plan would never be sent.
     return list(range(max(batches, 1)))
+
+
+def _policy_text(policy: AccountPolicy) -> str:
+    return f"disabled_accounts={policy.disabled_accounts};left_scope={policy.left_scope}"
+
+
+def _delta_scope(
+    conn: Any,
+    info: runs.RunInfo,
+    policy: AccountPolicy,
+    recipients: list[Recipient],
+    published: dict[str, Any],
+    superseded: bool,
+) -> tuple[planning.DeltaBase | None, set[Any] | None, set[str]]:
+    """After a delta read of the directory, plan only the users whose entry, verdicts, recipient or
+    claim changed since the previous run's plan, or whose action there did not reach Exchange
+    (planning.changes_since, plan.delta_users); after a full read, every user. Returns (base,
+    users to plan or None for all, recipients claimed by the users left out)."""
+    base = None
+    if not superseded:
+        base = planning.delta_base(
+            conn,
+            run_id=info.run_id,
+            fingerprint=info.trust_fingerprint,
+            at=info.logical_date,
+            policy=_policy_text(policy),
+        )
+    if base is None:
+        return None, None, set()
+    changes = planning.changes_since(
+        conn, base=base, run_id=info.run_id, fingerprint=info.trust_fingerprint, at=info.logical_date
+    )
+    planned, elsewhere = delta_users(
+        planning.user_addresses(conn),
+        recipients=recipients,
+        published=published,
+        changed_users=changes.users,
+        changed_recipients=changes.recipients,
+        old_addresses=changes.old_addresses,
+    )
+    return base, planned, elsewhere
 
 
 def _superseded(conn: Any, info: runs.RunInfo) -> bool:

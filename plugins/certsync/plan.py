@@ -84,6 +84,7 @@ class Action:
 class Plan:
     actions: list[Action] = field(default_factory=list)
     results: list[ValueResult] = field(default_factory=list)
+    contested: set[str] = field(default_factory=set)  # recipients more than one user matched
 
     def removals(self) -> int:
         return sum(1 for a in self.actions if a.kind == "remove")
@@ -184,19 +185,22 @@ def build_plan(
     limit: int = 15,
     policy: AccountPolicy | None = None,
     gone: Mapping[uuid.UUID, str] | None = None,
+    claimed_elsewhere: Iterable[str] = (),
 ) -> Plan:
     """Plan every user, then clear the recipients certsync published to that no user claims any more
     (a user left the scope, was deleted or lost its mail address). `gone` says why users left the
-    source view ('deleted' or 'left_scope'); with left_scope=keep the latter keep what they have."""
+    source view ('deleted' or 'left_scope'); with left_scope=keep the latter keep what they have.
+    `claimed_elsewhere`: recipients claimed by users this plan leaves out (a delta plan)."""
     policy = policy or AccountPolicy()
     by_smtp = {r.primary_smtp.lower(): r for r in recipients}
     plan = Plan()
-    claimed: set[str] = set()
+    claimed: set[str] = set(claimed_elsewhere)
     for user in users:
         recipient, unserved = match_recipient(user, by_smtp), "recipient_not_found"
         if recipient is not None and recipient.recipient_id in claimed:
             # Two users, one recipient: the first claim wins, the second is reported.
             recipient, unserved = None, "recipient_claimed_by_another_user"
+            plan.contested.add(match_recipient(user, by_smtp).recipient_id)  # type: ignore[union-attr]
         if recipient is not None:
             claimed.add(recipient.recipient_id)
         action, results = plan_user(user, recipient, unserved=unserved, limit=limit, policy=policy)
@@ -228,3 +232,46 @@ def _orphan_removals(
         reason = "user_deleted" if why == "deleted" else "user_left_scope"
         kind = "remove" if recipient.writable else "conflict"
         yield Action(object_guid=object_guid, kind=kind, recipient=recipient, reason=reason)
+
+
+def delta_users(
+    users: Iterable[SourceUser],
+    *,
+    recipients: Sequence[Recipient],
+    published: Mapping[str, uuid.UUID],
+    changed_users: set[uuid.UUID],
+    changed_recipients: set[str],
+    old_addresses: set[str],
+) -> tuple[set[uuid.UUID], set[str]]:
+    """For a plan of only what changed since an earlier plan: the users to plan again, and the
+    recipients that the users left out claim. `users` are all users in build_plan's order (their
+    certificates are not needed); `changed_*` what changed since the earlier plan (directory
+    entries, verdicts and its unfinished actions; recipients that changed, appeared or went, and
+    its unfinished actions' recipients, and those more than one user matched then);
+    `old_addresses` the former addresses of recipients that changed or went.
+
+    A user left out has the same entry, verdicts and recipient as in the earlier plan; its claim
+    must be the same too. So every user of a recipient that changed, that a changed user matches,
+    that more than one user matches (the first claim wins), or whose published owner is not its
+    claimant, is planned again, and so is every user holding an address a recipient gave up."""
+    by_smtp = {r.primary_smtp.lower(): r for r in recipients}
+    match: dict[uuid.UUID, str] = {}
+    matchers: dict[str, list[uuid.UUID]] = {}
+    everyone: list[SourceUser] = []
+    for user in users:
+        everyone.append(user)
+        recipient = match_recipient(user, by_smtp)
+        if recipient is not None:
+            match[user.object_guid] = recipient.recipient_id
+            matchers.setdefault(recipient.recipient_id, []).append(user.object_guid)
+    dirty_recipients = set(changed_recipients)
+    for recipient_id, guids in matchers.items():
+        owner = published.get(recipient_id, guids[0])
+        if len(guids) > 1 or owner != guids[0] or not changed_users.isdisjoint(guids):
+            dirty_recipients.add(recipient_id)
+    planned = set(changed_users)
+    for user in everyone:
+        if match.get(user.object_guid) in dirty_recipients or not old_addresses.isdisjoint(user.addresses):
+            planned.add(user.object_guid)
+    elsewhere = {recipient_id for recipient_id, guids in matchers.items() if guids[0] not in planned}
+    return planned, elsewhere

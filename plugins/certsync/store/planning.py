@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -57,11 +58,20 @@ def _verdict(row: sa.Row) -> Verdict:
     )
 
 
-def source_users(conn: Connection, *, fingerprint: str, at: datetime) -> Iterator[SourceUser]:
-    """Every user of the source view with the verdicts of its values valid at `at`, streamed."""
+def source_users(
+    conn: Connection, *, fingerprint: str, at: datetime, only: Collection[uuid.UUID] | None = None
+) -> Iterator[SourceUser]:
+    """Every user of the source view (or those of `only`) with the verdicts of its values valid at
+    `at`, streamed."""
+    query = USERS_WITH_VERDICTS
+    if only is not None:
+        query = query.replace(
+            "ORDER BY u.object_guid",
+            "WHERE u.object_guid = ANY(CAST(:only AS uuid[])) ORDER BY u.object_guid",
+        )
     rows = conn.execute(
-        sa.text(USERS_WITH_VERDICTS),
-        {"fp": fingerprint, "at": at},
+        sa.text(query),
+        {"fp": fingerprint, "at": at, "only": list(only or ())},
         execution_options={"stream_results": True, "yield_per": 5000},
     )
     for guid, group in itertools.groupby(rows, key=lambda r: r.object_guid):
@@ -206,3 +216,185 @@ def save_plan(conn: Connection, *, run_id: int, plan: Plan, batch_size: int, sup
     )
     conn.execute(sa.text("UPDATE certsync.sync_run SET planned_at = now() WHERE run_id = :r"), {"r": run_id})
     return batches
+
+
+# -- delta plans: what changed since an earlier run's plan ------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeltaBase:
+    """The plan a delta plan starts from: the latest plan of an earlier run that may publish."""
+
+    run_id: int
+    logical_date: datetime
+
+
+def delta_base(
+    conn: Connection, *, run_id: int, fingerprint: str, at: datetime, policy: str
+) -> DeltaBase | None:
+    """The base of a delta plan for this run, or None when it must plan every user: its directory
+    read was full (the full schedule), no earlier plan of a run that may publish exists, that plan
+    used another trust configuration or account policy or a later time, or its snapshot of Exchange
+    was purged."""
+    mode = conn.execute(
+        sa.text("SELECT mode FROM certsync.directory_read WHERE run_id = :r"), {"r": run_id}
+    ).scalar()
+    if mode != "delta":
+        return None
+    base = conn.execute(
+        sa.text(
+            "SELECT run_id, logical_date, trust_fingerprint, plan_policy, plan_scope,"
+            " EXISTS (SELECT FROM certsync.exo_recipient e WHERE e.seen_run_id = s.run_id) AS snapshot"
+            " FROM certsync.sync_run s WHERE run_id < :r AND planned_at IS NOT NULL AND NOT dry_run"
+            " ORDER BY run_id DESC LIMIT 1"
+        ),
+        {"r": run_id},
+    ).first()
+    if (
+        base is None
+        or base.plan_scope is None  # planned before plans were recorded
+        or base.trust_fingerprint != fingerprint
+        or base.plan_policy != policy
+        or base.logical_date > at
+        or not base.snapshot
+    ):
+        return None
+    return DeltaBase(run_id=base.run_id, logical_date=base.logical_date)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Changes:
+    """What changed since the base plan, as the store can tell it (see plan.delta_users)."""
+
+    users: set[uuid.UUID]
+    recipients: set[str]
+    old_addresses: set[str]
+
+
+CHANGED_RECIPIENTS = """
+SELECT coalesce(n.recipient_id, o.recipient_id) AS recipient_id, lower(o.primary_smtp) AS old_smtp
+FROM (SELECT * FROM certsync.exo_recipient WHERE seen_run_id = :r) n
+FULL JOIN (SELECT * FROM certsync.exo_recipient WHERE seen_run_id = :b) o ON o.recipient_id = n.recipient_id
+WHERE n.recipient_id IS NULL OR o.recipient_id IS NULL
+   OR (n.primary_smtp, n.recipient_type, n.is_dir_synced, n.is_cloud_managed, n.user_certificate,
+       n.user_smime_certificate)
+      IS DISTINCT FROM (o.primary_smtp, o.recipient_type, o.is_dir_synced, o.is_cloud_managed,
+       o.user_certificate, o.user_smime_certificate)
+"""
+
+# Users whose verdicts may differ between the base's time and this run's: verdicts saved since the
+# base (new values, re-checks), made for a later time than the base's, or run out in between.
+VERDICTS_CHANGED = """
+SELECT DISTINCT v.object_guid FROM certsync.source_value v
+JOIN certsync.cert_verdict c ON c.sha256 = v.sha256 AND c.attribute = v.attribute
+WHERE c.trust_fingerprint = :fp
+  AND (c.checked_run_id > :b OR c.checked_at > :bat OR (c.valid_until > :bat AND c.valid_until <= :at))
+"""
+
+# The base's actions that did not reach Exchange (failed, pending, deferred, skipped), and users
+# that lost a recipient to another user's claim.
+UNFINISHED = """
+SELECT object_guid, recipient_id FROM certsync.planned_action
+WHERE run_id = :b AND ((kind IN ('add', 'replace', 'remove') AND state <> 'published')
+                       OR reason = 'recipient_claimed_by_another_user')
+"""
+
+
+def changes_since(
+    conn: Connection, *, base: DeltaBase, run_id: int, fingerprint: str, at: datetime
+) -> Changes:
+    params = {"b": base.run_id, "r": run_id, "fp": fingerprint, "bat": base.logical_date, "at": at}
+    users = set(
+        conn.execute(
+            sa.text("SELECT object_guid FROM certsync.source_user WHERE changed_run_id > :b"), params
+        ).scalars()
+    )
+    users.update(conn.execute(sa.text(VERDICTS_CHANGED), params).scalars())
+    recipients: set[str] = set()
+    old_addresses: set[str] = set()
+    for row in conn.execute(sa.text(CHANGED_RECIPIENTS), params):
+        recipients.add(row.recipient_id)
+        if row.old_smtp:
+            old_addresses.add(row.old_smtp)
+    contested = conn.execute(
+        sa.text("SELECT plan_contested FROM certsync.sync_run WHERE run_id = :b"), params
+    ).scalar()
+    recipients.update(contested or ())
+    for row in conn.execute(sa.text(UNFINISHED), params):
+        users.add(row.object_guid)
+        if row.recipient_id:
+            recipients.add(row.recipient_id)
+    return Changes(users=users, recipients=recipients, old_addresses=old_addresses)
+
+
+def user_addresses(conn: Connection) -> Iterator[SourceUser]:
+    """Every user of the source view with its addresses only (no certificates), in plan order."""
+    rows = conn.execute(
+        sa.text("SELECT object_guid, mail, proxy_addresses FROM certsync.source_user ORDER BY object_guid"),
+        execution_options={"stream_results": True, "yield_per": 5000},
+    )
+    for r in rows:
+        yield SourceUser(
+            object_guid=r.object_guid,
+            mail=r.mail,
+            addresses=smtp_addresses(r.mail, r.proxy_addresses),
+            verdicts=(),
+        )
+
+
+def carry_over(conn: Connection, *, run_id: int, base: DeltaBase, planned: Collection[uuid.UUID]) -> int:
+    """Copy the base plan's value results and unpublishable actions (conflicts, users without a
+    recipient) of every current user not planned again into this run's plan, so that each run's
+    record stays whole; returns the actions copied."""
+    params = {"r": run_id, "b": base.run_id, "planned": list(planned)}
+    conn.execute(
+        sa.text(
+            "INSERT INTO certsync.value_result (run_id, object_guid, attribute, sha256, selected, reason, rule,"
+            " detail) SELECT :r, v.object_guid, v.attribute, v.sha256, v.selected, v.reason, v.rule, v.detail"
+            " FROM certsync.value_result v JOIN certsync.source_user u USING (object_guid)"
+            " WHERE v.run_id = :b AND NOT v.object_guid = ANY(CAST(:planned AS uuid[]))"
+        ),
+        params,
+    )
+    return conn.execute(
+        sa.text(
+            "INSERT INTO certsync.planned_action (run_id, action_no, object_guid, recipient_id, primary_smtp,"
+            " cmdlet, kind, user_certificate, user_smime_certificate, batch, state, reason)"
+            " SELECT :r, n.first + row_number() OVER (ORDER BY p.action_no) - 1, p.object_guid, p.recipient_id,"
+            " p.primary_smtp, p.cmdlet, p.kind, p.user_certificate, p.user_smime_certificate, -1, p.state, p.reason"
+            " FROM certsync.planned_action p JOIN certsync.source_user u USING (object_guid),"
+            " (SELECT coalesce(max(action_no), 0) + 1 AS first FROM certsync.planned_action WHERE run_id = :r) n"
+            " WHERE p.run_id = :b AND p.kind IN ('conflict', 'no_recipient') AND NOT p.object_guid = ANY(CAST(:planned AS uuid[]))"
+        ),
+        params,
+    ).rowcount
+
+
+def user_count(conn: Connection) -> int:
+    return int(conn.execute(sa.text("SELECT count(*) FROM certsync.source_user")).scalar_one())
+
+
+def record_scope(
+    conn: Connection,
+    *,
+    run_id: int,
+    base: DeltaBase | None,
+    policy: str,
+    planned_users: int,
+    contested: Collection[str],
+) -> None:
+    """How this run's plan was made (sql/0015): what the next delta plan starts from."""
+    conn.execute(
+        sa.text(
+            "UPDATE certsync.sync_run SET plan_scope = :scope, plan_base_run_id = :b, plan_policy = :p,"
+            " planned_users = :n, plan_contested = :c WHERE run_id = :r"
+        ),
+        {
+            "scope": "full" if base is None else "delta",
+            "b": base.run_id if base else None,
+            "p": policy,
+            "n": planned_users,
+            "c": sorted(contested),
+            "r": run_id,
+        },
+    )
