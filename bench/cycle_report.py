@@ -138,9 +138,7 @@ def targets(all_figures: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {users} | full cycle without the Exchange budget <= {TARGET_FULL_S:.0f} s | first run {t['first_without_publish']:.1f} s, second full run {t['steady_without_publish']:.1f} s | {'yes' if t['first_without_publish'] <= TARGET_FULL_S else 'no'} |"
         )
-        lines.append(
-            f"| {users} | delta at 1% churn <= {TARGET_DELTA_S:.0f} s | {t['delta']:.1f} s (publish included) | {'yes' if t['delta'] <= TARGET_DELTA_S else 'no'} |"
-        )
+        lines.append(delta_target(f, t, users))
         ratios = []
         for s in _run(f, "first")["stages"]:
             limit, _ = stage_limit(f, s)
@@ -155,6 +153,16 @@ def targets(all_figures: list[dict[str, Any]]) -> list[str]:
             f"| {users} | certsync peak RSS < 1 GiB | {peak:.0f} MiB | {'yes' if peak < TARGET_RSS_MIB else 'no'} |"
         )
     return lines
+
+
+def delta_target(figures: dict[str, Any], t: dict[str, float], users: str) -> str:
+    delta = t["delta"]
+    if not figures.get("publish_box_s"):
+        return f"| {users} | delta at 1% churn <= {TARGET_DELTA_S:.0f} s | {delta:.1f} s (publish included) | {'yes' if delta <= TARGET_DELTA_S else 'no'} |"
+    # A time box leaves the first run's backlog to the next runs: the delta run's publish holds it,
+    # so the churn's own cost is the run without publish.
+    without = delta - _seconds(_run(figures, "delta"), "publish")
+    return f"| {users} | delta at 1% churn <= {TARGET_DELTA_S:.0f} s | {without:.1f} s without publish ({delta:.1f} s with the publish of actions the time box deferred) | {'yes' if without <= TARGET_DELTA_S else 'no'} |"
 
 
 def scaling(all_figures: list[dict[str, Any]]) -> list[str]:
