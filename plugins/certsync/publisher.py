@@ -384,7 +384,13 @@ def publish_batch(
             raise
         return done
 
-    workers = max(1, min(services.settings.exchange.max_concurrency, len(actions)))
+    # Twice the client's window: threads commit their intents while others' requests are in flight
+    # (the window still bounds what is sent at once). Only the window's size with a time box (no
+    # intent committed before the box ends waits long for its turn) or a window of one (one
+    # request's life at a time: intent, request, outcome).
+    window = services.settings.exchange.max_concurrency
+    threads = window if deadline is not None or window == 1 else 2 * window
+    workers = max(1, min(threads, len(actions)))
     counts: Counter[str] = Counter()
     started = time.monotonic()
     with services.engine.connect() as conn, ThreadPoolExecutor(workers, thread_name_prefix="publish") as pool:
