@@ -141,6 +141,26 @@ def tree_rss_mib(pid: int, *, exclude: frozenset[int] = frozenset()) -> float:
     return total
 
 
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int, *, exclude: frozenset[int] = frozenset()) -> float:
+    """CPU seconds (user and system) of a process and its descendants, with the children they
+    already reaped (PostgreSQL backends that ended), read from /proc."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        if current in exclude:
+            continue
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += sum(int(f) for f in fields[11:15]) * TICK_S  # utime, stime, cutime, cstime
+        todo += _children(current)
+    return total
+
+
 class StageSampler:
     """Samples each process tree's RSS; keeps the peak per (stage, process) of the current stage."""
 
@@ -162,6 +182,13 @@ class StageSampler:
     def _loop(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY_S):
             self.sample()
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of each process tree (the others' trees left out of each)."""
+        return {
+            name: tree_cpu_s(pid, exclude=frozenset(p for p in self.roots.values() if p != pid))
+            for name, pid in self.roots.items()
+        }
 
     def sample(self) -> None:
         peaks = self.peaks.setdefault(self.stage, {})
@@ -244,9 +271,13 @@ class Cycle:
         row: dict[str, Any] = {"stage": name, "unit": unit, "items": 0}
         with py_spy(out, subprocesses=name == "validate"):
             self.sampler.stage = f"{label}:{name}"
+            cpu = self.sampler.cpu_s()
             began = time.perf_counter()
             yield row
             row["seconds"] = time.perf_counter() - began
+            # CPU per process tree: on a shared host, what a stage costs when its wall time cannot
+            # say (py-spy, when profiling, runs as the bench process's child and counts there).
+            row["cpu_s"] = {k: round(v - cpu.get(k, 0.0), 2) for k, v in self.sampler.cpu_s().items()}
             self.sampler.sample()
             self.sampler.stage = "-"
         row["load1"] = os.getloadavg()[0]
@@ -414,7 +445,8 @@ def render_run(run: dict[str, Any]) -> str:
     for s in run["stages"]:
         rate = s["items"] / s["seconds"] if s["seconds"] > 0 and s["items"] else 0
         rss = s["peak_rss_mib"].get("certsync", 0)
-        lines.append(f"  {s['stage']:<16} {s['seconds']:>8.2f} s {s['items']:>8} {s['unit']:<10} {rate:>9.0f}/s  RSS {rss:>5.0f} MiB  load {s['load1']:.1f}")  # fmt: skip
+        cpu = " ".join(f"{k} {v:.1f}" for k, v in s.get("cpu_s", {}).items())
+        lines.append(f"  {s['stage']:<16} {s['seconds']:>8.2f} s {s['items']:>8} {s['unit']:<10} {rate:>9.0f}/s  RSS {rss:>5.0f} MiB  load {s['load1']:.1f}  CPU s: {cpu}")  # fmt: skip
     lines.append(f"  total {sum(s['seconds'] for s in run['stages']):.2f} s")
     return "\n".join(lines)
 
