@@ -235,7 +235,7 @@ def delta_base(
     """The base of a delta plan for this run, or None when it must plan every user: its directory
     read was full (the full schedule), no earlier plan of a run that may publish exists, that plan
     used another trust configuration or account policy or a later time, or its snapshot of Exchange
-    was purged."""
+    or its value results were purged (retention)."""
     mode = conn.execute(
         sa.text("SELECT mode FROM certsync.directory_read WHERE run_id = :r"), {"r": run_id}
     ).scalar()
@@ -244,7 +244,8 @@ def delta_base(
     base = conn.execute(
         sa.text(
             "SELECT run_id, logical_date, trust_fingerprint, plan_policy, plan_scope,"
-            " EXISTS (SELECT FROM certsync.exo_recipient e WHERE e.seen_run_id = s.run_id) AS snapshot"
+            " EXISTS (SELECT FROM certsync.exo_recipient e WHERE e.seen_run_id = s.run_id)"
+            " AND EXISTS (SELECT FROM certsync.value_result v WHERE v.run_id = s.run_id) AS snapshot"
             " FROM certsync.sync_run s WHERE run_id < :r AND planned_at IS NOT NULL AND NOT dry_run"
             " ORDER BY run_id DESC LIMIT 1"
         ),
