@@ -347,7 +347,7 @@ def churn(stack: Any, share: float, seed: int) -> dict[str, int]:
     (a change to publish, unless it was an expired renewal), any other gets a new displayName."""
     import ldap3
 
-    conn = stack.samba.connect()
+    conn = stack.samba.connect(receive_timeout=600)
     try:
         found = conn.extend.standard.paged_search(stack.samba.users_ou, "(&(objectClass=user)(!(objectClass=computer)))", attributes=["userCertificate"], paged_size=1000)  # fmt: skip
         entries = [(e["dn"], e["raw_attributes"].get("userCertificate", [])) for e in found if e.get("type") == "searchResEntry"]  # fmt: skip

@@ -123,10 +123,14 @@ class SambaDC:
     def running(self) -> bool:
         return self._own_pid() is not None
 
-    def connect(self) -> ldap3.Connection:
-        """A bound ldap3 connection as Administrator (simple bind; the lab allows it over ldap://)."""
+    def connect(self, *, receive_timeout: int | None = None) -> ldap3.Connection:
+        """A bound ldap3 connection as Administrator (simple bind; the lab allows it over ldap://).
+        Without `receive_timeout` a read waits as long as the 5 s connect timeout, too short for a
+        search that Samba answers only after evaluating it whole (a paged search of 100,000 users)."""
         server = ldap3.Server(self.ldap_url, get_info=ldap3.NONE, connect_timeout=5)
-        conn = ldap3.Connection(server, user=self.bind_dn, password=self.password)
+        conn = ldap3.Connection(
+            server, user=self.bind_dn, password=self.password, receive_timeout=receive_timeout
+        )
         if not conn.bind():
             raise SambaLabError(f"LDAP bind as {self.bind_dn} failed: {conn.result['description']}")
         return conn
