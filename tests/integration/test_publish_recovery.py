@@ -175,6 +175,10 @@ def _wait_for(
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _holds_left(emulator_stack) -> int:
+    return sum(rule["count"] for rule in emulator_stack.control.config()["holds"])
+
+
 def _kill(worker: subprocess.Popen) -> str:
     worker.send_signal(signal.SIGKILL)
     output, _ = worker.communicate(timeout=30)
@@ -235,6 +239,8 @@ def test_killed_between_intent_and_request(env, db, emulator_stack, baseline, cl
     try:
         worker = _worker(env, key, when)
         _wait_for("an open intent", lambda: _open_intents(db), worker=worker)
+        # An intent commits just before its request leaves: kill once Exchange holds the request.
+        _wait_for("Exchange to hold the request", lambda: not _holds_left(emulator_stack), worker=worker)
         _kill(worker)
         # Publishing is concurrent: the held request is the one Exchange refused, whichever intent it has.
         refused = _wait_for(
