@@ -23,7 +23,7 @@ from certsync.audit import checkpoints
 from certsync.audit import partitions as audit_partitions
 from certsync.audit import writer as audit_writer
 from certsync.audit.signing import AUDIT_SIGNING_CONN_ID
-from certsync.certificates.parallel import validate_many
+from certsync.certificates.parallel import ValidationPool
 from certsync.certificates.trust import TrustConfigError
 from certsync.config import ConfigError, SyncSettings
 from certsync.directory import DirectoryError, DirectoryReader
@@ -292,21 +292,26 @@ def validate(services: Services, *, run_id: int, shard: int = 0, shards: int = 1
 def _validate(services: Services, *, run_id: int, shard: int, shards: int) -> dict[str, int]:
     with services.engine.connect() as conn:
         info = runs.run_info(conn, run_id)
-        pending = validation.pending_values(
-            conn, fingerprint=info.trust_fingerprint, at=info.logical_date, shard=shard, shards=shards
-        )
-    verdicts = validate_many(
-        pending,
+    saved = refused = 0
+    pool = ValidationPool(
         trust=services.settings.trust,
         at=info.logical_date,
         processes=services.settings.validation_processes,
         fingerprint=info.trust_fingerprint,
     )
-    with services.engine.begin() as conn:
-        saved = validation.save_verdicts(
-            conn, verdicts=verdicts, fingerprint=info.trust_fingerprint, run_id=run_id, at=info.logical_date
-        )
-    refused = sum(1 for v in verdicts if not v.ok)
+    # Read, check and save a chunk at a time: memory stays bounded, and a killed try keeps the
+    # verdicts it saved (the next one validates only what is still pending).
+    with pool, services.engine.connect() as reading:
+        for chunk in validation.pending_chunks(
+            reading, fingerprint=info.trust_fingerprint, at=info.logical_date, shard=shard, shards=shards
+        ):
+            verdicts = pool.check(chunk)
+            with services.engine.begin() as conn:
+                saved += validation.save_verdicts(
+                    conn, verdicts=verdicts, fingerprint=info.trust_fingerprint, run_id=run_id,
+                    at=info.logical_date,
+                )  # fmt: skip
+            refused += sum(1 for v in verdicts if not v.ok)
     log.info("shard %d/%d: validated %d values, %d refused", shard, shards, saved, refused)
     return {"validated": saved, "refused": refused}
 

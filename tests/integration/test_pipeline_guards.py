@@ -4,6 +4,7 @@ threshold publish nothing, and secrets stay out of everything the run leaves beh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from datetime import timedelta
@@ -26,6 +27,7 @@ from certsync.pipeline import (
     run_all,
     validate,
 )
+from certsync.store import validation
 from certsync_lab.pki import Pki
 from certsync_lab.population import SeedUser
 from certsync_lab.samba import SambaDC
@@ -109,6 +111,23 @@ def test_validation_redoes_only_what_time_or_trust_changed(settled, sync_env, db
         _stages_to_validation(strict, lab_at + timedelta(days=1, hours=2))["validated"]
         == distinct.fetchone()[0]
     )
+
+
+def test_pending_values_stream_in_chunks(settled, db, lab_at) -> None:
+    """Validation reads what it checks a chunk at a time (its memory must not grow with the
+    directory): the chunks hold every distinct value once, none more than the chunk size."""
+    distinct = db.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT sha256, attribute FROM certsync.source_value) d"
+    ).fetchone()[0]
+    with settled.engine.connect() as conn:
+        chunks = list(
+            validation.pending_chunks(
+                conn, fingerprint="no-verdict-yet", at=lab_at, shard=0, shards=1, size=40
+            )
+        )
+    assert len(chunks) > 1 and max(len(c) for c in chunks) <= 40
+    values = [(attribute, hashlib.sha256(value).digest()) for c in chunks for attribute, value in c]
+    assert len(values) == len(set(values)) == distinct
 
 
 @pytest.mark.parametrize(

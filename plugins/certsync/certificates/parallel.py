@@ -53,6 +53,64 @@ def _check_batch(batch: Sequence[tuple[str, bytes]], at: datetime) -> list[Verdi
     return [check(attribute=attribute, value=value, at=at) for attribute, value in batch]
 
 
+class ValidationPool:
+    """Validators for many chunks of values: in this process for small work, else on `processes`
+    spawned workers, started at the first chunk larger than one batch and kept until the end, so
+    a stage can read, check and save its values a chunk at a time with bounded memory."""
+
+    def __init__(
+        self,
+        *,
+        trust: TrustSpec,
+        at: datetime,
+        processes: int,
+        batch_size: int = 500,
+        fingerprint: str | None = None,
+    ) -> None:
+        loaded = trust.load()  # fails here, in the caller, on a bad configuration
+        if fingerprint is not None and loaded.fingerprint != fingerprint:
+            raise TrustConfigError("the trust files changed since the run began; start a new run")
+        self._spec, self._loaded, self._at = trust, loaded, at
+        self._processes, self._batch_size = processes, batch_size
+        self._local: Validator | None = None
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> ValidationPool:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._pool is None:
+            return
+        if exc is None:
+            self._pool.shutdown(wait=True)
+        else:
+            # Interrupted (task timeout, SIGTERM, a worker's failure): stop the workers now rather
+            # than let them finish batches nobody will read.
+            _stop(self._pool)
+
+    def check(self, items: Sequence[tuple[str, bytes]]) -> list[Verdict]:
+        """Verdicts for (attribute, value) pairs, in input order."""
+        if self._pool is None and (self._processes <= 1 or len(items) <= self._batch_size):
+            self._local = self._local or Validator(trust=self._loaded)
+            return [self._local.check(attribute=a, value=v, at=self._at) for a, v in items]
+        size = self._batch_size
+        batches = [items[i : i + size] for i in range(0, len(items), size)]
+        results = list(self._workers().map(_check_batch, batches, [self._at] * len(batches)))
+        return [verdict for batch in results for verdict in batch]
+
+    def _workers(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = multiprocessing.get_context("spawn")  # fork would copy the caller's threads and pools
+            log.info("validating on %d processes", self._processes)
+            self._pool = ProcessPoolExecutor(
+                max_workers=self._processes,
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(self._spec, os.getpid()),
+            )
+        return self._pool
+
+
 def validate_many(
     items: Sequence[tuple[str, bytes]],
     *,
@@ -64,27 +122,10 @@ def validate_many(
 ) -> list[Verdict]:
     """Verdicts for (attribute, value) pairs, in input order. With `fingerprint`, the trust files
     must still be the ones it was taken from: verdicts are cached under it."""
-    loaded = trust.load()  # fails here, in the caller, on a bad configuration
-    if fingerprint is not None and loaded.fingerprint != fingerprint:
-        raise TrustConfigError("the trust files changed since the run began; start a new run")
-    if processes <= 1 or len(items) <= batch_size:
-        validator = Validator(trust=loaded)
-        return [validator.check(attribute=a, value=v, at=at) for a, v in items]
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    context = multiprocessing.get_context("spawn")  # fork would copy the caller's threads and pools
-    log.info("validating %d values in %d batches on %d processes", len(items), len(batches), processes)
-    pool = ProcessPoolExecutor(
-        max_workers=processes, mp_context=context, initializer=_init_worker, initargs=(trust, os.getpid())
-    )
-    try:
-        results = list(pool.map(_check_batch, batches, [at] * len(batches)))
-    except BaseException:
-        # Interrupted (task timeout, SIGTERM, a worker's failure): stop the workers now rather than
-        # let them finish batches nobody will read.
-        _stop(pool)
-        raise
-    pool.shutdown(wait=True)
-    return [verdict for batch in results for verdict in batch]
+    with ValidationPool(
+        trust=trust, at=at, processes=processes, batch_size=batch_size, fingerprint=fingerprint
+    ) as pool:
+        return pool.check(items)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -15,14 +15,15 @@ from certsync.certificates.verdict import Verdict
 # are kept per check time, so a backfill (an older run time) adds its own verdict next to a newer
 # run's instead of replacing it, and each run plans with the verdict of its own time.
 PENDING = """
-SELECT DISTINCT v.attribute, b.value
-FROM certsync.source_value v
-JOIN certsync.cert_blob b ON b.sha256 = v.sha256
-WHERE NOT EXISTS (
-    SELECT FROM certsync.cert_verdict c
-    WHERE c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
-      AND c.checked_at <= :at AND (c.valid_until IS NULL OR :at < c.valid_until))
-  AND get_byte(b.sha256, 0) % :shards = :shard
+SELECT p.attribute, b.value
+FROM (SELECT DISTINCT v.attribute, v.sha256
+      FROM certsync.source_value v
+      WHERE NOT EXISTS (
+          SELECT FROM certsync.cert_verdict c
+          WHERE c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
+            AND c.checked_at <= :at AND (c.valid_until IS NULL OR :at < c.valid_until))
+        AND get_byte(v.sha256, 0) % :shards = :shard) p
+JOIN certsync.cert_blob b ON b.sha256 = p.sha256
 """
 
 UPSERT = """
@@ -39,14 +40,18 @@ ON CONFLICT (sha256, attribute, trust_fingerprint, checked_at) DO UPDATE SET
 """
 
 
-def pending_values(
-    conn: Connection, *, fingerprint: str, at: datetime, shard: int, shards: int
-) -> list[tuple[str, bytes]]:
-    """(attribute, value) pairs to validate; a value is content-addressed, so each comes once."""
+def pending_chunks(
+    conn: Connection, *, fingerprint: str, at: datetime, shard: int, shards: int, size: int = 10_000
+) -> Iterator[list[tuple[str, bytes]]]:
+    """(attribute, value) pairs to validate, `size` at a time from a server-side cursor, so memory
+    does not grow with the directory; a value is content-addressed, so each comes once."""
     rows = conn.execute(
-        sa.text(PENDING), {"fp": fingerprint, "at": at, "shard": shard, "shards": shards}
-    ).all()
-    return [(r.attribute, bytes(r.value)) for r in rows]
+        sa.text(PENDING),
+        {"fp": fingerprint, "at": at, "shard": shard, "shards": shards},
+        execution_options={"yield_per": size},
+    )
+    for part in rows.partitions(size):
+        yield [(r.attribute, bytes(r.value)) for r in part]
 
 
 def save_verdicts(
