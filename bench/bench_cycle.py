@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,41 +124,45 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def tree_rss_mib(pid: int, *, exclude: frozenset[int] = frozenset()) -> float:
-    """Resident MiB of a process and its descendants (validation workers, PostgreSQL backends), read
-    from /proc directly: psutil's children() walks the whole process table on every call. The
-    subtrees of `exclude` are left out (the services this process started are its children too)."""
+def _tree_sum(pid: int, measure: Callable[[int], float], exclude: frozenset[int]) -> float:
+    """`measure` summed over a process and its descendants, read from /proc directly: psutil's
+    children() walks the whole process table on every call. The subtrees of `exclude` are left
+    out (the services this process started are its children too); a process that exited
+    meanwhile counts nothing."""
     total, todo = 0.0, [pid]
     while todo:
         current = todo.pop()
         if current in exclude:
             continue
         try:
-            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_MIB
+            total += measure(current)
         except (OSError, IndexError, ValueError):
             continue
         todo += _children(current)
     return total
 
 
+def _rss_mib(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_MIB
+
+
+def tree_rss_mib(pid: int, *, exclude: frozenset[int] = frozenset()) -> float:
+    """Resident MiB of a process and its descendants (validation workers, PostgreSQL backends)."""
+    return _tree_sum(pid, _rss_mib, exclude)
+
+
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) * TICK_S  # utime, stime, cutime, cstime
 
 
 def tree_cpu_s(pid: int, *, exclude: frozenset[int] = frozenset()) -> float:
     """CPU seconds (user and system) of a process and its descendants, with the children they
-    already reaped (PostgreSQL backends that ended), read from /proc."""
-    total, todo = 0.0, [pid]
-    while todo:
-        current = todo.pop()
-        if current in exclude:
-            continue
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        total += sum(int(f) for f in fields[11:15]) * TICK_S  # utime, stime, cutime, cstime
-        todo += _children(current)
-    return total
+    already reaped (PostgreSQL backends that ended)."""
+    return _tree_sum(pid, _cpu_s, exclude)
 
 
 class StageSampler:
