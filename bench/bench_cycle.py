@@ -42,7 +42,8 @@ log = logging.getLogger("bench_cycle")
 
 
 def lab_home(users: int) -> Path:
-    return REPO / ".certsync" / f"bench-{users}"
+    # CERTSYNC_BENCH_LABS: another directory of labs (a copy), so two measurements never share a DC.
+    return Path(os.environ.get("CERTSYNC_BENCH_LABS", REPO / ".certsync")) / f"bench-{users}"
 
 
 # -- the lab: built once, restored for every measurement ---------------------------------------------
