@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from certsync_lab.emulator import errors
+from certsync_lab.emulator import errors, filters
 from certsync_lab.emulator.controls import EmulatorConfig
 from certsync_lab.emulator.errors import CmdletError
 from certsync_lab.emulator.rules import write_refusal
@@ -35,7 +36,8 @@ SET_CMDLETS = {
     "Set-MailUser": MAIL_USERS,
     "Set-MailContact": frozenset({"MailContact"}),
 }
-GET_PARAMETERS = frozenset({"Identity", "ResultSize", "RecipientTypeDetails"})
+GET_PARAMETERS = frozenset({"Identity", "ResultSize", "RecipientTypeDetails", "Filter"})
+WHEN_CHANGED = ("WhenChanged", "WhenChangedUTC")
 CERTIFICATE_PARAMETERS = ("UserCertificate", "UserSMimeCertificate")
 # Types a RecipientTypeDetails filter may name: those modelled, and groups (which hold no certificates).
 KNOWN_TYPE_DETAILS = frozenset(RECIPIENT_TYPES) | {"MailUniversalDistributionGroup", "GroupMailbox"}
@@ -107,6 +109,15 @@ class CmdletRunner:
                 del data[key]
             else:
                 data[key] = [_read_shape(value, config.read_value_shape) for value in data[key]]
+        for key in WHEN_CHANGED:
+            if key in data:
+                value = filters.shown(
+                    data[key], shape=config.when_changed_shape, offset_s=config.clock_offset_s
+                )
+                if value is None:
+                    del data[key]
+                else:
+                    data[key] = value
         return data
 
     def _get(
@@ -114,6 +125,7 @@ class CmdletRunner:
     ) -> CmdletResult:
         _reject_unknown(parameters, GET_PARAMETERS)
         kinds = _type_filter(GET_CMDLETS[name], parameters.get("RecipientTypeDetails"))
+        changed = _changed_filter(parameters, config)
         identity = parameters.get("Identity")
         if identity is not None:
             recipient = self._resolve(str(identity), kinds=kinds)
@@ -121,10 +133,19 @@ class CmdletRunner:
         limit = _result_size(parameters.get("ResultSize"))
         after_seq, returned = _decode_skip(page.skip_token)
         wanted = min(page.page_size, limit - returned)
-        rows = self._store.page(type_details=kinds, after_seq=after_seq, limit=wanted + 1)
+        rows = self._store.page(
+            type_details=kinds,
+            after_seq=after_seq,
+            limit=wanted + 1,
+            changed_from=None if changed is None else changed.at.isoformat(),
+        )
         more = len(rows) > wanted
         rows = rows[:wanted]
-        value = [self._shown(name, recipient, page, config) for _, recipient in rows]
+        # The store compared the newest state; a write still lagging shows its older stamp.
+        visible = [self._visible(recipient) for _, recipient in rows]
+        if changed is not None:
+            visible = [r for r in visible if changed.matches(filters.parse_stamp(r.when_changed))]
+        value = [self._shown(name, recipient, page, config) for recipient in visible]
         total = returned + len(rows)
         if more and total < limit:
             return CmdletResult(value=value, skip_token=_encode_skip(rows[-1][0], total))
@@ -171,7 +192,10 @@ class CmdletRunner:
                     " have been modified."
                 ],
             )
-        updated = recipient.changed(**{_FIELD[key]: value for key, value in changes.items()})
+        updated = dataclasses.replace(
+            recipient.changed(**{_FIELD[key]: value for key, value in changes.items()}),
+            when_changed=filters.stamp(precision_s=config.when_changed_precision_s),
+        )
         self._store.save_recipients([updated])
         if config.read_lag_s > 0:
             shown = self._visible(recipient)
@@ -300,6 +324,18 @@ def _reject_unknown(parameters: Mapping[str, Any], allowed: frozenset[str]) -> N
             raise errors.parameter_binding(
                 f"A parameter cannot be found that matches parameter name '{key}'."
             )
+
+
+def _changed_filter(parameters: Mapping[str, Any], config: EmulatorConfig) -> filters.ChangedSince | None:
+    """The -Filter a Get-* was given, as the configured service treats it (see FILTER_MODES)."""
+    if "Filter" not in parameters:
+        return None
+    if config.filter_mode == "refused":
+        raise errors.parameter_binding("A parameter cannot be found that matches parameter name 'Filter'.")
+    changed = filters.parse(parameters["Filter"])
+    if config.filter_mode != "honoured":
+        return None
+    return filters.stored_bound(changed, offset_s=config.clock_offset_s)
 
 
 def _type_filter(base: frozenset[str] | None, raw: Any) -> frozenset[str] | None:

@@ -19,6 +19,13 @@ AUTH_ENDPOINT_TARGET = "token"
 # How certificate values come back on read (unknown for the real service; each is plausible):
 # base64 text, {"Data": base64}, {"Data": [int, ...]}, or the .NET type name instead of bytes.
 READ_VALUE_SHAPES = ("base64", "data_base64", "data_ints", "type_name")
+# What a Get-* does with -Filter (OPATH) on WhenChanged/WhenChangedUTC: Microsoft documents both as
+# filterable, but nothing was tried on a live tenant, so a refusal (ParameterBindingException, 400)
+# and a filter accepted but not applied (every recipient returned) are modelled too.
+FILTER_MODES = ("honoured", "refused", "ignored")
+# How WhenChanged/WhenChangedUTC come back (unknown over REST): ISO 8601 with an offset or a "Z",
+# the .NET JSON date "/Date(ms)/", or left out of the answer.
+WHEN_CHANGED_SHAPES = ("iso", "iso_z", "date_ms", "absent")
 
 
 @dataclass(kw_only=True)
@@ -84,6 +91,13 @@ class EmulatorConfig:
     denied_cmdlets: list[str] = field(default_factory=list)
     # Rate-Limit-Limit as the service announces it (informational).
     rate_limit_limit: int = 30000
+    # -Filter on WhenChanged (FILTER_MODES), the shape of WhenChanged on read (WHEN_CHANGED_SHAPES),
+    # the service's clock against this host's (every stamp shown and compared `clock_offset_s` off), and the precision
+    # of the stamps (truncated to whole multiples of this many seconds).
+    filter_mode: str = "honoured"
+    when_changed_shape: str = "iso"
+    clock_offset_s: float = 0.0
+    when_changed_precision_s: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,6 +227,12 @@ def _validate(config: EmulatorConfig) -> None:
         raise ValueError("read_lag_s must not be negative and max_values must be at least 1")
     if config.latency_ms < 0 or config.jitter_ms < 0:
         raise ValueError("latency_ms and jitter_ms must not be negative")
+    if config.filter_mode not in FILTER_MODES:
+        raise ValueError(f"filter_mode must be one of {', '.join(FILTER_MODES)}")
+    if config.when_changed_shape not in WHEN_CHANGED_SHAPES:
+        raise ValueError(f"when_changed_shape must be one of {', '.join(WHEN_CHANGED_SHAPES)}")
+    if config.when_changed_precision_s < 1:
+        raise ValueError("when_changed_precision_s must be at least 1")
     for rule in config.faults:
         if not 400 <= rule.status <= 599:
             raise ValueError(f"fault status must be an HTTP error status, got {rule.status}")

@@ -98,6 +98,7 @@ class Recipient:
             "UserCertificate": list(self.user_certificate),
             "UserSMimeCertificate": list(self.user_smime_certificate),
             "WhenChanged": self.when_changed,
+            "WhenChangedUTC": self.when_changed,
         }
 
     def to_json(self) -> str:
@@ -215,11 +216,20 @@ class StateStore:
         return [row[0] for row in rows]
 
     def page(
-        self, *, type_details: Iterable[str] | None, after_seq: int, limit: int
+        self,
+        *,
+        type_details: Iterable[str] | None,
+        after_seq: int,
+        limit: int,
+        changed_from: str | None = None,
     ) -> list[tuple[int, Recipient]]:
-        """Recipients in a stable order (insertion), for keyset paging."""
+        """Recipients in a stable order (insertion), for keyset paging; with `changed_from` (ISO
+        text in UTC, as stored) only those whose WhenChanged is that or later."""
         sql = "SELECT seq, data FROM recipients WHERE seq > ?"
         params: list[Any] = [after_seq]
+        if changed_from is not None:
+            sql += " AND json_extract(data, '$.WhenChanged') >= ?"
+            params.append(changed_from)
         if type_details is not None:
             kinds = sorted(set(type_details))
             sql += f" AND type_details IN ({','.join('?' * len(kinds))})"
