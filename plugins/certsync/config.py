@@ -12,7 +12,8 @@ Connections (default ids; the DAG's params and the CLI's options choose others)
                        change_tracking (usn|dirsync)
     certsync_exchange  type certsync_exchange (or https): <client id>:<client secret>@outlook.office365.com
                        extra: tenant_id, authority_host, ca_file, certificate_file, private_key_file,
-                       page_size, max_concurrency, breaker_threshold, byte_encoding (base64|integers)
+                       page_size, max_concurrency, breaker_threshold, byte_encoding (base64|integers),
+                       changed_overlap_minutes (delta reads of recipients; default 30)
     certsync_postgres  type certsync_postgres (or postgres): certsync_app:<password>@host/db
                        (required; the run-time login)
     certsync_postgres_owner  postgresql://<owner>@host/db  (only for `certsync db upgrade`)
@@ -192,6 +193,9 @@ class ExchangeSettings:
     breaker_threshold: int = 5
     # How a byte array's Data travels: "base64" or "integers" (unknown for the service; see certsync probe).
     byte_encoding: str = "base64"
+    # A delta read asks for recipients changed since the newest WhenChanged read before, minus this
+    # much: a write can stay invisible to reads for minutes, and its stamp is its commit time.
+    changed_overlap_minutes: int = 30
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,9 @@ def exchange_settings(conn: Connection) -> ExchangeSettings:
             f"connection {conn.conn_id!r}", extra, "breaker_threshold", 5, minimum=1
         ),
         byte_encoding=_byte_encoding(conn, extra),
+        changed_overlap_minutes=_int_setting(
+            f"connection {conn.conn_id!r}", extra, "changed_overlap_minutes", 30, minimum=0
+        ),
     )
 
 

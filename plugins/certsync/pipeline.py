@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -27,12 +27,14 @@ from certsync.certificates.parallel import ValidationPool
 from certsync.certificates.trust import TrustConfigError
 from certsync.config import ConfigError, SyncSettings
 from certsync.directory import DirectoryError, DirectoryReader
+from certsync.exchange import changes as exchange_changes
 from certsync.exchange.auth import AuthError
 from certsync.exchange.client import ExchangeClient, ExchangeError
 from certsync.exchange.recipients import Recipient
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
 from certsync.plan import AccountPolicy, build_plan, delta_users
 from certsync.store import db, planning, publishing, retention, runlock, runs, runslot, source, validation
+from certsync.store import recipients as recipient_store
 from certsync.store.db import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -269,17 +271,34 @@ def extract(services: Services, *, run_id: int) -> dict[str, Any]:
     return counts
 
 
-def read_recipients(services: Services, *, run_id: int, task_try: int = 1) -> dict[str, int]:
+def read_recipients(services: Services, *, run_id: int, task_try: int = 1) -> dict[str, Any]:
     """Snapshot, for this run, the recipients Exchange Online holds (type, sync state, certificates),
-    after settling the requests whose answer a dead process never recorded."""
+    after settling the requests whose answer a dead process never recorded. A delta run reads only
+    the recipients changed since the previous read and merges them into its snapshot
+    (certsync.store.recipients); a full read replaces the snapshot whole."""
+    exchange = services.settings.exchange
     with services.run_lock(run_id, "read_recipients") as lock:
         settled = publisher.settle_open_intents(services, lock, task_try=task_try)
-        found = [Recipient.from_exchange(obj) for obj in services.exchange.recipients()]
+        with services.engine.connect() as conn:
+            start = recipient_store.choose(
+                conn, run_id=run_id, tenant=f"{exchange.base_url}/{exchange.tenant_id}",
+                full_every=services.settings.full_read_every,
+                overlap=timedelta(minutes=exchange.changed_overlap_minutes), now=datetime.now(UTC),
+            )  # fmt: skip
+        read = exchange_changes.read(services.exchange, start.plan)
         with services.engine.begin() as conn:
-            count = planning.save_recipients(conn, run_id=run_id, recipients=found)
+            count = recipient_store.save(conn, run_id=run_id, start=start, read=read)
             planning.purge_old_snapshots(conn)
-    log.info("read %d recipients from Exchange Online", count)
-    return {"recipients": count, "settled": settled["applied"] + settled["not_applied"]}
+    log.info(
+        "read %d recipients from Exchange Online (%s: %s); the run's snapshot holds %d",
+        len(read.recipients), read.mode, read.why, count,
+    )  # fmt: skip
+    return {
+        "recipients": count,
+        "read": len(read.recipients),
+        "mode": read.mode,
+        "settled": settled["applied"] + settled["not_applied"],
+    }
 
 
 def validate(services: Services, *, run_id: int, shard: int = 0, shards: int = 1) -> dict[str, int]:

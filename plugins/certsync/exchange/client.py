@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import requests
@@ -60,6 +61,9 @@ RECIPIENT_FIELDS = (
     "IsExchangeCloudManaged",
     "UserCertificate",
     "UserSMimeCertificate",
+    # The watermark of delta reads (certsync.exchange.changes).
+    "WhenChangedUTC",
+    "WhenChanged",
 )
 CERTIFICATE_FIELDS = ("UserCertificate", "UserSMimeCertificate")
 # The cmdlets that surely return certificates and IsExchangeCloudManaged (Get-Recipient may not).
@@ -215,10 +219,14 @@ class ExchangeClient:
         answer = self.call("Get-Mailbox", {"ResultSize": 1})
         log.info("Exchange Online reachable (%d mailbox read)", len((answer.body or {}).get("value", [])))
 
-    def recipients(self) -> Iterator[dict]:
-        """Every mailbox, mail user and mail contact with what certsync needs of it."""
+    def recipients(self, *, changed_since: datetime | None = None) -> Iterator[dict]:
+        """Every mailbox, mail user and mail contact with what certsync needs of it; with
+        `changed_since`, only those whose WhenChangedUTC is that or later (certsync.exchange.changes)."""
+        parameters: dict[str, Any] = {"ResultSize": "Unlimited"}
+        if changed_since is not None:
+            parameters["Filter"] = wire.changed_filter(changed_since)
         for cmdlet in READ_CMDLETS:
-            yield from self.read(cmdlet, {"ResultSize": "Unlimited"}, select=RECIPIENT_FIELDS)
+            yield from self.read(cmdlet, parameters, select=RECIPIENT_FIELDS)
 
     def set_certificates(
         self,
