@@ -138,33 +138,56 @@ def stage_gone(conn: Connection, *, run_id: int, gone: Iterable[tuple[uuid.UUID,
     )
 
 
+# A full read returns every user, nearly all unchanged: the merge writes only what differs, so a
+# read where nothing changed costs reads, not a rewrite of the source view (and its index and WAL).
 MERGE_STATEMENTS = (
-    # New distinct values, content-addressed.
+    # New distinct values, content-addressed (those already stored are not even sorted).
     """INSERT INTO certsync.cert_blob (sha256, value, first_run_id)
-       SELECT DISTINCT ON (sha256) sha256, value, run_id FROM certsync.staging_value WHERE run_id = :r
+       SELECT DISTINCT ON (sha256) sha256, value, run_id FROM certsync.staging_value n
+       WHERE run_id = :r AND NOT EXISTS (SELECT FROM certsync.cert_blob b WHERE b.sha256 = n.sha256)
        ON CONFLICT (sha256) DO NOTHING""",
-    # Users: insert or update; changed_run_id moves only when something the pipeline uses changed.
-    """INSERT INTO certsync.source_user AS s (object_guid, dn, sam_account_name, display_name, mail,
+    # Users that differ in any column: update them; changed_run_id moves only when something the
+    # plan uses changed (mail, proxyAddresses, userAccountControl, msExchRecipientTypeDetails).
+    """UPDATE certsync.source_user s SET dn = u.dn, sam_account_name = u.sam_account_name,
+           display_name = u.display_name, mail = u.mail, proxy_addresses = u.proxy_addresses,
+           user_account_control = u.user_account_control, usn_changed = u.usn_changed,
+           recipient_type_details = u.recipient_type_details, last_seen_run_id = u.run_id,
+           changed_run_id = CASE WHEN (s.mail, s.proxy_addresses, s.user_account_control,
+                                       s.recipient_type_details)
+                                      IS DISTINCT FROM (u.mail, u.proxy_addresses, u.user_account_control,
+                                       u.recipient_type_details)
+                                 THEN u.run_id ELSE s.changed_run_id END
+       FROM certsync.staging_user u
+       WHERE u.run_id = :r AND s.object_guid = u.object_guid
+         AND (s.dn, s.sam_account_name, s.display_name, s.mail, s.proxy_addresses, s.user_account_control,
+              s.usn_changed, s.recipient_type_details)
+             IS DISTINCT FROM (u.dn, u.sam_account_name, u.display_name, u.mail, u.proxy_addresses,
+              u.user_account_control, u.usn_changed, u.recipient_type_details)""",
+    # Users new to the source view.
+    """INSERT INTO certsync.source_user (object_guid, dn, sam_account_name, display_name, mail,
            proxy_addresses, user_account_control, usn_changed, recipient_type_details,
            last_seen_run_id, changed_run_id)
        SELECT object_guid, dn, sam_account_name, display_name, mail, proxy_addresses,
               user_account_control, usn_changed, recipient_type_details, run_id, run_id
-       FROM certsync.staging_user WHERE run_id = :r
-       ON CONFLICT (object_guid) DO UPDATE SET
-           dn = EXCLUDED.dn, sam_account_name = EXCLUDED.sam_account_name,
-           display_name = EXCLUDED.display_name, mail = EXCLUDED.mail,
-           proxy_addresses = EXCLUDED.proxy_addresses,
-           user_account_control = EXCLUDED.user_account_control,
-           recipient_type_details = EXCLUDED.recipient_type_details,
-           usn_changed = EXCLUDED.usn_changed, last_seen_run_id = EXCLUDED.last_seen_run_id,
-           changed_run_id = CASE WHEN s.usn_changed IS DISTINCT FROM EXCLUDED.usn_changed
-                                 THEN EXCLUDED.changed_run_id ELSE s.changed_run_id END""",
-    # Values of the staged users: replace the set (each read returns a user's values whole).
-    """DELETE FROM certsync.source_value v USING certsync.staging_user u
-       WHERE u.run_id = :r AND v.object_guid = u.object_guid""",
+       FROM certsync.staging_user u
+       WHERE run_id = :r AND NOT EXISTS (SELECT FROM certsync.source_user s WHERE s.object_guid = u.object_guid)""",
+    # Staged users whose set of values (or their order) differs from the source view's.
+    """UPDATE certsync.source_user s SET changed_run_id = :r, last_seen_run_id = :r
+       WHERE s.changed_run_id <> :r AND s.object_guid IN (
+           SELECT object_guid
+           FROM (SELECT object_guid, attribute, sha256, min(ordinal) AS ordinal
+                 FROM certsync.staging_value WHERE run_id = :r GROUP BY object_guid, attribute, sha256) n
+           FULL JOIN (SELECT v.object_guid, v.attribute, v.sha256, v.ordinal FROM certsync.source_value v
+                      JOIN certsync.staging_user u ON u.run_id = :r AND u.object_guid = v.object_guid) o
+           USING (object_guid, attribute, sha256)
+           WHERE n.ordinal IS DISTINCT FROM o.ordinal)""",
+    # Values of the users that changed: replace the set (each read returns a user's values whole).
+    """DELETE FROM certsync.source_value v USING certsync.source_user s
+       WHERE s.changed_run_id = :r AND v.object_guid = s.object_guid""",
     """INSERT INTO certsync.source_value (object_guid, attribute, sha256, ordinal)
-       SELECT object_guid, attribute, sha256, min(ordinal) FROM certsync.staging_value WHERE run_id = :r
-       GROUP BY object_guid, attribute, sha256""",
+       SELECT n.object_guid, n.attribute, n.sha256, min(n.ordinal) FROM certsync.staging_value n
+       JOIN certsync.source_user s ON s.object_guid = n.object_guid AND s.changed_run_id = :r
+       WHERE n.run_id = :r GROUP BY n.object_guid, n.attribute, n.sha256""",
     # A user read in scope is not gone, whatever else said so; one that came back is no longer.
     """DELETE FROM certsync.staging_gone g USING certsync.staging_user u
        WHERE g.run_id = :r AND u.run_id = :r AND u.object_guid = g.object_guid""",
@@ -183,14 +206,18 @@ MERGE_STATEMENTS = (
 # A complete full read is authoritative for the scope: users it did not return are gone (the
 # extract has already staged them with their reason; this catches any it could not place).
 DROP_UNSEEN = """
-WITH gone AS (DELETE FROM certsync.source_user WHERE last_seen_run_id <> :r RETURNING object_guid)
+WITH gone AS (
+    DELETE FROM certsync.source_user s
+    WHERE NOT EXISTS (SELECT FROM certsync.staging_user u WHERE u.run_id = :r AND u.object_guid = s.object_guid)
+    RETURNING object_guid)
 INSERT INTO certsync.source_gone (object_guid, reason, run_id) SELECT object_guid, 'deleted', :r FROM gone
 ON CONFLICT (object_guid) DO UPDATE SET reason = EXCLUDED.reason, run_id = EXCLUDED.run_id, gone_at = now()
 """
 
 
 def merge_source(conn: Connection, *, run_id: int, full: bool) -> int:
-    """Merge this run's staging into the source view; returns the users no longer in scope."""
+    """Merge this run's staging into the source view; returns the users no longer in scope. The
+    users new or changed for the plan get changed_run_id = run_id; the others are left untouched."""
     gone = 0
     for statement in MERGE_STATEMENTS:
         result = conn.execute(sa.text(statement), {"r": run_id})
@@ -352,18 +379,16 @@ def _full(conn: Connection, ldap: object, reader: DirectoryReader, run_id: int, 
 def _delta(
     conn: Connection, ldap: object, reader: DirectoryReader, run_id: int, since: int, nc: str
 ) -> dict[str, int]:
-    """Users in scope changed since the watermark; users changed anywhere that the scoped read did
-    not return (moved out, filtered out, deleted: tombstones); and, when the scope names a group
-    whose membership may have changed, the users that entered or left it."""
+    """Users changed anywhere in the domain since the watermark (one search, tombstones included),
+    read whole by objectGUID below the base DNs with the scope's filter; those that read does not
+    return moved out, were filtered out or are deleted (tombstones); and, when the scope names a
+    group whose membership may have changed, the users that entered or left it."""
     page = reader.settings.page_size
-    users, values = stage_users(
-        conn, run_id=run_id, users=reader.iter_changed(ldap, since=since), page_size=page
-    )
-    gone: dict[uuid.UUID, str] = {
-        guid: ("deleted" if deleted else "left_scope")
-        for guid, deleted in reader.iter_changed_anywhere(ldap, since=since, naming_context=nc)
-    }
-    if reader.settings.group_dn and reader.groups_changed(ldap, since=since, naming_context=nc):
+    changed, group_changed = reader.changed_in_domain(ldap, since=since, naming_context=nc)
+    live = sorted({guid for guid, deleted in changed if not deleted})
+    users, values = stage_users(conn, run_id=run_id, users=reader.iter_by_guid(ldap, live), page_size=page)
+    gone: dict[uuid.UUID, str] = {guid: ("deleted" if deleted else "left_scope") for guid, deleted in changed}
+    if reader.settings.group_dn and group_changed:
         more_users, more_values = _regroup(conn, ldap, reader, run_id, gone)
         users, values = users + more_users, values + more_values
     staged = set(_guids(conn, "SELECT object_guid FROM certsync.staging_user WHERE run_id = :r", run_id))

@@ -1,0 +1,168 @@
+"""The merge of a directory read into the source view writes only what differs: after random
+changes a full read leaves the untouched users' rows as they were (not even rewritten), marks
+exactly the users whose plan inputs changed with the run (what the next plan re-plans), and still
+drops the users it no longer returned. PostgreSQL only: the reads are staged as the extract stages
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from certsync.config import database_dsn
+from certsync.directory import DirectoryUser
+from certsync.store import db, runs, source
+from certsync_lab.stack import certsync_database
+
+WHEN = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_pg):
+    engine = db.create_engine(database_dsn(certsync_database(embedded_pg, "certsync_merge")))
+    yield engine
+    engine.dispose()
+
+
+def _user(rng: random.Random, n: int) -> DirectoryUser:
+    return DirectoryUser(
+        object_guid=uuid.UUID(int=n + 1),
+        dn=f"CN=u{n},OU=People,DC=x",
+        sam_account_name=f"u{n}",
+        display_name=f"User {n}",
+        mail=f"u{n}@x.test",
+        proxy_addresses=(f"smtp:alias{n}@x.test",),
+        user_certificate=tuple(rng.randbytes(40) for _ in range(rng.randint(0, 3))),
+        user_smime_certificate=tuple(rng.randbytes(40) for _ in range(rng.randint(0, 1))),
+        user_account_control=512,
+        usn_changed=1000 + n,
+    )
+
+
+def _merge(engine, users: list[DirectoryUser], key: str, *, full: bool = True) -> tuple[int, int]:
+    with engine.begin() as conn:
+        run_id = runs.begin_run(
+            conn, dag_id="merge-test", airflow_run_id=key, logical_date=WHEN, mode="full" if full else "delta",
+            dry_run=True, trust_fingerprint="-",
+        )  # fmt: skip
+        source.clear_staging(conn, run_id=run_id)
+        source.stage_users(conn, run_id=run_id, users=users, page_size=97)
+        return run_id, source.merge_source(conn, run_id=run_id, full=full)
+
+
+def _rows(engine) -> dict[uuid.UUID, tuple]:
+    """Each user's row version (xmin), changed_run_id, what a read would return, and its values'
+    row versions."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT u.object_guid, u.xmin::text AS version, u.changed_run_id, u.dn, u.display_name, u.mail,"
+                " u.proxy_addresses, u.user_account_control, u.usn_changed,"
+                " array(SELECT v.attribute || ':' || encode(v.sha256, 'hex') || ':' || v.ordinal"
+                "       FROM certsync.source_value v WHERE v.object_guid = u.object_guid ORDER BY 1) AS vals,"
+                " array(SELECT v.xmin::text FROM certsync.source_value v WHERE v.object_guid = u.object_guid"
+                "       ORDER BY 1) AS versions"
+                " FROM certsync.source_user u"
+            )
+        )
+        return {
+            r.object_guid: (r.version, r.changed_run_id, (r.dn, r.display_name, r.mail, tuple(r.proxy_addresses),
+                            r.user_account_control, r.usn_changed, tuple(r.vals)), tuple(r.versions))
+            for r in rows
+        }  # fmt: skip
+
+
+def _expected(user: DirectoryUser) -> tuple:
+    values = [
+        f"{attribute}:{hashlib.sha256(v).hexdigest()}:{ordinal}"
+        for attribute, listed in (("userCertificate", user.user_certificate),
+                                  ("userSMIMECertificate", user.user_smime_certificate))
+        for ordinal, v in enumerate(listed)
+    ]  # fmt: skip
+    return (user.dn, user.display_name, user.mail, user.proxy_addresses, user.user_account_control,
+            user.usn_changed, tuple(sorted(values)))  # fmt: skip
+
+
+def _change(rng: random.Random, users: list[DirectoryUser]) -> tuple[list[DirectoryUser], set, set, set]:
+    """Random changes: some the plan uses (mail, proxies, account state, values added, dropped or
+    reordered), some it does not (display name, DN, USN only); users deleted and added.
+    Returns (users now, plan-changed, changed otherwise, deleted)."""
+    users = list(users)
+    for_plan: set[uuid.UUID] = set()
+    other: set[uuid.UUID] = set()
+    edits = [
+        (True, lambda u: dataclasses.replace(u, mail=f"new-{u.sam_account_name}@x.test")),
+        (True, lambda u: dataclasses.replace(u, proxy_addresses=())),
+        (True, lambda u: dataclasses.replace(u, user_account_control=514)),
+        (True, lambda u: dataclasses.replace(u, user_certificate=(*u.user_certificate, rng.randbytes(40)))),
+        (True, lambda u: dataclasses.replace(u, user_smime_certificate=())),
+        (False, lambda u: dataclasses.replace(u, display_name="renamed", usn_changed=u.usn_changed + 1)),
+        (False, lambda u: dataclasses.replace(u, dn=u.dn.replace("People", "Moved"))),
+    ]
+    for i in rng.sample(range(len(users)), 40):
+        relevant, edit = rng.choice(edits)
+        changed = edit(users[i])
+        if changed == users[i]:
+            continue
+        users[i] = changed
+        (for_plan if relevant else other).add(changed.object_guid)
+    for i in rng.sample(range(len(users)), 4):  # values in another order: the plan reads them in order
+        u = users[i]
+        if len(u.user_certificate) > 1 and u.object_guid not in other:
+            users[i] = dataclasses.replace(u, user_certificate=tuple(reversed(u.user_certificate)))
+            for_plan.add(u.object_guid)
+    deleted = {users.pop(rng.randrange(len(users))).object_guid for _ in range(5)}
+    new = [_user(rng, 10_000 + n) for n in range(6)]
+    for_plan |= {u.object_guid for u in new}
+    return users + new, for_plan - deleted, other - for_plan - deleted, deleted
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_full_read_writes_only_what_changed(engine, seed: int) -> None:
+    rng = random.Random(seed)
+    users = [_user(rng, seed * 1000 + n) for n in range(200)]
+    first, _ = _merge(engine, users, f"first {seed}")
+    before = _rows(engine)
+    now, for_plan, other, deleted = _change(rng, users)
+    second, gone = _merge(engine, now, f"second {seed}")
+    after = _rows(engine)
+
+    assert {g: row[2] for g, row in after.items()} == {u.object_guid: _expected(u) for u in now}
+    assert gone == len(deleted) and not deleted & after.keys()
+    assert {g for g, row in after.items() if row[1] == second} == for_plan
+    untouched = after.keys() - for_plan - other
+    assert {g: after[g][:2] + after[g][3:] for g in untouched} == {
+        g: before[g][:2] + before[g][3:] for g in untouched
+    }
+    assert all(after[g][3] == before[g][3] for g in other)  # their values were not rewritten either
+    assert all(after[g][1] == first for g in other)
+    with engine.connect() as conn:
+        reasons = dict(conn.execute(sa.text("SELECT object_guid, reason FROM certsync.source_gone")).all())
+    assert all(reasons[g] == "deleted" for g in deleted)
+    # Read again unchanged: nothing is written at all.
+    _, gone = _merge(engine, now, f"third {seed}")
+    assert gone == 0 and _rows(engine) == after
+
+
+def test_a_delta_read_merges_only_the_users_it_read(engine) -> None:
+    rng = random.Random(7)
+    users = [_user(rng, 9000 + n) for n in range(50)]
+    _merge(engine, users, "delta base")
+    before = _rows(engine)
+    changed = [
+        dataclasses.replace(users[3], mail="moved@x.test"),
+        dataclasses.replace(users[4], usn_changed=1),
+    ]
+    run_id, gone = _merge(engine, changed, "delta read", full=False)
+    after = _rows(engine)
+    assert gone == 0
+    assert {g for g in after if after[g][1] == run_id} == {users[3].object_guid}
+    assert after[users[4].object_guid][2] == _expected(changed[1])
+    assert all(after[u.object_guid] == before[u.object_guid] for u in users[5:])
