@@ -189,29 +189,27 @@ class DirectoryReader:
         with self.session() as own:
             yield from self._users(own)
 
-    def iter_changed(self, conn: ldap3.Connection, *, since: int) -> Iterator[DirectoryUser]:
-        """Users in scope changed after USN `since`."""
-        return self._users(conn, f"(uSNChanged>={since + 1})")
-
-    def iter_changed_anywhere(
+    def changed_in_domain(
         self, conn: ldap3.Connection, *, since: int, naming_context: str
-    ) -> Iterator[tuple[uuid.UUID, bool]]:
+    ) -> tuple[list[tuple[uuid.UUID, bool]], bool]:
         """(objectGUID, deleted) of every user of the domain changed after `since`, tombstones
-        included: a changed user the scoped read did not return has left the scope or is gone."""
-        # One search with the show-deleted control returns live users and tombstones alike (a
-        # uSNChanged range is a scan on some servers: one pass instead of two).
-        search_filter = f"(&{USER_FILTER}(uSNChanged>={since + 1}))"
+        included, and whether any group changed (a membership change bumps the group's USN, never
+        the member's: memberOf is a back link). One search: a uSNChanged range is a scan on some
+        servers (Samba), so the users in scope are then looked up by objectGUID (iter_by_guid),
+        which is indexed, instead of scanning again below each base DN."""
+        search_filter = f"(&(uSNChanged>={since + 1})(|{USER_FILTER}(objectClass=group)))"
+        users: list[tuple[uuid.UUID, bool]] = []
+        group = False
         for dn, raw in self._paged(
-            conn, naming_context, search_filter, ["objectGUID", "isDeleted"], deleted=True
+            conn, naming_context, search_filter, ["objectGUID", "isDeleted", "objectClass"], deleted=True
         ):
-            deleted = any(bytes(v).upper() == b"TRUE" for v in raw.get("isDeleted", []))
-            yield from self._guid(dn, raw, deleted=deleted)
-
-    def groups_changed(self, conn: ldap3.Connection, *, since: int, naming_context: str) -> bool:
-        """Whether any group changed after `since`: a membership change bumps the group's USN,
-        never the member's (memberOf is a back link), so the scope's group must be read again."""
-        search_filter = f"(&(objectClass=group)(uSNChanged>={since + 1}))"
-        return any(True for _ in self._paged(conn, naming_context, search_filter, ["objectGUID"]))
+            classes = {bytes(v).lower() for v in raw.get("objectClass", [])}
+            if b"group" in classes:
+                group = True
+            elif b"user" in classes and b"computer" not in classes:
+                deleted = any(bytes(v).upper() == b"TRUE" for v in raw.get("isDeleted", []))
+                users.extend(self._guid(dn, raw, deleted=deleted))
+        return users, group
 
     def dirsync(
         self, conn: ldap3.Connection, *, cookie: bytes | None, naming_context: str, collect: bool = True
