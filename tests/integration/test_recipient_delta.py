@@ -213,19 +213,26 @@ def test_overlap_covers_a_write_that_reaches_reads_late(
 
 
 def test_full_read_replaces_the_snapshot_whole(environment, control, db, lab_at) -> None:
-    """A recipient deleted in Exchange stays in delta snapshots (only a full read or a "not found"
-    on publish tells) and is gone after the next full read."""
+    """A recipient deleted in Exchange stays in delta snapshots until the next full read, unless a
+    write to it was answered "not found": then the next delta looks it up and drops it."""
     services = _services(environment, overlap_minutes=0)
     base = _read(services, lab_at, mode="full")
+    for identity in ("deleted-in-exchange", "write-found-missing"):
+        db.execute(
+            "INSERT INTO certsync.exo_recipient (recipient_id, primary_smtp, recipient_type, is_dir_synced,"
+            " is_cloud_managed, seen_run_id) VALUES (%s, %s, 'UserMailbox', false, false, %s)",
+            (identity, f"{identity}@example.test", base["run_id"]),
+        )
     db.execute(
-        "INSERT INTO certsync.exo_recipient (recipient_id, primary_smtp, recipient_type, is_dir_synced,"
-        " is_cloud_managed, seen_run_id) VALUES ('deleted-in-exchange', 'gone@example.test', 'UserMailbox',"
-        " false, false, %s)",
-        (base["run_id"],),
+        "INSERT INTO certsync.planned_action (run_id, action_no, object_guid, recipient_id, cmdlet, kind,"
+        " batch, state, reason) VALUES (%s, 1, %s, 'write-found-missing', 'Set-Mailbox', 'replace', 0,"
+        " 'failed', 'not_found:ManagementObjectNotFoundException')",
+        (base["run_id"], uuid.uuid4()),
     )
     delta = _read(services, lab_at)
     assert _why(db, delta["run_id"])[0] == "delta" and delta["recipients"] == base["recipients"] + 1
     assert _held(db, delta["run_id"], "deleted-in-exchange") == []
+    assert _held(db, delta["run_id"], "write-found-missing") is None
     full = _read(services, lab_at, mode="full")
     assert full["recipients"] == base["recipients"]
     assert _held(db, full["run_id"], "deleted-in-exchange") is None

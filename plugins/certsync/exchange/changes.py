@@ -11,12 +11,13 @@ minutes a write can stay invisible to reads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from certsync.exchange.client import ExchangeClient
+from certsync.exchange.client import READ_CMDLETS, RECIPIENT_FIELDS, ExchangeClient
 from certsync.exchange.errors import ExchangeError
 from certsync.exchange.recipients import Recipient
 
@@ -26,6 +27,7 @@ WHEN_CHANGED_FIELDS = ("WhenChangedUTC", "WhenChanged")
 # ASP.NET's JSON date: /Date(milliseconds since 1970 UTC[+-hhmm])/; the offset is only a display hint.
 _DOTNET_DATE = re.compile(r"^/Date\((-?\d+)([+-]\d{4})?\)/$")
 # A refused filter is a bad parameter: the cmdlet never ran, so a full read is the safe answer.
+NOT_FOUND_CODES = ("ManagementObjectNotFoundException", "HTTP404")
 FILTER_REFUSALS = ("ParameterBindingException", "InvalidFilter", "FilterParsing", "BadRequest")
 
 
@@ -36,6 +38,8 @@ class ReadPlan:
     mode: str
     why: str
     since: datetime | None = None
+    # Recipients a write found missing since the base snapshot: a delta looks each up again.
+    recheck: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +54,7 @@ class RecipientRead:
     newest: datetime | None
     unstamped: int
     older: int = 0  # recipients a delta returned that changed before its bound (filter not applied)
+    gone: frozenset[str] = frozenset()  # looked up again (ReadPlan.recheck) and not found
 
 
 def when_changed(obj: dict) -> datetime | None:
@@ -82,7 +87,7 @@ def read(client: ExchangeClient, plan: ReadPlan) -> RecipientRead:
     """Read the recipients `plan` asks for; a delta whose filter Exchange refuses becomes a full read."""
     if plan.mode == "delta" and plan.since is not None:
         try:
-            return _collect(client, plan)
+            return _recheck(client, _collect(client, plan), plan.recheck)
         except ExchangeError as exc:
             if exc.status != 400 and exc.code not in FILTER_REFUSALS:
                 raise
@@ -95,6 +100,37 @@ def read(client: ExchangeClient, plan: ReadPlan) -> RecipientRead:
             why = f"filter refused ({exc.code}): full read"
             return _collect(client, ReadPlan(mode="full", why=why))
     return _collect(client, ReadPlan(mode="full", why=plan.why))
+
+
+def _recheck(client: ExchangeClient, read: RecipientRead, identities: tuple[str, ...]) -> RecipientRead:
+    """Look up again each recipient a write was told does not exist: a delta read never sees a
+    deletion, so without this the merged snapshot would keep offering it to the plan (and each run
+    fail on it) until the next full read. Found again (e.g. now of another type): its fresh state."""
+    found = {r.recipient_id for r in read.recipients}
+    fresh: list[Recipient] = []
+    gone: set[str] = set()
+    for identity in (i for i in identities if i not in found):
+        obj = _lookup(client, identity)
+        if obj is None:
+            gone.add(identity)
+        else:
+            fresh.append(Recipient.from_exchange(obj))
+    if gone:
+        log.info("%d recipients a write found missing are gone from Exchange Online too", len(gone))
+    return dataclasses.replace(read, recipients=read.recipients + fresh, gone=frozenset(gone))
+
+
+def _lookup(client: ExchangeClient, identity: str) -> dict | None:
+    for cmdlet in READ_CMDLETS:  # each Get-* finds only its own kinds of recipient
+        try:
+            value = list(client.read(cmdlet, {"Identity": identity}, select=RECIPIENT_FIELDS))
+        except ExchangeError as exc:
+            if exc.status == 404 or exc.code in NOT_FOUND_CODES:
+                continue
+            raise
+        if value:
+            return value[0]
+    return None
 
 
 def _collect(client: ExchangeClient, plan: ReadPlan) -> RecipientRead:

@@ -21,6 +21,13 @@ FROM certsync.exo_read r
 WHERE r.run_id < :r AND EXISTS (SELECT FROM certsync.exo_recipient e WHERE e.seen_run_id = r.run_id)
 ORDER BY r.run_id DESC LIMIT 1
 """
+# Recipients a write since the base snapshot was told do not exist (publisher: "not_found:...").
+NOT_FOUND = """
+SELECT DISTINCT recipient_id FROM certsync.planned_action
+WHERE run_id >= :b AND run_id < :r AND state = 'failed' AND reason LIKE 'not_found:%'
+  AND recipient_id IS NOT NULL
+ORDER BY 1
+"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,8 +71,11 @@ def choose(
     if why is not None:
         return Start(plan=ReadPlan(mode="full", why=why), tenant=tenant)
     since = last.newest_change - overlap
+    recheck = conn.execute(sa.text(NOT_FOUND), {"b": last.run_id, "r": run_id}).scalars()
     return Start(
-        plan=ReadPlan(mode="delta", why=f"changed since {since.isoformat()}", since=since),
+        plan=ReadPlan(
+            mode="delta", why=f"changed since {since.isoformat()}", since=since, recheck=tuple(recheck)
+        ),
         tenant=tenant,
         base_run_id=last.run_id,
         base_newest=last.newest_change,
@@ -96,7 +106,8 @@ def save(conn: Connection, *, run_id: int, start: Start, read: RecipientRead) ->
 def _merge(conn: Connection, *, run_id: int, base_run_id: int, read: RecipientRead) -> int:
     """The base's snapshot with the recipients read replacing theirs: one INSERT ... SELECT for the
     unchanged ones, one COPY for the changed."""
-    params = {"r": run_id, "b": base_run_id, "ids": [r.recipient_id for r in read.recipients]}
+    ids = [r.recipient_id for r in read.recipients] + sorted(read.gone)
+    params = {"r": run_id, "b": base_run_id, "ids": ids}
     conn.execute(sa.text("DELETE FROM certsync.exo_recipient WHERE seen_run_id = :r"), params)
     kept = conn.execute(
         sa.text(
