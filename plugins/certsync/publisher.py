@@ -244,14 +244,9 @@ def publish_action(
     task_try: int,
     lookups: _Lookups,
     sender: _Sender,
-    deadline: float | None = None,
 ) -> str:
     """Send one action: intent, request, outcome per attempt; returns the action's final state
-    ("pending" when the circuit breaker opened before it was done: the next try sends it;
-    "deferred" when the run's time box was used up before it started)."""
-    if deadline is not None and time.monotonic() >= deadline and not info.dry_run:
-        _set_state(sender, info, action, state="deferred", reason="time_box")
-        return "deferred"
+    ("pending" when the circuit breaker opened before it was done: the next try sends it)."""
     if info.dry_run:
         _set_state(sender, info, action, state="dry_run")
         return "dry_run"
@@ -358,14 +353,20 @@ def publish_batch(
     With a time box, what is left when it is used up is deferred to the next run."""
     shared = _SharedLock(lock)
     actions = sorted(actions, key=lambda a: (KIND_ORDER.get(a.kind, 3), a.action_no))
-    deadline = _deadline(services, info)
+    box_left = None if info.dry_run else _box_left(services, info)
+    if actions and box_left is not None and box_left <= 0:
+        # The box ended before this batch began: no lookups, one statement defers it all.
+        return _defer(services, info, actions, started=time.monotonic())
     lookups = _lookups(services, info, actions) if actions else _Lookups(blobs={}, attempts={}, newer=set())
+    deadline = None if box_left is None else time.monotonic() + box_left
     todo = iter(actions)
     taking = threading.Lock()
-    stop = threading.Event()  # a thread failed: the others take no new action
+    stop = threading.Event()  # a thread failed, or the time box ended: no thread takes a new action
 
     def take() -> publishing.PendingAction | None:
         with taking:
+            if deadline is not None and time.monotonic() >= deadline:
+                stop.set()
             return None if stop.is_set() else next(todo, None)
 
     def send(group: _GroupCommit) -> Counter[str]:
@@ -374,8 +375,8 @@ def publish_batch(
         try:
             while (action := take()) is not None:
                 state = publish_action(
-                    services, info, action, task_try=task_try, lookups=lookups, sender=sender, deadline=deadline
-                )  # fmt: skip
+                    services, info, action, task_try=task_try, lookups=lookups, sender=sender
+                )
                 done[state] += 1
             sender.flush()
         except BaseException:
@@ -404,9 +405,28 @@ def publish_batch(
             f"{breaker.describe()}; batch stopped after {len(actions) - left} of {len(actions)} actions,"
             f" {left} left pending for the next try"
         ) from ExchangeDown(breaker.describe())
-    if counts.get("deferred"):
-        _log_deferred(services, counts, time.monotonic() - started)
+    if rest := list(todo):
+        counts.update(_defer(services, info, rest, started=started, done=counts))
     return dict(counts)
+
+
+def _defer(
+    services: Services,
+    info: runs.RunInfo,
+    actions: list[publishing.PendingAction],
+    *,
+    started: float,
+    done: Counter[str] | None = None,
+) -> dict[str, int]:
+    """Defer the actions the time box left unsent to the next run, in one statement (a box that ends
+    early in a large plan leaves thousands)."""
+    with services.engine.begin() as conn:
+        deferred = publishing.defer_actions(
+            conn, run_id=info.run_id, action_nos=[a.action_no for a in actions]
+        )
+    counts = {"deferred": deferred}
+    _log_deferred(services, {**(done or {}), **counts}, time.monotonic() - started)
+    return counts
 
 
 def _flush_quietly(sender: _Sender) -> None:
@@ -418,27 +438,30 @@ def _flush_quietly(sender: _Sender) -> None:
         log.warning("could not record the outcome of this thread's last request; the next run settles it")
 
 
-def _deadline(services: Services, info: runs.RunInfo) -> float | None:
-    """When this run's time box ends, on this process's monotonic clock: counted from the run's
-    first request (so retries and sibling batch tasks share one box), by the database's clock."""
+def _box_left(services: Services, info: runs.RunInfo) -> float | None:
+    """Seconds left of this run's time box (None: no box), counted from the run's first request by
+    the database's clock, so retries and sibling batch tasks share one box."""
     box = services.settings.publish_time_box_s
     if not box:
         return None
     with services.engine.connect() as conn:
         elapsed = publishing.publishing_for_s(conn, run_id=info.run_id)
-    return time.monotonic() + box - elapsed
+    return box - elapsed
 
 
 def _log_deferred(services: Services, counts: dict[str, int], elapsed_s: float) -> None:
     done = counts.get("published", 0)
-    pace = done / elapsed_s if elapsed_s > 0 else 0.0
+    if not done:  # the box ended before this batch sent anything: no pace of its own to tell
+        log.warning("time box of %ds used up: %d actions deferred to the next run", services.settings.publish_time_box_s, counts["deferred"])  # fmt: skip
+        return
+    pace = done / elapsed_s if elapsed_s > 0 else float("inf")
     log.warning(
         "time box of %ds used up: %d actions deferred to the next run (at this batch's pace of %.1f/s,"
         " about %.0f s more)",
         services.settings.publish_time_box_s,
         counts["deferred"],
         pace,
-        counts["deferred"] / pace if pace else float("nan"),
+        counts["deferred"] / pace,
     )
 
 

@@ -107,11 +107,13 @@ def test_exchange_down_stops_the_batch_at_once_and_the_retry_resumes(
 def test_a_time_boxed_run_defers_the_rest_and_the_next_run_finishes(
     env, emulator_stack, baseline, clock, db
 ) -> None:
-    drifted = _drift(env, emulator_stack, baseline, count=6)
+    drifted = _drift(env, emulator_stack, baseline, count=8)
     emulator_stack.control.set_config(latency_ms=700)
     try:
+        # Batches of 6 on a window of 2: the box ends inside the first batch (its last actions are
+        # deferred in one statement) and before the second begins (deferred whole, nothing sent).
         summary = run_all(
-            _services(env, publish_time_box_s=1), dag_id="budget", airflow_run_id="budget-boxed",
+            _services(env, publish_time_box_s=1, publish_batch_size=6), dag_id="budget", airflow_run_id="budget-boxed",
             logical_date=clock.next(),
         )  # fmt: skip
     finally:
@@ -125,6 +127,7 @@ def test_a_time_boxed_run_defers_the_rest_and_the_next_run_finishes(
         " WHERE s.airflow_run_id = 'budget-boxed' AND kind IN ('add', 'replace', 'remove') ORDER BY action_no"
     ).fetchall()
     assert ("published" in {s for _, s in kinds}) and deferred < len(kinds)
+    assert {s for _, s in kinds} <= {"published", "deferred"}, kinds  # none left pending
     send_order = {"add": 0, "replace": 1, "remove": 2}  # additions first, removals last, across batches
     assert [k for k, _ in kinds] == sorted((k for k, _ in kinds), key=send_order.__getitem__), kinds
     assert _unclosed(db) == 0

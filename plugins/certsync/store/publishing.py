@@ -375,6 +375,17 @@ def skip_batch(conn: Connection, *, run_id: int, batch: int, reason: str) -> int
     ).rowcount
 
 
+def defer_actions(conn: Connection, *, run_id: int, action_nos: list[int]) -> int:
+    """Defer these pending actions to the next run: the run's publish time box is used up."""
+    return conn.execute(
+        sa.text(
+            "UPDATE certsync.planned_action SET state = 'deferred', reason = 'time_box'"
+            " WHERE run_id = :r AND action_no = ANY(:ns) AND state = 'pending'"
+        ),
+        {"r": run_id, "ns": action_nos},
+    ).rowcount
+
+
 _SET_ACTION_STATE = sa.text(
     "UPDATE certsync.planned_action SET state = :s, reason = coalesce(:reason, reason)"
     " WHERE run_id = :r AND action_no = :n"
