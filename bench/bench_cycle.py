@@ -221,6 +221,44 @@ def py_spy(out: Path | None, *, subprocesses: bool) -> Iterator[None]:
         proc.wait(timeout=60)
 
 
+class StatementStats:
+    """PostgreSQL's side of a profile: pg_stat_statements, reset before each stage and read after it,
+    so a stage's statements are named with their calls and execution time (py-spy sees only the
+    client waiting)."""
+
+    def __init__(self, stack: Any) -> None:
+        import psycopg
+
+        from certsync_lab.stack import DATABASE
+
+        self._dsn = stack.postgres.dsn_for(DATABASE)
+        with psycopg.connect(stack.postgres.dsn, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'all'")  # inside functions too
+        stack.postgres.stop()
+        stack.postgres.start()
+        with psycopg.connect(self._dsn, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+
+    def reset(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self._dsn, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_statements_reset()")
+
+    def top(self, n: int = 8) -> list[dict[str, Any]]:
+        import psycopg
+
+        with psycopg.connect(self._dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, rows"
+                " FROM pg_stat_statements WHERE query !~* 'pg_stat_statements'"
+                " ORDER BY total_exec_time DESC LIMIT %s",
+                (n,),
+            ).fetchall()
+        return [{"query": q[:240], "calls": c, "total_ms": round(t, 1), "rows": r} for q, c, t, r in rows]
+
+
 def _frame(text: str) -> str:
     """'func (path/to/file.py:123)' -> 'func (file.py)': samples add up per function, not per line."""
     func, _, where = text.partition(" (")
@@ -261,9 +299,16 @@ def summarise_profile(path: Path, top: int = 12) -> list[dict[str, Any]]:
 
 class Cycle:
     def __init__(
-        self, *, services: Any, sampler: StageSampler, profile_dir: Path | None, workers: int
+        self,
+        *,
+        services: Any,
+        sampler: StageSampler,
+        profile_dir: Path | None,
+        workers: int,
+        statements: StatementStats | None = None,
     ) -> None:
         self.services = services
+        self.statements = statements
         self.sampler = sampler
         self.profile_dir = profile_dir
         self.workers = workers
@@ -275,6 +320,8 @@ class Cycle:
         out = self.profile_dir / f"{label}-{name}.txt" if self.profile_dir else None
         row: dict[str, Any] = {"stage": name, "unit": unit, "items": 0}
         with py_spy(out, subprocesses=name == "validate"):
+            if self.statements:
+                self.statements.reset()
             self.sampler.stage = f"{label}:{name}"
             cpu = self.sampler.cpu_s()
             began = time.perf_counter()
@@ -289,6 +336,8 @@ class Cycle:
         row["peak_rss_mib"] = self.sampler.peaks.get(f"{label}:{name}", {})
         if out is not None:
             row["profile"] = summarise_profile(out)
+        if self.statements:
+            row["statements"] = self.statements.top()
         stages.append(row)
 
     def run(self, *, label: str, mode: str) -> dict[str, Any]:
@@ -419,10 +468,14 @@ def measure(users: int, args: argparse.Namespace) -> dict[str, Any]:
         if profile_dir:
             shutil.rmtree(profile_dir, ignore_errors=True)
             profile_dir.mkdir(parents=True)
+        statements = StatementStats(stack) if args.profile else None
         with StageSampler(roots=service_pids(stack)) as sampler:
-            cycle = Cycle(services=services, sampler=sampler, profile_dir=profile_dir, workers=args.workers)
+            cycle = Cycle(services=services, sampler=sampler, profile_dir=profile_dir, workers=args.workers, statements=statements)  # fmt: skip
             first = cycle.run(label="first", mode="full")
             print(render_run(first), flush=True)
+            if args.first_only:
+                print(json.dumps([s.get("statements") for s in first["stages"]], indent=1), flush=True)
+                return figures
             figures["limits"] = limits(
                 stack, services, first["run_id"], services.settings.directory.page_size
             )
@@ -477,6 +530,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--profile", type=int, action="append", default=[], help="py-spy every stage at this size (repeatable)")  # fmt: skip
     parser.add_argument("--build-only", action="store_true", help="build the labs and stop")
+    parser.add_argument("--first-only", action="store_true", help="a first run only, printed, nothing written (to investigate)")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="write RESULTS.md from the kept figures")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -489,6 +543,7 @@ def run_child(users: int, args: argparse.Namespace) -> None:
     cmd += ["--churn", str(args.churn), "--naive-sample", str(args.naive_sample)]
     cmd += ["--publish-box", str(args.publish_box)]
     cmd += [f"--profile={size}" for size in args.profile]
+    cmd += ["--first-only"] if args.first_only else []
     subprocess.run(cmd, check=True)
 
 
@@ -506,11 +561,15 @@ def main(argv: list[str]) -> int:
         users = sizes[0]
         args.profile = users in args.profile
         figures = measure(users, args)
+        if args.first_only:
+            return 0
         (lab_home(users) / "figures.json").write_text(json.dumps(figures, indent=1, default=str))
         return 0
     if not args.report_only:
         for users in sizes:
             run_child(users, args)
+    if args.first_only:
+        return 0
     import cycle_report
 
     cycle_report.write(RESULTS, [lab_home(u) / "figures.json" for u in sizes])
