@@ -11,6 +11,7 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+NOTES = Path(__file__).with_name("RESULTS-notes.md")
 
 TARGET_FULL_S = 90.0
 TARGET_DELTA_S = 15.0
@@ -211,7 +212,21 @@ def profiles(all_figures: list[dict[str, Any]]) -> list[str]:
                     "  inclusive: "
                     + "; ".join(f"{fn} {share:.0%}" for fn, share in prof[-1]["top_inclusive"][:8])
                 ]
+                lines += statement_lines(s.get("statements") or [])
     return lines or ["No size was profiled (`--profile SIZE`)."]
+
+
+def statement_lines(statements: list[dict[str, Any]]) -> list[str]:
+    """PostgreSQL's side of the stage: the statements that took the most execution time."""
+    if not statements:
+        return []
+    lines = ["  PostgreSQL (pg_stat_statements), most execution time first:"]
+    for st in statements[:5]:
+        query = st["query"][:150].replace("|", "\\|")
+        lines.append(
+            f"  - {st['total_ms'] / 1000:.1f} s, {st['calls']:,} calls, {st['rows']:,} rows: `{query}`"
+        )
+    return lines
 
 
 def write(path: Path, figure_files: list[Path]) -> None:
@@ -234,5 +249,7 @@ def write(path: Path, figure_files: list[Path]) -> None:
     for f in all_figures:
         lines += [*size_section(f), ""]
     lines += ["## Scaling", "", *scaling(all_figures), "", "## Profiles (py-spy)", *profiles(all_figures), ""]
+    if NOTES.exists():  # figures measured apart from make bench, kept across regenerations
+        lines += [NOTES.read_text()]
     # Profiles name processes by their command lines: paths shown relative to the checkout.
     path.write_text("\n".join(lines).replace(f"{REPO}/", ""))
