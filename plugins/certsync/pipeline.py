@@ -6,6 +6,7 @@ ids and counts, and any stage can be re-run (retry, clear, backfill) without dou
 from __future__ import annotations
 
 import getpass
+import importlib.metadata
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -387,7 +388,11 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
 
 
 def _policy_text(policy: AccountPolicy) -> str:
-    return f"disabled_accounts={policy.disabled_accounts};left_scope={policy.left_scope}"
+    # With certsync's version: after an upgrade (plan rules may have changed) every user is planned.
+    return (
+        f"disabled_accounts={policy.disabled_accounts};left_scope={policy.left_scope}"
+        f";certsync={importlib.metadata.version('certsync')}"
+    )
 
 
 def _delta_scope(
@@ -398,10 +403,11 @@ def _delta_scope(
     published: dict[str, Any],
     superseded: bool,
 ) -> tuple[planning.DeltaBase | None, set[Any] | None, set[str]]:
-    """After a delta read of the directory, plan only the users whose entry, verdicts, recipient or
-    claim changed since the previous run's plan, or whose action there did not reach Exchange
-    (planning.changes_since, plan.delta_users); after a full read, every user. Returns (base,
-    users to plan or None for all, recipients claimed by the users left out)."""
+    """After a directory read (delta or full: the merge marks the users that changed either way),
+    plan only the users whose entry, verdicts, recipient or claim changed since the previous run's
+    plan, or whose action there did not reach Exchange (planning.changes_since, plan.delta_users);
+    without a usable base (planning.delta_base), every user. Returns (base, users to plan or None
+    for all, recipients claimed by the users left out)."""
     base = None
     if not superseded:
         base = planning.delta_base(

@@ -192,6 +192,15 @@ def _changed(rng, people, recipients, addresses):
         )
         changed.add(people[i].object_guid)
     del people[rng.randrange(len(people))]
+    # A user new to the directory (a full read's merge marks it changed, like any insert).
+    fresh = SourceUser(
+        object_guid=uuid.UUID(int=1000 + rng.randrange(1000)),
+        mail=(m := rng.choice(addresses)),
+        addresses=(m,),
+        verdicts=tuple(rng.sample(people[0].verdicts + people[-1].verdicts, 1)) if people[0].verdicts else (),
+    )
+    people.insert(rng.randrange(len(people) + 1), fresh)
+    changed.add(fresh.object_guid)
     recipients = list(recipients)
     for i in rng.sample(range(len(recipients)), 2):
         recipients[i] = dataclasses.replace(recipients[i], user_certificate=())  # drift
