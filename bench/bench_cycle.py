@@ -117,11 +117,15 @@ PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
 def _children(pid: int) -> list[int]:
     found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").glob("*/children"))
+    except OSError:
+        return found  # the process exited meanwhile
+    for task in tasks:
         try:
             found += [int(c) for c in task.read_text().split()]
         except OSError:
-            continue  # a thread or process that exited meanwhile
+            continue  # a thread that exited meanwhile
     return found
 
 
