@@ -24,7 +24,7 @@ from certsync.audit import checkpoints
 from certsync.audit import partitions as audit_partitions
 from certsync.audit import writer as audit_writer
 from certsync.audit.signing import AUDIT_SIGNING_CONN_ID
-from certsync.certificates.parallel import ValidationPool
+from certsync.certificates.parallel import Checking, ValidationPool
 from certsync.certificates.trust import TrustConfigError
 from certsync.config import ConfigError, SyncSettings
 from certsync.directory import DirectoryError, DirectoryReader
@@ -319,19 +319,30 @@ def _validate(services: Services, *, run_id: int, shard: int, shards: int) -> di
         processes=services.settings.validation_processes,
         fingerprint=info.trust_fingerprint,
     )
+
     # Read, check and save a chunk at a time: memory stays bounded, and a killed try keeps the
-    # verdicts it saved (the next one validates only what is still pending).
+    # verdicts it saved (the next one validates only what is still pending). While the workers
+    # check one chunk, this process reads the next and saves the one before.
+    def save(checking: Checking) -> None:
+        nonlocal saved, refused
+        rows = checking.result()
+        with services.engine.begin() as conn:
+            saved += validation.save_rows(
+                conn, rows=rows, fingerprint=info.trust_fingerprint, run_id=run_id, at=info.logical_date
+            )
+        refused += sum(1 for row in rows if not row[2])  # the row's `ok`
+
     with pool, services.engine.connect() as reading:
+        previous: Checking | None = None
         for chunk in validation.pending_chunks(
             reading, fingerprint=info.trust_fingerprint, at=info.logical_date, shard=shard, shards=shards
         ):
-            verdicts = pool.check(chunk)
-            with services.engine.begin() as conn:
-                saved += validation.save_verdicts(
-                    conn, verdicts=verdicts, fingerprint=info.trust_fingerprint, run_id=run_id,
-                    at=info.logical_date,
-                )  # fmt: skip
-            refused += sum(1 for v in verdicts if not v.ok)
+            current = pool.submit(chunk, encode=validation.verdict_rows)
+            if previous is not None:
+                save(previous)
+            previous = current
+        if previous is not None:
+            save(previous)
     log.info("shard %d/%d: validated %d values, %d refused", shard, shards, saved, refused)
     return {"validated": saved, "refused": refused}
 

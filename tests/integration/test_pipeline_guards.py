@@ -4,6 +4,7 @@ threshold publish nothing, and secrets stay out of everything the run leaves beh
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import uuid
@@ -12,7 +13,9 @@ from datetime import timedelta
 import ldap3
 import psycopg
 import pytest
+import sqlalchemy as sa
 
+from certsync.certificates.validate import Validator
 from certsync.config import ConfigError, EnvSource, load_settings
 from certsync.failures import RunFailed, Unavailable
 from certsync.pipeline import (
@@ -128,6 +131,32 @@ def test_pending_values_stream_in_chunks(settled, db, lab_at) -> None:
     assert len(chunks) > 1 and max(len(c) for c in chunks) <= 40
     values = [(attribute, hashlib.sha256(value).digest()) for c in chunks for attribute, value in c]
     assert len(values) == len(set(values)) == distinct
+
+
+def test_saved_verdicts_hold_every_field_and_a_retry_replaces_them(settled, db, lab_at) -> None:
+    """Verdicts go in by COPY and one upsert: each stored column is the validator's, and saving
+    again for the same run time (a retried try) replaces the rows instead of failing or doubling."""
+    with settled.engine.connect() as conn:
+        items = next(validation.pending_chunks(conn, fingerprint="copy-test", at=lab_at, shard=0, shards=1))
+        run_id = conn.execute(sa.text("SELECT max(run_id) FROM certsync.sync_run")).scalar_one()
+    validator = Validator(trust=settled.settings.trust.load())
+    verdicts = [validator.check(attribute=a, value=v, at=lab_at) for a, v in items]
+    assert {v.ok for v in verdicts} == {True, False}
+    columns = "sha256, attribute, ok, reason, rule, detail, subject, issuer, serial, not_before, not_after, valid_until, emails"  # fmt: skip
+    with settled.engine.connect() as conn:
+        for detail in ("first try", None):
+            saving = [dataclasses.replace(v, detail=detail or v.detail) for v in verdicts]
+            with conn.begin():
+                saved = validation.save_verdicts(conn, verdicts=saving, fingerprint="copy-test", run_id=run_id, at=lab_at)  # fmt: skip
+    stored = db.execute(
+        f"SELECT {columns}, checked_run_id, checked_at FROM certsync.cert_verdict"  # noqa: S608
+        " WHERE trust_fingerprint = 'copy-test' ORDER BY sha256, attribute"
+    ).fetchall()
+    db.execute("DELETE FROM certsync.cert_verdict WHERE trust_fingerprint = 'copy-test'")
+    assert saved == len(verdicts) == len(stored)
+    expected = sorted(validation.verdict_rows(verdicts))
+    assert [(bytes(r[0]), *r[1:13]) for r in stored] == expected
+    assert {(r[13], r[14]) for r in stored} == {(run_id, lab_at)}
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from certsync.certificates.parallel import validate_many
+from certsync.certificates.parallel import ValidationPool, validate_many
 from certsync.certificates.parse import load_certificate
 from certsync.certificates.report import expiring_soon
 from certsync.certificates.trust import TrustSpec
 from certsync.certificates.validate import Validator
+from certsync.certificates.verdict import verdict_rows
 from certsync_lab.pki import Pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +59,29 @@ def test_pool_gives_the_same_verdicts_in_order(tmp_path: Path):
     assert pooled == serial
     assert [v.reason for v in pooled].count("revoked") == 35
     assert pooled[-2].reason == "malformed" and pooled[-1].reason == "unknown_issuer"
+
+
+def test_pool_encodes_in_the_workers_and_overlaps_chunks(tmp_path: Path):
+    """The pipeline's way: chunks submitted before the previous one is read back, each batch's
+    verdicts turned into stored rows in the worker; the rows are those of the one-process verdicts."""
+    pki = Pki(algorithm="rsa", seed=3)
+    expired = pki.issue(email="old@example.org", not_after=pki.now - timedelta(days=1),
+                        not_before=pki.now - timedelta(days=30))  # fmt: skip
+    ders = [pki.issue(email=f"u{i}@example.org", revoked=i % 5 == 0) for i in range(90)]
+    items = [("userCertificate", d) for d in [*ders, expired, b"junk"]]
+    files = pki.write_trust_files(tmp_path)
+    spec = TrustSpec(anchors=files.anchors, intermediates=(files.intermediates,),
+                     crls=tuple(files.crls))  # fmt: skip
+    with ValidationPool(trust=spec, at=pki.now, processes=2, batch_size=20) as pool:
+        first = pool.submit(items[:50], encode=verdict_rows)
+        second = pool.submit(items[50:], encode=verdict_rows)
+        rows = first.result() + second.result()
+        small = pool.submit(items[:3], encode=verdict_rows).result()  # on the running workers too
+    validator = Validator(trust=spec.load())
+    expected = verdict_rows(validator.check(attribute=a, value=v, at=pki.now) for a, v in items)
+    assert rows == expected and small == expected[:3]
+    assert [row[3] for row in rows].count("revoked") == 18
+    assert rows[-2][3] == "expired" and rows[-1][3] == "malformed" and rows[1][2] is True
 
 
 def test_expiring_soon_lists_valid_certificates_by_expiry(tmp_path: Path):

@@ -1,7 +1,7 @@
 """Validate many values on a process pool (the verifier holds the GIL, so threads do not help).
 
-Only bytes and the picklable TrustSpec cross the process boundary; each worker loads the trust
-configuration once and keeps one Validator, so its verified-intermediate cache is reused.
+Only bytes, the picklable TrustSpec and the results cross the process boundary; each worker loads
+the trust configuration once and keeps one Validator, so its verified-intermediate cache is reused.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import datetime
+from typing import Any
 
 from certsync.certificates.trust import TrustConfigError, TrustSpec
 from certsync.certificates.validate import Validator
@@ -47,10 +48,30 @@ def _init_worker(spec: TrustSpec, parent_pid: int | None = None) -> None:
     _worker_validator = Validator(trust=spec.load())
 
 
-def _check_batch(batch: Sequence[tuple[str, bytes]], at: datetime) -> list[Verdict]:
+def _check_batch(
+    batch: Sequence[tuple[str, bytes]], at: datetime, encode: Encoder | None = None
+) -> list[Any]:
     assert _worker_validator is not None, "worker not initialised"
     check = _worker_validator.check
-    return [check(attribute=attribute, value=value, at=at) for attribute, value in batch]
+    verdicts = [check(attribute=attribute, value=value, at=at) for attribute, value in batch]
+    return encode(verdicts) if encode is not None else verdicts
+
+
+# Turns a batch's verdicts into what the caller keeps (e.g. rows to store), in the worker: a
+# module-level function, so it pickles by name; plain tuples cross the pipe far cheaper than Verdicts.
+Encoder = Callable[[list[Verdict]], list[Any]]
+
+
+class Checking:
+    """Verdicts (or encoded verdicts) of one submitted chunk, in input order, once they are ready."""
+
+    def __init__(self, parts: list[Future[list[Any]]] | list[Any]) -> None:
+        self._parts = parts
+
+    def result(self) -> list[Any]:
+        if self._parts and isinstance(self._parts[0], Future):
+            return [item for part in self._parts for item in part.result()]
+        return self._parts
 
 
 class ValidationPool:
@@ -90,13 +111,22 @@ class ValidationPool:
 
     def check(self, items: Sequence[tuple[str, bytes]]) -> list[Verdict]:
         """Verdicts for (attribute, value) pairs, in input order."""
+        return self.submit(items).result()
+
+    def submit(self, items: Sequence[tuple[str, bytes]], *, encode: Encoder | None = None) -> Checking:
+        """Start checking (attribute, value) pairs and return at once, so the caller can read the
+        next chunk or save the previous one meanwhile; small work is checked here, before returning."""
         if self._pool is None and (self._processes <= 1 or len(items) <= self._batch_size):
             self._local = self._local or Validator(trust=self._loaded)
-            return [self._local.check(attribute=a, value=v, at=self._at) for a, v in items]
-        size = self._batch_size
-        batches = [items[i : i + size] for i in range(0, len(items), size)]
-        results = list(self._workers().map(_check_batch, batches, [self._at] * len(batches)))
-        return [verdict for batch in results for verdict in batch]
+            verdicts = [self._local.check(attribute=a, value=v, at=self._at) for a, v in items]
+            return Checking(encode(verdicts) if encode is not None else verdicts)
+        size, workers = self._batch_size, self._workers()
+        return Checking(
+            [
+                workers.submit(_check_batch, items[i : i + size], self._at, encode)
+                for i in range(0, len(items), size)
+            ]
+        )
 
     def _workers(self) -> ProcessPoolExecutor:
         if self._pool is None:

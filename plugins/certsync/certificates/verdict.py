@@ -55,6 +55,39 @@ class Verdict:
         return (Failure(self.reason, self.rule or "", self.detail), *self.more_failures)
 
 
+# A verdict as the cache stores it (sha256, attribute, ok, reason, rule, detail, subject, issuer,
+# serial, not_before, not_after, valid_until, emails): validation workers return these plain
+# tuples, which cross the pipe and load by COPY far cheaper than Verdict objects. Defined here, not
+# in the store, so the workers need not import the database layer.
+VerdictRow = tuple[
+    bytes, str, bool, str | None, str | None, str, str, str, str,
+    datetime | None, datetime | None, datetime | None, list[str],
+]  # fmt: skip
+
+
+def verdict_rows(verdicts: Iterable[Verdict]) -> list[VerdictRow]:
+    """The stored form of each verdict (a valid verdict has no reason); its `more_failures` are
+    not stored: runs stop at the first failing rule."""
+    return [
+        (
+            v.sha256,
+            v.attribute,
+            v.ok,
+            None if v.ok else v.reason,
+            v.rule,
+            v.detail,
+            v.subject,
+            v.issuer,
+            v.serial,
+            v.not_before,
+            v.not_after,
+            v.valid_until,
+            list(v.emails),
+        )
+        for v in verdicts
+    ]
+
+
 def normalise_address(address: str) -> str | None:
     """Lowercased SMTP address from a mail or proxyAddresses value; None for non-SMTP proxies."""
     value = address.strip()
