@@ -141,11 +141,6 @@ def stage_gone(conn: Connection, *, run_id: int, gone: Iterable[tuple[uuid.UUID,
 # A full read returns every user, nearly all unchanged: the merge writes only what differs, so a
 # read where nothing changed costs reads, not a rewrite of the source view (and its index and WAL).
 MERGE_STATEMENTS = (
-    # New distinct values, content-addressed (those already stored are not even sorted).
-    """INSERT INTO certsync.cert_blob (sha256, value, first_run_id)
-       SELECT DISTINCT ON (sha256) sha256, value, run_id FROM certsync.staging_value n
-       WHERE run_id = :r AND NOT EXISTS (SELECT FROM certsync.cert_blob b WHERE b.sha256 = n.sha256)
-       ON CONFLICT (sha256) DO NOTHING""",
     # Users that differ in any column: update them; changed_run_id moves only when something the
     # plan uses changed (mail, proxyAddresses, userAccountControl, msExchRecipientTypeDetails).
     """UPDATE certsync.source_user s SET dn = u.dn, sam_account_name = u.sam_account_name,
@@ -181,6 +176,13 @@ MERGE_STATEMENTS = (
                       JOIN certsync.staging_user u ON u.run_id = :r AND u.object_guid = v.object_guid) o
            USING (object_guid, attribute, sha256)
            WHERE n.ordinal IS DISTINCT FROM o.ordinal)""",
+    # New distinct values, content-addressed: only a changed user can bring one (the values of the
+    # others are in source_value, hence in cert_blob already).
+    """INSERT INTO certsync.cert_blob (sha256, value, first_run_id)
+       SELECT DISTINCT ON (n.sha256) n.sha256, n.value, n.run_id FROM certsync.staging_value n
+       JOIN certsync.source_user s ON s.object_guid = n.object_guid AND s.changed_run_id = :r
+       WHERE n.run_id = :r AND NOT EXISTS (SELECT FROM certsync.cert_blob b WHERE b.sha256 = n.sha256)
+       ON CONFLICT (sha256) DO NOTHING""",
     # Values of the users that changed: replace the set (each read returns a user's values whole).
     """DELETE FROM certsync.source_value v USING certsync.source_user s
        WHERE s.changed_run_id = :r AND v.object_guid = s.object_guid""",
