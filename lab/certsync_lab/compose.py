@@ -17,15 +17,20 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import click
+
+if TYPE_CHECKING:
+    from certsync_lab.population import SeedUser
 
 log = logging.getLogger(__name__)
 
 ADMIN_PASSWORD_ENV = "SAMBA_ADMIN_PASSWORD"  # noqa: S105 - a variable name, not a secret
 AIRFLOW_PASSWORD_ENV = "AIRFLOW_ADMIN_PASSWORD"  # noqa: S105 - a variable name, not a secret
 PROBE_TIMEOUT_S = 5  # seconds; ldap3 wants an int
+SEEDED_MARKER = "seeded.json"
 
 
 def _required_env(name: str) -> str:
@@ -107,20 +112,14 @@ def _set_admin_password(home: Path, smb_conf: Path, password: str) -> None:
 def seed_directory(home: Path, ldap_url: str, base_dn: str, users: int, seed: int) -> None:
     """Once per HOME: add a synthetic population to OU=People of the DC and write the PKI's trust
     files (anchors.pem, intermediates.pem, *.crl) to HOME/trust."""
-    from certsync_lab.pki import Pki
-    from certsync_lab.population import generate_population, load_population
+    from certsync_lab.population import load_population
 
-    marker = home / "seeded.json"
+    marker = home / SEEDED_MARKER
     if marker.exists():
         click.echo(f"directory already seeded: {marker.read_text().strip()}")
         return
     password = _required_env(ADMIN_PASSWORD_ENV)
-    at = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    pki = Pki(algorithm="rsa", seed=seed, now=at - timedelta(days=800), key_cache=home / "keys")
-    population = generate_population(count=users, pki=pki, seed=seed, at=at)
-    pki.write_trust_files(
-        home / "trust", crl_this_update=at - timedelta(days=1), crl_next_update=at + timedelta(days=3650)
-    )
+    population, at = seed_population(home, users=users, seed=seed)
     added = load_population(
         url=ldap_url,
         bind_dn=f"CN=Administrator,CN=Users,{base_dn}",
@@ -128,10 +127,33 @@ def seed_directory(home: Path, ldap_url: str, base_dn: str, users: int, seed: in
         ou_dn=f"OU=People,{base_dn}",
         users=population,
     )
-    summary = {"users": users, "seed": seed, "at": at.isoformat(), "added": added}
-    marker.write_text(json.dumps(summary))
+    summary = mark_seeded(home, users=users, seed=seed, at=at, added=added)
     crls = sorted(p.name for p in (home / "trust").glob("*.crl"))
     click.echo(f"directory seeded: {json.dumps(summary)}; trust files in {home / 'trust'}: {crls}")
+
+
+def seed_population(home: Path, *, users: int, seed: int) -> tuple[list[SeedUser], datetime]:
+    """The population `seed-directory` loads (deterministic for users, seed and today's date) and
+    the instant it was issued for; writes the PKI's trust files to HOME/trust, keys cached in
+    HOME/keys. A directory loaded offline with these users and marked with `mark_seeded` is what
+    `seed-directory` would have left, so the step then skips it."""
+    from certsync_lab.pki import Pki
+    from certsync_lab.population import generate_population
+
+    at = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    pki = Pki(algorithm="rsa", seed=seed, now=at - timedelta(days=800), key_cache=home / "keys")
+    population = generate_population(count=users, pki=pki, seed=seed, at=at)
+    pki.write_trust_files(
+        home / "trust", crl_this_update=at - timedelta(days=1), crl_next_update=at + timedelta(days=3650)
+    )
+    return population, at
+
+
+def mark_seeded(home: Path, *, users: int, seed: int, at: datetime, added: int) -> dict[str, object]:
+    """Record in HOME that the directory holds its population (`seed-directory` then does nothing)."""
+    summary: dict[str, object] = {"users": users, "seed": seed, "at": at.isoformat(), "added": added}
+    (home / SEEDED_MARKER).write_text(json.dumps(summary))
+    return summary
 
 
 @compose.command("airflow-login")
