@@ -10,6 +10,10 @@ network, UTS and IPC namespaces, wired as compose wires them.
   Debian's redis-server.
 - depends_on conditions (service_started, service_healthy, service_completed_successfully) gate
   each start; health checks run inside the service's namespaces with nsenter.
+- Replicas (`docker compose up --scale NAME=N`, or the service's `deploy.replicas`): N containers
+  `NAME-1`..`NAME-N`, each with its own namespaces and address; a dependency on NAME waits for all
+  of them. A replica's hostname is its container name unless the service fixes one (then, as in
+  compose, every replica has that hostname).
 Stop kills each service's PID namespace (its whole process tree) and the network namespace.
 """
 
@@ -122,10 +126,17 @@ class Healthcheck:
 
 @dataclass
 class Service:
+    """One container of a compose service: `name` is the service's own name, or `NAME-i` for the
+    i-th of several replicas (`service` is always the compose service's name)."""
+
     name: str
     spec: dict[str, Any]
     address: str
     healthcheck: Healthcheck | None = None
+    service: str = ""
+
+    def __post_init__(self) -> None:
+        self.service = self.service or self.name
 
     @property
     def hostname(self) -> str:
@@ -158,16 +169,30 @@ class Service:
         return mounts
 
 
-def load_services(compose_file: Path, *, env: Mapping[str, str], profiles: tuple[str, ...]) -> list[Service]:
-    """The services active for `profiles`, variables substituted, each with its address."""
+def load_services(
+    compose_file: Path,
+    *,
+    env: Mapping[str, str],
+    profiles: tuple[str, ...],
+    scale: Mapping[str, int] | None = None,
+) -> list[Service]:
+    """The containers of the services active for `profiles`, variables substituted, each with its
+    address: one per service, or `scale[name]` (else `deploy.replicas`) replicas NAME-1..NAME-N."""
     document = interpolate(yaml.safe_load(compose_file.read_text()), env)
+    scale = dict(scale or {})
+    unknown = set(scale) - set(document["services"])
+    if unknown:
+        raise ComposeError(f"no such service to scale: {sorted(unknown)}")
     services = []
     for name, spec in document["services"].items():
         wanted = spec.get("profiles")
         if wanted and not set(wanted) & set(profiles):
             continue
-        address = f"{SUBNET}.{10 + len(services)}"
-        services.append(Service(name=name, spec=spec, address=address))
+        replicas = int(scale.get(name, (spec.get("deploy") or {}).get("replicas", 1)))
+        names = [name] if replicas == 1 else [f"{name}-{i}" for i in range(1, replicas + 1)]
+        for container in names:
+            address = f"{SUBNET}.{10 + len(services)}"
+            services.append(Service(name=container, spec=spec, address=address, service=name))
     for service in services:
         service.healthcheck = Healthcheck.parse(service.spec.get("healthcheck"))
     return services
@@ -343,13 +368,15 @@ class NamespaceStack:
         env: Mapping[str, str],
         profiles: tuple[str, ...] = (),
         only: tuple[str, ...] = (),
+        scale: Mapping[str, int] | None = None,
     ) -> None:
         self.compose_file = compose_file
         self.workdir = workdir
-        self.services = {s.name: s for s in load_services(compose_file, env=env, profiles=profiles)}
+        loaded = load_services(compose_file, env=env, profiles=profiles, scale=scale)
+        self.services = {s.name: s for s in loaded}
         if only:  # `docker compose up SERVICE...`: those and what they depend on
-            wanted = _closure(self.services, only)
-            self.services = {name: s for name, s in self.services.items() if name in wanted}
+            wanted = _closure({s.service: s for s in loaded}, only)
+            self.services = {name: s for name, s in self.services.items() if s.service in wanted}
         self.running: dict[str, Running] = {}
         self._network: subprocess.Popen[bytes] | None = None
         self._client: ThreadPoolExecutor | None = None
@@ -436,6 +463,14 @@ class NamespaceStack:
     def address(self, name: str) -> str:
         return self.services[name].address
 
+    def replicas(self, service: str) -> list[str]:
+        """The container names of a compose service: [service], or service-1..service-N."""
+        return [s.name for s in self.services.values() if s.service == service]
+
+    def pid(self, name: str) -> int:
+        """PID (on this machine) of the container's init: the root of its whole process tree."""
+        return self.running[name].init_pid
+
     def in_network(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call fn in a thread that lives in the stack's network namespace (where the bridge is),
         as the host of a compose project reaches its containers' addresses."""
@@ -458,7 +493,11 @@ class NamespaceStack:
 
     def _write_hosts(self) -> None:
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
-        lines += [f"{s.address} {s.name} {s.hostname}" for s in self.services.values()]
+        # A replica also answers to its service's name (compose's DNS; here the first replica wins).
+        lines += [
+            " ".join(dict.fromkeys([s.address, s.name, s.hostname, s.service]))
+            for s in self.services.values()
+        ]
         (self.workdir / "hosts").write_text("\n".join(lines) + "\n")
 
     def _in_network_ns(self, argv: list[str]) -> None:
@@ -533,20 +572,25 @@ class NamespaceStack:
         _run([*inside, "ip", "route", "add", "default", "via", f"{SUBNET}.1"])
 
     def _dependencies_met(self, service: Service) -> bool:
-        for name, condition in service.depends_on.items():
-            if name not in self.services:
-                continue  # a service of an inactive profile (compose: `required: false`)
-            run = self.running.get(name)
-            if run is None:
+        # A service of an inactive profile has no replicas (compose: `required: false`).
+        return all(
+            self._replica_ready(replica, condition)
+            for name, condition in service.depends_on.items()
+            for replica in self.replicas(name)
+        )
+
+    def _replica_ready(self, name: str, condition: str) -> bool:
+        run = self.running.get(name)
+        if run is None:
+            return False
+        code = run.exit_code()
+        if condition == "service_completed_successfully":
+            if code is None:
                 return False
-            code = run.exit_code()
-            if condition == "service_completed_successfully":
-                if code is None:
-                    return False
-                if code != 0:
-                    raise ComposeError(f"{name} exited with {code}:\n{self.log_tail(name)}")
-            elif condition == "service_healthy" and not run.healthy:
-                return False
+            if code != 0:
+                raise ComposeError(f"{name} exited with {code}:\n{self.log_tail(name)}")
+        elif condition == "service_healthy":
+            return run.healthy
         return True
 
     def _all_ready(self) -> bool:
@@ -671,12 +715,21 @@ def _wait_for(probe: Callable[[], Any], what: str, timeout: float = 10.0) -> Any
 
 @contextlib.contextmanager
 def compose_up(
-    *, compose_file: Path, workdir: Path, env: Mapping[str, str], profiles: tuple[str, ...] = ()
+    *,
+    compose_file: Path,
+    workdir: Path,
+    env: Mapping[str, str],
+    profiles: tuple[str, ...] = (),
+    scale: Mapping[str, int] | None = None,
+    timeout: float = 600.0,
 ) -> Iterator[NamespaceStack]:
-    """The stack, up and healthy; torn down on exit whatever happened."""
-    stack = NamespaceStack(compose_file=compose_file, workdir=workdir, env=env, profiles=profiles)
+    """The stack, up and healthy (`docker compose up --wait [--scale NAME=N]`); torn down on exit
+    whatever happened."""
+    stack = NamespaceStack(
+        compose_file=compose_file, workdir=workdir, env=env, profiles=profiles, scale=scale
+    )
     try:
-        stack.up()
+        stack.up(timeout=timeout)
         yield stack
     finally:
         stack.down()
