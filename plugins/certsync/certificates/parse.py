@@ -28,6 +28,7 @@ ATTRIBUTES = (USER_CERTIFICATE, USER_SMIME_CERTIFICATE)
 # Real blobs (a leaf plus a chain or two) stay far below this; anything bigger is hostile or junk.
 MAX_VALUE_BYTES = 64 * 1024
 MS_ENCRYPTION_KEY_PREFERENCE = "1.3.6.1.4.1.311.16.4"
+SMIME_ENCRYPTION_KEY_PREFERENCE = "1.2.840.113549.1.9.16.2.11"  # asn1crypto's "encrypt_key_pref"
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def _parse_pkcs7(attribute: str, digest: bytes, value: bytes) -> Parsed:
     ders = [c.dump() for c in asn1_certs]
     loaded = [load_with_serial(d) for d in ders]
     certs = [cert for cert, _serial in loaded]
-    index = _pick_leaf(asn1_certs, certs, _preferred_keys(signed))
+    index = _pick_leaf(asn1_certs, certs, [serial for _cert, serial in loaded], _preferred_keys(signed))
     extra = tuple(d for i, d in enumerate(ders) if i != index)
     extra_certs = tuple(c for i, c in enumerate(certs) if i != index)
     return Parsed(
@@ -156,9 +157,11 @@ def _preference_from(attr: cms.CMSAttribute) -> list[tuple[bytes, int]]:
     from asn1crypto import cms
 
     kind = attr["type"].dotted
+    if kind not in (SMIME_ENCRYPTION_KEY_PREFERENCE, MS_ENCRYPTION_KEY_PREFERENCE):
+        return []  # decoding the values of every other attribute cost more than the rest of the parse
     keys = []
     for value in attr["values"]:
-        if attr["type"].native == "encrypt_key_pref" and value.name == "issuer_and_serial_number":
+        if kind == SMIME_ENCRYPTION_KEY_PREFERENCE and value.name == "issuer_and_serial_number":
             keys.append(_ias_key(value.chosen))
         elif kind == MS_ENCRYPTION_KEY_PREFERENCE:
             keys.append(_ias_key(cms.IssuerAndSerialNumber.load(value.dump())))
@@ -169,11 +172,14 @@ def _ias_key(ias: cms.IssuerAndSerialNumber) -> tuple[bytes, int]:
     return ias["issuer"].dump(), ias["serial_number"].native
 
 
-def _pick_leaf(asn1_certs: list, certs: list[x509.Certificate], wanted: list) -> int:
-    keys = [(c["tbs_certificate"]["issuer"].dump(), c.serial_number) for c in asn1_certs]
-    for key in wanted:
-        if key in keys and not _is_ca(certs[keys.index(key)]):
-            return keys.index(key)
+def _pick_leaf(asn1_certs: list, certs: list[x509.Certificate], serials: list[int], wanted: list) -> int:
+    for issuer, serial in wanted:
+        # The serial (already read) first: dumping a certificate's issuer with asn1crypto is slow.
+        for i, cert in enumerate(certs):
+            if serials[i] == serial and asn1_certs[i]["tbs_certificate"]["issuer"].dump() == issuer:
+                if not _is_ca(cert):
+                    return i
+                break  # the first certificate with that key decides, as before
     end_entities = [i for i, c in enumerate(certs) if not _is_ca(c)]
     for i in end_entities:
         if _can_encrypt(certs[i]):
