@@ -1,0 +1,158 @@
+"""The validate stage alone, on a bench lab's real values, repeated with its verdicts cleared.
+
+    unshare -n bash -c 'ip link set lo up; .venv/bin/python bench/bench_validate_stage.py --users 20000 --setup'
+    .venv/bin/python bench/bench_validate_stage.py --users 20000 --repeat 3 [--profile DIR]
+
+`--setup` starts the lab (bench_cycle's: a new PostgreSQL cluster, the directory as built), runs
+begin and extract once and stops it; the run stays open, its id kept in the lab's
+validate-run.json. Every later call starts only PostgreSQL (and the emulator the settings name), empties certsync.cert_verdict (as the
+owner) and runs `pipeline.validate` on that run `--repeat` times, printing wall and CPU seconds of
+the bench process tree (itself and its validation workers) and of PostgreSQL's, the peak RSS of
+each and the load average. With `--profile DIR`, each repetition is recorded by py-spy (workers
+included) and its top frames printed. Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_cycle
+
+# The sampler runs in the measured process: reading /proc four times a second cost about as much
+# CPU as saving the verdicts; once a second keeps the peak RSS within a chunk's worth of values.
+bench_cycle.SAMPLE_EVERY_S = 1.0
+
+log = logging.getLogger("bench_validate_stage")
+
+
+def setup(users: int) -> None:
+    from certsync import pipeline
+    from certsync.config import EnvSource, load_settings
+    from certsync.pipeline import Services
+
+    stack = bench_cycle.build(users)
+    bench_cycle.start(stack, {"rate_per_s": 200.0, "burst": 20, "max_concurrency": 8})
+    try:
+        os.environ.update(stack.environment())
+        services = Services(settings=load_settings(EnvSource()))
+        now = datetime.now(UTC)
+        run_id = pipeline.begin(services, dag_id=bench_cycle.DAG_ID, airflow_run_id=f"validate bench {now.isoformat()}", logical_date=now, mode="full", dry_run=False)  # fmt: skip
+        counts = pipeline.extract(services, run_id=run_id)
+        services.engine.dispose()
+    finally:
+        stack.down()
+    (stack.home / "validate-run.json").write_text(json.dumps({"run_id": run_id, "extract": counts}))
+    print(f"run {run_id}: {counts}")
+
+
+def clear_verdicts(stack: Any) -> None:
+    import psycopg
+
+    from certsync_lab.stack import DATABASE
+
+    with psycopg.connect(stack.postgres.dsn_for(DATABASE), autocommit=True) as conn:
+        conn.execute("TRUNCATE certsync.cert_verdict")
+        conn.execute("CHECKPOINT")  # the previous repetition's writes are not flushed during the next
+
+
+def reference_cpu_s(services: Any, run_id: int) -> tuple[int, float]:
+    """CPU seconds of Validator.check over the same distinct values in this one process, with no
+    database, pool or verdict saving: the stage's own cost is judged against it in the same run."""
+    import sqlalchemy as sa
+
+    from certsync.certificates.validate import Validator
+    from certsync.store import runs
+
+    with services.engine.connect() as conn:
+        at = runs.run_info(conn, run_id).logical_date
+        items = [(a, bytes(v)) for a, v in conn.execute(sa.text(REFERENCE_VALUES))]
+    validator = Validator(trust=services.settings.trust.load())
+    began = time.process_time()
+    for attribute, value in items:
+        validator.check(attribute=attribute, value=value, at=at)
+    return len(items), time.process_time() - began
+
+
+REFERENCE_VALUES = """
+SELECT DISTINCT v.attribute, b.value FROM certsync.source_value v JOIN certsync.cert_blob b USING (sha256)
+"""
+
+
+def measure(users: int, repeat: int, profile: Path | None) -> None:
+    from certsync import pipeline
+    from certsync.config import EnvSource, load_settings
+    from certsync.pipeline import Services
+
+    stack = bench_cycle.build(users)
+    run_id = json.loads((stack.home / "validate-run.json").read_text())["run_id"]
+    stack.postgres.start()
+    stack.emulator.start()  # the settings name its endpoint; validate never calls it
+    try:
+        os.environ.update(stack.environment())
+        services = Services(settings=load_settings(EnvSource()))
+        # The emulator is this process's child: a root of its own keeps it out of certsync's tree.
+        roots = {k: v for k, v in bench_cycle.service_pids(stack).items() if k != "samba"}
+        for i in range(repeat):
+            clear_verdicts(stack)
+            out = profile / f"validate-{i}.txt" if profile else None
+            with bench_cycle.StageSampler(roots=roots) as sampler, bench_cycle.py_spy(out, subprocesses=True):
+                sampler.stage = "validate"
+                cpu, own = sampler.cpu_s(), time.process_time()
+                began = time.perf_counter()
+                counts = pipeline.validate(services, run_id=run_id)
+                seconds = time.perf_counter() - began
+                used = {k: v - cpu[k] for k, v in sampler.cpu_s().items()}
+                own = time.process_time() - own  # this process alone: reading, saving, the pool's pipes
+                sampler.sample()
+            rss = sampler.peaks["validate"]
+            count, ref_s = reference_cpu_s(services, run_id)
+            stage_s = used["certsync"] + used["postgres"]
+            rate = counts["validated"] / seconds
+            print(
+                f"validate {counts['validated']} values ({counts['refused']} refused) in {seconds:.2f} s,"
+                f" {rate:.0f}/s; CPU s: certsync {used['certsync']:.1f} (this process {own:.1f}) postgres {used['postgres']:.1f};"
+                f" one-process check of the {count} values {ref_s:.1f} CPU s (stage/check {stage_s / ref_s:.2f});"
+                f" peak RSS MiB: certsync {rss['certsync']:.0f} postgres {rss['postgres']:.0f};"
+                f" load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+            if out is not None:
+                for frame in bench_cycle.summarise_profile(out, top=15):
+                    print("   ", frame)
+        services.engine.dispose()
+    finally:
+        stack.emulator.stop()
+        stack.postgres.stop()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, default=20_000, help="the bench lab's size")
+    parser.add_argument("--setup", action="store_true", help="begin and extract a run to validate")
+    parser.add_argument("--repeat", type=int, default=2, help="validate this many times")
+    parser.add_argument("--profile", type=Path, help="py-spy each repetition into this directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.setup:
+        setup(args.users)
+        return 0
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    measure(args.users, args.repeat, args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
