@@ -35,12 +35,24 @@ bench_cycle.SAMPLE_EVERY_S = 1.0
 log = logging.getLogger("bench_validate_stage")
 
 
+def relocate_samba(stack: Any) -> None:
+    """A copied lab's smb.conf still names the original's directories (Samba would then run on the
+    original's sam.ldb): point it at the copy, as SambaDC does when it restores a cached domain."""
+    origin_file = stack.samba.home / "lab-origin"
+    origin = origin_file.read_text().strip() if origin_file.exists() else str(stack.samba.home)
+    if origin != str(stack.samba.home):
+        conf = stack.samba.smb_conf
+        conf.write_text(conf.read_text().replace(origin, str(stack.samba.home)))
+        origin_file.write_text(f"{stack.samba.home}\n")
+
+
 def setup(users: int) -> None:
     from certsync import pipeline
     from certsync.config import EnvSource, load_settings
     from certsync.pipeline import Services
 
     stack = bench_cycle.build(users)
+    relocate_samba(stack)
     bench_cycle.start(stack, {"rate_per_s": 200.0, "burst": 20, "max_concurrency": 8})
     try:
         os.environ.update(stack.environment())
