@@ -138,6 +138,7 @@ class SambaDC:
     def ensure_provisioned(self) -> None:
         """Make `home` hold a provisioned domain: keep it, restore the cached one, or provision."""
         if self.smb_conf.exists():
+            self._relocate()
             return
         if self.home.exists() and any(self.home.iterdir()):
             raise SambaLabError(f"{self.home} is not empty and holds no provisioned domain")
@@ -330,6 +331,16 @@ class SambaDC:
         except BaseException:
             self._discard_home(created)
             raise
+
+    def _relocate(self) -> None:
+        """A home copied elsewhere (a bench lab's copy) still names the original in smb.conf: point
+        it here, or its Samba would open the original's database and pid files."""
+        origin_file = self.home / ORIGIN_FILE
+        origin = origin_file.read_text().strip() if origin_file.exists() else ""
+        if origin and origin != str(self.home):
+            self.smb_conf.write_text(self.smb_conf.read_text().replace(origin, str(self.home)))
+            origin_file.write_text(f"{self.home}\n")
+            log.info("pointed smb.conf at %s (it named %s)", self.home, origin)
 
     def _discard_home(self, created: bool) -> None:
         if created:
