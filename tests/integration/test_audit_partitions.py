@@ -332,6 +332,7 @@ def _commit(log: dict, statement: str) -> None:
             "audit_log_pairing",
             "audit_log_no_update",
             "audit_log_no_truncate",
+            "audit_log_track_open_intent",
         ):
             conn.execute(sa.text(f"ALTER TABLE certsync.audit_log ENABLE ALWAYS TRIGGER {trigger}"))
 

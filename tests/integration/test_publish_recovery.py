@@ -115,11 +115,14 @@ def _drift(env, emulator, baseline, count: int = DRIFTED) -> list[str]:
 
 
 def _open_intents(db) -> list[tuple]:
-    return db.execute(
+    found = db.execute(
         "SELECT i.seq, i.recipient_id, i.user_certificate FROM certsync.audit_log i"
         " WHERE i.phase = 'intent' AND NOT EXISTS"
         " (SELECT FROM certsync.audit_log c WHERE c.intent_seq = i.seq) ORDER BY i.seq"
     ).fetchall()
+    tracked = db.execute("SELECT seq FROM certsync.open_intent ORDER BY seq").fetchall()
+    assert [seq for (seq,) in tracked] == [row[0] for row in found]  # the index the publisher reads
+    return found
 
 
 def _set_calls(emulator) -> list[dict]:

@@ -258,12 +258,15 @@ SELECT i.seq, i.run_id, i.dag_id, i.airflow_run_id, s.logical_date, i.action_no,
        i.recipient_id, i.primary_smtp, i.cmdlet, i.action, i.user_certificate, i.user_smime_certificate,
        i.attempt, i.client_request_id, i.task_try, p.batch,
        extract(epoch FROM clock_timestamp() - i.at)::float AS age_s
-FROM certsync.audit_log i
+FROM certsync.open_intent o
+JOIN certsync.audit_log i ON i.seq = o.seq AND i.at = o.at
 JOIN certsync.sync_run s ON s.run_id = i.run_id
 LEFT JOIN certsync.planned_action p ON p.run_id = i.run_id AND p.action_no = i.action_no
 WHERE i.phase = 'intent' AND NOT EXISTS (SELECT FROM certsync.audit_log c WHERE c.intent_seq = i.seq)
 ORDER BY i.seq
 """
+# open_intent (sql/0020) only finds the candidates, so that the history is not scanned on every
+# batch; whether an intent is open is decided by the audit log itself.
 
 
 def open_intents(conn: Connection) -> list[Intent]:
