@@ -356,7 +356,9 @@ class Cycle:
             counts = pipeline.extract(self.services, run_id=run_id)
             row["items"], row["detail"] = counts["users"], {k: counts[k] for k in ("mode", "users", "values")}
         with self.stage(stages, label, "read_recipients", "recipients") as row:
-            row["items"] = pipeline.read_recipients(self.services, run_id=run_id)["recipients"]
+            got = pipeline.read_recipients(self.services, run_id=run_id)
+            # Recipients Exchange returned (a delta read returns only the changed ones).
+            row["items"], row["detail"] = got["read"], {k: got[k] for k in ("mode", "recipients")}
         with self.stage(stages, label, "validate", "values") as row:
             row["items"] = pipeline.validate(self.services, run_id=run_id)["validated"]
         with self.stage(stages, label, "plan", "users") as row:
