@@ -77,3 +77,50 @@ def test_killing_the_task_process_leaves_no_worker_behind(tmp_path: Path) -> Non
         if task.poll() is None:
             task.kill()
             task.wait()
+
+
+# As the Celery executor runs a task: a fork of a daemonic pool process, which inherits its flag.
+IN_A_DAEMON = """
+import multiprocessing, os, sys
+from datetime import datetime
+from pathlib import Path
+from certsync.certificates.parallel import validate_many
+from certsync.certificates.trust import TrustSpec
+
+def task(home, at):
+    pid = os.fork()
+    if pid == 0:
+        spec = TrustSpec(anchors=home / "anchors.pem", intermediates=(home / "intermediates.pem",))
+        items = [("userCertificate", (home / f"leaf{i}.der").read_bytes()) for i in range(20)]
+        verdicts = validate_many(items, trust=spec, at=at, processes=2, batch_size=5)
+        print("accepted", sum(v.ok for v in verdicts), flush=True)
+        os._exit(0)
+    os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+if __name__ == "__main__":
+    args = (Path(sys.argv[1]), datetime.fromisoformat(sys.argv[2]))
+    pool_process = multiprocessing.get_context("fork").Process(target=task, args=args, daemon=True)
+    pool_process.start()
+    pool_process.join()
+    sys.exit(pool_process.exitcode)
+"""
+
+
+def test_a_task_forked_from_a_daemonic_pool_process_validates_on_workers(tmp_path: Path) -> None:
+    pki = Pki(algorithm="ec", seed=3)
+    files = pki.write_trust_files(tmp_path)
+    for i in range(20):
+        (tmp_path / f"leaf{i}.der").write_bytes(pki.issue(email=f"u{i}@example.org"))
+    os.replace(files.anchors, tmp_path / "anchors.pem")
+    os.replace(files.intermediates, tmp_path / "intermediates.pem")
+    script = tmp_path / "in_a_daemon.py"
+    script.write_text(IN_A_DAEMON)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), pki.now.isoformat()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "accepted 20" in result.stdout

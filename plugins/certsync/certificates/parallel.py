@@ -131,6 +131,7 @@ class ValidationPool:
     def _workers(self) -> ProcessPoolExecutor:
         if self._pool is None:
             context = multiprocessing.get_context("spawn")  # fork would copy the caller's threads and pools
+            _forget_inherited_daemon_flag()
             log.info("validating on %d processes", self._processes)
             self._pool = ProcessPoolExecutor(
                 max_workers=self._processes,
@@ -139,6 +140,17 @@ class ValidationPool:
                 initargs=(self._spec, os.getpid()),
             )
         return self._pool
+
+
+def _forget_inherited_daemon_flag() -> None:
+    """Under the Celery executor a task runs in a fork of a daemonic pool process and inherits its
+    `daemon` flag, so multiprocessing refuses to start the workers ("daemonic processes are not
+    allowed to have children"). The task process is no one's daemon (the workers die with it through
+    PR_SET_PDEATHSIG and are stopped when it is interrupted): drop the flag it merely inherited."""
+    current = multiprocessing.current_process()
+    if current.daemon:
+        log.info("clearing the daemon flag inherited from the executor's pool process")
+        current._config["daemon"] = False  # private: the setter refuses a process already started
 
 
 def validate_many(
