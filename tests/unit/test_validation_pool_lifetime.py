@@ -79,9 +79,10 @@ def test_killing_the_task_process_leaves_no_worker_behind(tmp_path: Path) -> Non
             task.wait()
 
 
-# As the Celery executor runs a task: a fork of a daemonic pool process, which inherits its flag.
+# As the Celery executor runs a task: a fork of a daemonic billiard pool process, which inherits its
+# daemon flag and billiard's authkey type.
 IN_A_DAEMON = """
-import multiprocessing, os, sys
+import billiard, os, sys
 from datetime import datetime
 from pathlib import Path
 from certsync.certificates.parallel import validate_many
@@ -99,7 +100,7 @@ def task(home, at):
 
 if __name__ == "__main__":
     args = (Path(sys.argv[1]), datetime.fromisoformat(sys.argv[2]))
-    pool_process = multiprocessing.get_context("fork").Process(target=task, args=args, daemon=True)
+    pool_process = billiard.get_context("fork").Process(target=task, args=args, daemon=True)
     pool_process.start()
     pool_process.join()
     sys.exit(pool_process.exitcode)

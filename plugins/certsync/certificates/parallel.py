@@ -131,7 +131,7 @@ class ValidationPool:
     def _workers(self) -> ProcessPoolExecutor:
         if self._pool is None:
             context = multiprocessing.get_context("spawn")  # fork would copy the caller's threads and pools
-            _forget_inherited_daemon_flag()
+            _forget_inherited_pool_state()
             log.info("validating on %d processes", self._processes)
             self._pool = ProcessPoolExecutor(
                 max_workers=self._processes,
@@ -142,15 +142,18 @@ class ValidationPool:
         return self._pool
 
 
-def _forget_inherited_daemon_flag() -> None:
-    """Under the Celery executor a task runs in a fork of a daemonic pool process and inherits its
-    `daemon` flag, so multiprocessing refuses to start the workers ("daemonic processes are not
-    allowed to have children"). The task process is no one's daemon (the workers die with it through
-    PR_SET_PDEATHSIG and are stopped when it is interrupted): drop the flag it merely inherited."""
+def _forget_inherited_pool_state() -> None:
+    """Under the Celery executor a task runs in a fork of a daemonic billiard pool process and
+    inherits two things that stop multiprocessing from starting the workers: the `daemon` flag
+    ("daemonic processes are not allowed to have children") and an authkey of billiard's own type,
+    which the spawn start method refuses to pickle. The task process is no one's daemon (the workers
+    die with it through PR_SET_PDEATHSIG and are stopped when it is interrupted): drop the flag and
+    keep the key's bytes as multiprocessing's own type."""
     current = multiprocessing.current_process()
     if current.daemon:
         log.info("clearing the daemon flag inherited from the executor's pool process")
         current._config["daemon"] = False  # private: the setter refuses a process already started
+    current._config["authkey"] = multiprocessing.process.AuthenticationString(bytes(current.authkey))
 
 
 def validate_many(
