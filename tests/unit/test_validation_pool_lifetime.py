@@ -82,6 +82,8 @@ def test_killing_the_task_process_leaves_no_worker_behind(tmp_path: Path) -> Non
 # As the Celery executor runs a task: a fork of a daemonic billiard pool process, which inherits its
 # daemon flag and billiard's authkey type.
 IN_A_DAEMON = """
+if __name__ != "__main__":  # a worker that re-runs the parent's script (as `airflow` would) fails
+    raise SystemExit("the worker re-ran the parent's script")
 import billiard, os, sys
 from datetime import datetime
 from pathlib import Path

@@ -6,13 +6,14 @@ the trust configuration once and keeps one Validator, so its verified-intermedia
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -121,12 +122,12 @@ class ValidationPool:
             verdicts = [self._local.check(attribute=a, value=v, at=self._at) for a, v in items]
             return Checking(encode(verdicts) if encode is not None else verdicts)
         size, workers = self._batch_size, self._workers()
-        return Checking(
-            [
+        with _main_not_rerun():  # workers start on the first submissions
+            futures = [
                 workers.submit(_check_batch, items[i : i + size], self._at, encode)
                 for i in range(0, len(items), size)
             ]
-        )
+        return Checking(futures)
 
     def _workers(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -154,6 +155,21 @@ def _forget_inherited_pool_state() -> None:
         log.info("clearing the daemon flag inherited from the executor's pool process")
         current._config["daemon"] = False  # private: the setter refuses a process already started
     current._config["authkey"] = multiprocessing.process.AuthenticationString(bytes(current.authkey))
+
+
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """A spawned worker first re-runs the parent's __main__ script (multiprocessing's "fixup"). In an
+    Airflow task that is the `airflow` command, which sets Airflow up again in every worker and
+    fails there (the task process is given no database URL). The workers need only certsync's own
+    modules: the script is hidden while they start."""
+    main = sys.modules["__main__"]
+    path = main.__dict__.pop("__file__", None) if getattr(main, "__spec__", None) is None else None
+    try:
+        yield
+    finally:
+        if path is not None:
+            main.__file__ = path
 
 
 def validate_many(
