@@ -12,6 +12,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 NOTES = Path(__file__).with_name("RESULTS-notes.md")
+WORKERS = Path(__file__).with_name("workers.json")  # bench_workers.py: one Celery worker against two
 
 TARGET_FULL_S = 90.0
 TARGET_DELTA_S = 15.0
@@ -229,6 +230,29 @@ def statement_lines(statements: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def workers_section(figures: dict[str, Any]) -> list[str]:
+    """The same DAG run on the compose profile with one Celery worker and with two (bench_workers.py)."""
+    lines = [
+        "## One Celery worker against two (`bench_workers.py`)",
+        "",
+        f"The DAG triggered through the REST API on the compose profile in namespaces, {figures['users']:,} users,"
+        f" `publish_batch_size` {figures['publish_batch_size']}, {figures['cpus']} cores, measured"
+        f" {figures['measured_at']}; each Celery worker runs 2 tasks at once. What it says: bench/README.md.",
+        "",
+        "| workers | wall s | publish batches | tasks per worker | worker CPU s | certsync PostgreSQL CPU s | load1 mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in figures["runs"]:
+        hosts, cpu = run["workers"], run["cpu_s"]
+        lines.append(
+            f"| {len(hosts)} | {run['wall_s']:.1f} | {run['publish_batches']} |"
+            f" {' / '.join(str(run['tasks_per_host'].get(h, 0)) for h in hosts)} |"
+            f" {' + '.join(format(cpu.get(h, 0), '.1f') for h in hosts)} |"
+            f" {run['cpu_s'].get('certsync-db', 0):.1f} | {run['load']['during_1min']['mean']:.1f} |"
+        )
+    return lines
+
+
 def write(path: Path, figure_files: list[Path]) -> None:
     all_figures = [json.loads(p.read_text()) for p in figure_files if p.exists()]
     missing = [p.parent.name for p in figure_files if not p.exists()]
@@ -249,6 +273,8 @@ def write(path: Path, figure_files: list[Path]) -> None:
     for f in all_figures:
         lines += [*size_section(f), ""]
     lines += ["## Scaling", "", *scaling(all_figures), "", "## Profiles (py-spy)", *profiles(all_figures), ""]
+    if WORKERS.exists():
+        lines += [*workers_section(json.loads(WORKERS.read_text())), ""]
     if NOTES.exists():  # figures measured apart from make bench, kept across regenerations
         lines += [NOTES.read_text()]
     # Profiles name processes by their command lines: paths shown relative to the checkout.
