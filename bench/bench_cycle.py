@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -170,17 +170,15 @@ def tree_cpu_s(pid: int, *, exclude: frozenset[int] = frozenset()) -> float:
     return _tree_sum(pid, _cpu_s, exclude)
 
 
-class StageSampler:
-    """Samples each process tree's RSS; keeps the peak per (stage, process) of the current stage."""
+class Periodic:
+    """Calls sample() every `every_s` seconds on a thread of its own while the block runs."""
 
-    def __init__(self, *, roots: dict[str, int]) -> None:
-        self.roots = roots
-        self.stage = "-"
-        self.peaks: dict[str, dict[str, float]] = {}
+    def __init__(self, *, every_s: float) -> None:
+        self._every_s = every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> StageSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -189,8 +187,21 @@ class StageSampler:
         self._thread.join()
 
     def _loop(self) -> None:
-        while not self._stop.wait(SAMPLE_EVERY_S):
+        while not self._stop.wait(self._every_s):
             self.sample()
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+
+class StageSampler(Periodic):
+    """Samples each process tree's RSS; keeps the peak per (stage, process) of the current stage."""
+
+    def __init__(self, *, roots: dict[str, int]) -> None:
+        super().__init__(every_s=SAMPLE_EVERY_S)
+        self.roots = roots
+        self.stage = "-"
+        self.peaks: dict[str, dict[str, float]] = {}
 
     def cpu_s(self) -> dict[str, float]:
         """CPU seconds so far of each process tree (the others' trees left out of each)."""

@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -39,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
 
-from bench_cycle import tree_cpu_s  # noqa: E402
+from bench_cycle import Periodic, tree_cpu_s  # noqa: E402
 
 from tests.compose.airflow_api import Api, task_instances, trigger, wait_for_dag, wait_for_run  # noqa: E402
 from tests.compose.namespaces import NamespaceStack, compose_up, volume_dir  # noqa: E402
@@ -123,25 +122,15 @@ def override_compose(workdir: Path, *, publish_batch_size: int) -> Path:
 # -- one measured run ---------------------------------------------------------------------------------
 
 
-class LoadSampler:
+class LoadSampler(Periodic):
     """The 1-minute load average every few seconds while a run goes on."""
 
     def __init__(self) -> None:
+        super().__init__(every_s=LOAD_EVERY_S)
         self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> LoadSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(LOAD_EVERY_S):
-            self.samples.append(os.getloadavg()[0])
+    def sample(self) -> None:
+        self.samples.append(os.getloadavg()[0])
 
     def summary(self) -> dict[str, float]:
         if not self.samples:
