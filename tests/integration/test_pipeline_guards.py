@@ -30,7 +30,7 @@ from certsync.pipeline import (
     run_all,
     validate,
 )
-from certsync.store import validation
+from certsync.store import planning, validation
 from certsync_lab.pki import Pki
 from certsync_lab.population import SeedUser
 from certsync_lab.samba import SambaDC
@@ -157,6 +157,32 @@ def test_saved_verdicts_hold_every_field_and_a_retry_replaces_them(settled, db, 
     expected = sorted(validation.verdict_rows(verdicts))
     assert [(bytes(r[0]), *r[1:13]) for r in stored] == expected
     assert {(r[13], r[14]) for r in stored} == {(run_id, lab_at)}
+
+
+def test_a_value_checked_at_several_times_is_planned_with_one_verdict(settled, db, lab_at) -> None:
+    """cert_verdict keeps one verdict per check time (a run at a later time checks a value again):
+    the plan reads each value once, with the newest verdict that holds at the run's time."""
+    fingerprint = db.execute(
+        "SELECT trust_fingerprint FROM certsync.sync_run WHERE planned_at IS NOT NULL ORDER BY run_id DESC"
+    ).fetchone()[0]
+    db.execute("CREATE TEMP TABLE older AS SELECT * FROM certsync.cert_verdict WHERE trust_fingerprint = %s", (fingerprint,))  # fmt: skip
+    db.execute("UPDATE older SET checked_at = checked_at - interval '1 hour', detail = 'older'")
+    db.execute("INSERT INTO certsync.cert_verdict SELECT * FROM older")
+    try:
+        with settled.engine.begin() as conn:
+            at = lab_at + timedelta(days=1, hours=1)
+            verdicts = [
+                v for u in planning.source_users(conn, fingerprint=fingerprint, at=at) for v in u.verdicts
+            ]
+        values = db.execute("SELECT count(*) FROM certsync.source_value").fetchone()[0]
+        assert len(verdicts) == values > 0
+        assert all(v.detail != "older" for v in verdicts)
+    finally:
+        db.execute(
+            "DELETE FROM certsync.cert_verdict c USING older o WHERE (c.sha256, c.attribute,"
+            " c.trust_fingerprint, c.checked_at) = (o.sha256, o.attribute, o.trust_fingerprint, o.checked_at)"
+        )
+        db.execute("DROP TABLE older")
 
 
 @pytest.mark.parametrize(

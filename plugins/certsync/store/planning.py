@@ -22,17 +22,20 @@ from certsync.store.db import copy_rows, hash_list
 
 # Each value with the verdict that holds at the run's time (made at or before it, not yet run out):
 # a backfill's verdicts for an older time, or a newer run's for a later one, are never used. A value
-# has at most one verdict per trust configuration (the key of cert_verdict), so a plain join finds
-# it: PostgreSQL can hash the verdicts once instead of looking each value up.
+# can have several such verdicts (cert_verdict's key includes checked_at: a run at a later time
+# checks it again), and the newest is the one that holds. Picked once for all values (DISTINCT ON)
+# so that PostgreSQL can hash them instead of looking each value up.
 USERS_WITH_VERDICTS = """
 SELECT u.object_guid, u.mail, u.proxy_addresses, u.user_account_control, u.recipient_type_details,
        v.attribute, v.sha256, c.ok, c.reason, c.rule, c.detail, c.subject, c.issuer, c.serial,
        c.not_before, c.not_after, c.valid_until, c.emails
 FROM certsync.source_user u
 LEFT JOIN certsync.source_value v ON v.object_guid = u.object_guid
-LEFT JOIN certsync.cert_verdict c
-       ON c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = %(fp)s
-      AND c.checked_at <= %(at)s AND (c.valid_until IS NULL OR %(at)s < c.valid_until)
+LEFT JOIN (
+    SELECT DISTINCT ON (sha256, attribute) * FROM certsync.cert_verdict
+    WHERE trust_fingerprint = %(fp)s AND checked_at <= %(at)s AND (valid_until IS NULL OR %(at)s < valid_until)
+    ORDER BY sha256, attribute, checked_at DESC
+) c ON c.sha256 = v.sha256 AND c.attribute = v.attribute
 ORDER BY u.object_guid, v.attribute, v.ordinal
 """
 
