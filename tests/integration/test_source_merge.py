@@ -166,3 +166,25 @@ def test_a_delta_read_merges_only_the_users_it_read(engine) -> None:
     assert {g for g in after if after[g][1] == run_id} == {users[3].object_guid}
     assert after[users[4].object_guid][2] == _expected(changed[1])
     assert all(after[u.object_guid] == before[u.object_guid] for u in users[5:])
+
+
+def test_a_user_whose_every_value_was_removed_is_marked_changed(engine) -> None:
+    """A read that returns a user with no certificate left (all removed in AD) changes that user's
+    plan inputs: the merge marks it and removes its values, in a delta read as in a full one."""
+    rng = random.Random(7)
+    users = [
+        dataclasses.replace(_user(rng, 900 + n), user_certificate=(rng.randbytes(40),)) for n in range(3)
+    ]
+    _merge(engine, users, "all-values-before", full=False)
+    bare = dataclasses.replace(users[0], user_certificate=(), user_smime_certificate=(), usn_changed=5000)
+    run_id, _ = _merge(engine, [bare], "all-values-removed", full=False)
+    with engine.connect() as conn:
+        marked = conn.execute(
+            sa.text("SELECT changed_run_id FROM certsync.source_user WHERE object_guid = :g"),
+            {"g": bare.object_guid},
+        ).scalar_one()
+        left = conn.execute(
+            sa.text("SELECT count(*) FROM certsync.source_value WHERE object_guid = :g"),
+            {"g": bare.object_guid},
+        ).scalar_one()
+    assert (marked, left) == (run_id, 0)
