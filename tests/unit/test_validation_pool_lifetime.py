@@ -49,13 +49,19 @@ def _gone(proc: psutil.Process) -> bool:
         return True
 
 
-def test_killing_the_task_process_leaves_no_worker_behind(tmp_path: Path) -> None:
+def _twenty_leaves(home: Path) -> Pki:
+    """Trust files and 20 leaves under the names the task scripts read."""
     pki = Pki(algorithm="ec", seed=3)
-    files = pki.write_trust_files(tmp_path)
+    files = pki.write_trust_files(home)
     for i in range(20):
-        (tmp_path / f"leaf{i}.der").write_bytes(pki.issue(email=f"u{i}@example.org"))
-    os.replace(files.anchors, tmp_path / "anchors.pem")
-    os.replace(files.intermediates, tmp_path / "intermediates.pem")
+        (home / f"leaf{i}.der").write_bytes(pki.issue(email=f"u{i}@example.org"))
+    os.replace(files.anchors, home / "anchors.pem")
+    os.replace(files.intermediates, home / "intermediates.pem")
+    return pki
+
+
+def test_killing_the_task_process_leaves_no_worker_behind(tmp_path: Path) -> None:
+    pki = _twenty_leaves(tmp_path)
     task = subprocess.Popen(
         [sys.executable, "-c", WORKLOAD, str(tmp_path), pki.now.isoformat()],
         stdout=subprocess.PIPE,
@@ -110,12 +116,7 @@ if __name__ == "__main__":
 
 
 def test_a_task_forked_from_a_daemonic_pool_process_validates_on_workers(tmp_path: Path) -> None:
-    pki = Pki(algorithm="ec", seed=3)
-    files = pki.write_trust_files(tmp_path)
-    for i in range(20):
-        (tmp_path / f"leaf{i}.der").write_bytes(pki.issue(email=f"u{i}@example.org"))
-    os.replace(files.anchors, tmp_path / "anchors.pem")
-    os.replace(files.intermediates, tmp_path / "intermediates.pem")
+    pki = _twenty_leaves(tmp_path)
     script = tmp_path / "in_a_daemon.py"
     script.write_text(IN_A_DAEMON)
     result = subprocess.run(
