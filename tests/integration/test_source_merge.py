@@ -188,3 +188,21 @@ def test_a_user_whose_every_value_was_removed_is_marked_changed(engine) -> None:
             {"g": bare.object_guid},
         ).scalar_one()
     assert (marked, left) == (run_id, 0)
+
+
+def test_a_rerun_of_a_run_keeps_the_values_its_earlier_try_merged(engine) -> None:
+    """A cleared or reprocessed run extracts again under its own id: its earlier try marked every
+    user it merged with that id, and this try reads only what changed since (a delta). The users
+    this try did not read keep their values; the one it read gets its new ones."""
+    rng = random.Random(11)
+    users = [_user(rng, 7000 + n) for n in range(30)]
+    run_id, _ = _merge(engine, users, "rerun")
+    before = _rows(engine)
+    changed = dataclasses.replace(users[0], user_certificate=(rng.randbytes(40),), usn_changed=9999)
+    again, _ = _merge(engine, [changed], "rerun", full=False)
+    after = _rows(engine)
+    assert again == run_id
+    assert after[changed.object_guid][2] == _expected(changed)
+    assert {u.object_guid: after[u.object_guid][2] for u in users[1:]} == {
+        u.object_guid: before[u.object_guid][2] for u in users[1:]
+    }

@@ -184,8 +184,11 @@ MERGE_STATEMENTS = (
        WHERE n.run_id = :r AND NOT EXISTS (SELECT FROM certsync.cert_blob b WHERE b.sha256 = n.sha256)
        ON CONFLICT (sha256) DO NOTHING""",
     # Values of the users that changed: replace the set (each read returns a user's values whole).
-    """DELETE FROM certsync.source_value v USING certsync.source_user s
-       WHERE s.changed_run_id = :r AND v.object_guid = s.object_guid""",
+    # Only the users this try read: an earlier try of the same run (cleared, reprocessed) marked
+    # others with this run's id, and this try's staging does not hold their values.
+    """DELETE FROM certsync.source_value v USING certsync.source_user s, certsync.staging_user u
+       WHERE s.changed_run_id = :r AND u.run_id = :r AND u.object_guid = s.object_guid
+         AND v.object_guid = s.object_guid""",
     """INSERT INTO certsync.source_value (object_guid, attribute, sha256, ordinal)
        SELECT n.object_guid, n.attribute, n.sha256, min(n.ordinal) FROM certsync.staging_value n
        JOIN certsync.source_user s ON s.object_guid = n.object_guid AND s.changed_run_id = :r
