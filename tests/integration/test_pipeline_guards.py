@@ -325,6 +325,32 @@ def test_late_backfill_never_overwrites_a_newer_view(
     assert summary["superseded_by"] is not None
 
 
+def test_a_change_an_older_run_read_on_its_rerun_is_published_by_the_next_run(
+    settled, populated_dc, lab_pki, lab_population, emulator_stack, lab_at
+) -> None:
+    """An operator reprocesses an older interval after a newer run planned: the rerun reads a
+    directory change (a delta, under the older run's id) and is superseded, so it sends nothing.
+    The next run plans against the newer run's plan, and must still find that change."""
+    older, newer, later = (lab_at + timedelta(days=d) for d in (6, 7, 8))
+    key = f"guards__{uuid.uuid4()}"
+    run_all(settled, dag_id="guards", airflow_run_id=key, logical_date=older)
+    _run(settled, newer)
+    user = _writable_user(emulator_stack, lab_population, None, nth=4)
+    _give_new_certificate(populated_dc, lab_pki, user, older)
+    emulator_stack.control.clear_requests()
+    rerun = run_all(settled, dag_id="guards", airflow_run_id=key, logical_date=older)
+    assert rerun["not_published_by_reason"].get("superseded") == 1, rerun
+    assert _set_calls(emulator_stack) == []
+    _run(settled, later)
+    written = {r["identity"] for r in _set_calls(emulator_stack)}
+    recipient = next(
+        r["ExternalDirectoryObjectId"]
+        for r in emulator_stack.control.state()["recipients"]
+        if r["PrimarySmtpAddress"].lower() == user.mail.lower()
+    )
+    assert written == {recipient}, written
+
+
 def test_removal_threshold_stops_mass_removal(settled, sync_env, emulator_stack, db, lab_at) -> None:
     services = _services(
         sync_env,

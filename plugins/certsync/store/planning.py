@@ -289,6 +289,16 @@ WHERE n.recipient_id IS NULL OR o.recipient_id IS NULL
        o.user_certificate, o.user_smime_certificate)
 """
 
+# Users whose entry a read changed after the base planned: read by a later run, or by an older
+# run extracting again (cleared, reprocessed) after the base planned, which marks them with its
+# own, lower id.
+USERS_CHANGED = """
+SELECT object_guid FROM certsync.source_user
+WHERE changed_run_id > :b OR changed_run_id IN (
+    SELECT d.run_id FROM certsync.directory_read d JOIN certsync.sync_run b ON b.run_id = :b
+    WHERE d.run_id < :b AND d.read_at >= b.planned_at)
+"""
+
 # Users whose verdicts may differ between the base's time and this run's: verdicts saved since the
 # base (new values, re-checks), made for a later time than the base's, or run out in between.
 VERDICTS_CHANGED = """
@@ -311,11 +321,7 @@ def changes_since(
     conn: Connection, *, base: DeltaBase, run_id: int, fingerprint: str, at: datetime
 ) -> Changes:
     params = {"b": base.run_id, "r": run_id, "fp": fingerprint, "bat": base.logical_date, "at": at}
-    users = set(
-        conn.execute(
-            sa.text("SELECT object_guid FROM certsync.source_user WHERE changed_run_id > :b"), params
-        ).scalars()
-    )
+    users = set(conn.execute(sa.text(USERS_CHANGED), params).scalars())
     users.update(conn.execute(sa.text(VERDICTS_CHANGED), params).scalars())
     recipients: set[str] = set()
     old_addresses: set[str] = set()
