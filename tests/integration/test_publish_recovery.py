@@ -115,12 +115,14 @@ def _drift(env, emulator, baseline, count: int = DRIFTED) -> list[str]:
 
 
 def _open_intents(db) -> list[tuple]:
-    found = db.execute(
-        "SELECT i.seq, i.recipient_id, i.user_certificate FROM certsync.audit_log i"
-        " WHERE i.phase = 'intent' AND NOT EXISTS"
-        " (SELECT FROM certsync.audit_log c WHERE c.intent_seq = i.seq) ORDER BY i.seq"
-    ).fetchall()
-    tracked = db.execute("SELECT seq FROM certsync.open_intent ORDER BY seq").fetchall()
+    with db.transaction():  # one snapshot for both reads: a publisher writes intents meanwhile
+        db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        found = db.execute(
+            "SELECT i.seq, i.recipient_id, i.user_certificate FROM certsync.audit_log i"
+            " WHERE i.phase = 'intent' AND NOT EXISTS"
+            " (SELECT FROM certsync.audit_log c WHERE c.intent_seq = i.seq) ORDER BY i.seq"
+        ).fetchall()
+        tracked = db.execute("SELECT seq FROM certsync.open_intent ORDER BY seq").fetchall()
     assert [seq for (seq,) in tracked] == [row[0] for row in found]  # the index the publisher reads
     return found
 
@@ -150,18 +152,33 @@ def _check_recovered(db, emulator, baseline, drifted: list[str]) -> list[dict]:
     return calls
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_its_test() -> Iterator[None]:
+    """A test that fails while its worker publishes must not leave it writing into the next test."""
+    yield
+    while _STARTED:
+        worker = _STARTED.pop()
+        if worker.poll() is None:
+            _kill(worker)
+
+
 def _worker(env: dict[str, str], run_key: str, when: datetime, **config) -> subprocess.Popen:
     config_env = {}
     if config:
         merged = {**json.loads(env["AIRFLOW_VAR_CERTSYNC_CONFIG"]), **config}
         config_env = {"AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps(merged)}
-    return subprocess.Popen(
+    worker = subprocess.Popen(
         [sys.executable, "-c", WORKER, run_key, when.isoformat(), str(TIMEOUT_S)],
         env={**os.environ, **env, **config_env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    _STARTED.append(worker)
+    return worker
 
 
 def _wait_for(
