@@ -352,6 +352,9 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
     settings = services.settings
     policy = AccountPolicy(disabled_accounts=settings.disabled_accounts, left_scope=settings.left_scope)
     with services.run_lock(run_id, "plan"), services.engine.begin() as conn:
+        analyzed = planning.refresh_statistics(conn)
+        if analyzed:
+            log.info("analyzed %s, rewritten since their statistics were taken", ", ".join(analyzed))
         info = runs.run_info(conn, run_id)
         superseded = _superseded(conn, info)
         recipients = planning.recipients(conn, run_id=run_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 
 from certsync.config import database_dsn
 from certsync.directory import DirectoryUser
-from certsync.store import db, runs, source
+from certsync.store import db, planning, runs, source
 from certsync_lab.stack import certsync_database
 
 WHEN = datetime(2026, 6, 1, tzinfo=UTC)
@@ -206,3 +207,31 @@ def test_a_rerun_of_a_run_keeps_the_values_its_earlier_try_merged(engine) -> Non
     assert {u.object_guid: after[u.object_guid][2] for u in users[1:]} == {
         u.object_guid: before[u.object_guid][2] for u in users[1:]
     }
+
+
+def test_a_plan_analyzes_the_tables_a_stage_rewrote_and_only_those(engine) -> None:
+    """A first run plans seconds after writing its tables, before autovacuum analyzed them, and
+    PostgreSQL without statistics joined the verdicts by a nested loop (sql/0021). The plan's
+    refresh analyzes a table rewritten since its statistics, then none until it changes again."""
+    rng = random.Random(13)
+    with engine.begin() as conn:
+        planning.refresh_statistics(conn)  # whatever earlier tests left
+    _merge(engine, [_user(rng, 20_000 + n) for n in range(3000)], "statistics")
+    with engine.connect() as conn:  # the merging session reports its counts when it goes idle
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _changed_since_analyze(conn, "source_user") < 3000:
+            time.sleep(0.2)
+    with engine.begin() as conn:
+        analyzed = planning.refresh_statistics(conn)
+    with engine.begin() as conn:  # a new transaction: each caches the statistics views it read
+        again = planning.refresh_statistics(conn)
+    assert {"source_user", "source_value"} <= set(analyzed) and again == [], (analyzed, again)
+
+
+def _changed_since_analyze(conn, table: str) -> int:
+    return conn.execute(
+        sa.text(
+            "SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE schemaname = 'certsync' AND relname = :t"
+        ),
+        {"t": table},
+    ).scalar_one()

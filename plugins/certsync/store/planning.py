@@ -94,6 +94,11 @@ def _guid_of(row: Any) -> uuid.UUID:
     return row.object_guid  # type: ignore[no-any-return]
 
 
+def refresh_statistics(conn: Connection) -> list[str]:
+    """Analyze the tables the plan reads that earlier stages rewrote (sql/0021); returns their names."""
+    return list(conn.execute(sa.text("SELECT certsync.refresh_plan_statistics()")).scalars())
+
+
 def gone_reasons(conn: Connection) -> dict[uuid.UUID, str]:
     """Why users left the source view: 'deleted' or 'left_scope' (certsync.source_gone)."""
     rows = conn.execute(sa.text("SELECT object_guid, reason FROM certsync.source_gone"))
