@@ -3,7 +3,7 @@
 -- A first run (or a full re-validation) writes hundreds of thousands of rows into source_user,
 -- source_value and cert_verdict, and plans seconds later, before autovacuum has analyzed them. Without
 -- statistics PostgreSQL took the plan's verdict join for a few rows and joined it by a nested loop:
--- measured at 100,000 users, 87 s for each 5,000 rows the plan read, against 30 s for the whole plan
+-- measured at 100,000 users, 87 s for each 5,000 rows the plan read, against 25 s for the whole plan
 -- once the tables had been analyzed.
 --
 -- Only the owner may ANALYZE, so the application calls this SECURITY DEFINER function as a plan

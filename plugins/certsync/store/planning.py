@@ -294,14 +294,14 @@ WHERE n.recipient_id IS NULL OR o.recipient_id IS NULL
        o.user_certificate, o.user_smime_certificate)
 """
 
-# Users whose entry a read changed after the base planned: read by a later run, or by an older
-# run extracting again (cleared, reprocessed) after the base planned, which marks them with its
-# own, lower id.
+# Users whose entry a read changed after the base planned: read by a later run, or by a run that
+# extracted again (cleared, reprocessed) after the base planned, which marks them with its own id,
+# lower than the base's or the base's own.
 USERS_CHANGED = """
 SELECT object_guid FROM certsync.source_user
 WHERE changed_run_id > :b OR changed_run_id IN (
     SELECT d.run_id FROM certsync.directory_read d JOIN certsync.sync_run b ON b.run_id = :b
-    WHERE d.run_id < :b AND d.read_at >= b.planned_at)
+    WHERE d.read_at >= b.planned_at)
 """
 
 # Users whose verdicts may differ between the base's time and this run's: verdicts saved since the
