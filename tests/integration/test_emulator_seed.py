@@ -125,6 +125,37 @@ def test_synced_recipients_start_with_what_the_sync_carried(tmp_path: Path) -> N
     assert "nomail" not in items and report.created == 1
 
 
+def test_restamped_tenant_looks_unchanged_since_then_to_a_changed_since_read(tmp_path: Path) -> None:
+    import datetime as dt
+
+    seed_from_directory(
+        home=tmp_path, users=[directory_user(f"s{i:03d}") for i in range(30)], shares=Shares(), seed=1
+    )
+    store = StateStore(home=tmp_path)
+    try:
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        fresh = store.page(
+            type_details=None, after_seq=0, limit=100, changed_from=(now - dt.timedelta(hours=1)).isoformat()
+        )
+        assert fresh  # seeding stamps the time it ran
+        assert store.restamp(now - dt.timedelta(days=1)) == len(fresh)
+        assert (
+            store.page(
+                type_details=None,
+                after_seq=0,
+                limit=100,
+                changed_from=(now - dt.timedelta(hours=1)).isoformat(),
+            )
+            == []
+        )
+        older = store.page(
+            type_details=None, after_seq=0, limit=100, changed_from=(now - dt.timedelta(days=2)).isoformat()
+        )
+        assert {r.when_changed for _, r in older} == {(now - dt.timedelta(days=1)).isoformat()}
+    finally:
+        store.close()
+
+
 def test_shares_are_validated() -> None:
     with pytest.raises(ValueError, match="non-negative"):
         Shares(mailbox=-1)

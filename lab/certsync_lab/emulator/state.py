@@ -283,6 +283,16 @@ class StateStore:
                 count += 1
         return count
 
+    def restamp(self, when_changed: dt.datetime) -> int:
+        """Set every recipient's WhenChanged to one moment: a tenant untouched since then (a lab's
+        tenant restored for a measurement, which must not look freshly changed to a delta read)."""
+        text = when_changed.astimezone(dt.UTC).replace(microsecond=0).isoformat()
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE recipients SET data = json_set(data, '$.WhenChanged', ?, '$.WhenChangedUTC', ?)",
+                (text, text),
+            ).rowcount
+
     def dump(self) -> dict[str, Any]:
         """The whole state as JSON-ready data (client secrets are never included)."""
         with self._lock:
