@@ -13,6 +13,7 @@ import functools
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from certsync.certificates.parse import ATTRIBUTES
 from certsync.certificates.reasons import Reason
@@ -40,6 +41,15 @@ class SourceUser:
     verdicts: tuple[Verdict, ...]
     disabled: bool = False  # userAccountControl ACCOUNTDISABLE
     recipient_type_details: int | None = None  # msExchRecipientTypeDetails, where AD has Exchange's schema
+
+
+class UserAddresses(NamedTuple):
+    """A user's addresses only: what matching it to a recipient needs (a delta plan reads every
+    user's, and a tuple costs a fraction of a SourceUser)."""
+
+    object_guid: uuid.UUID
+    mail: str | None
+    addresses: tuple[str, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,7 +139,7 @@ def _result(user: SourceUser, v: Verdict, reason: str | None, rule: str | None, 
     )
 
 
-def match_recipient(user: SourceUser, by_smtp: Mapping[str, Recipient]) -> Recipient | None:
+def match_recipient(user: SourceUser | UserAddresses, by_smtp: Mapping[str, Recipient]) -> Recipient | None:
     """The recipient whose primary SMTP address is the user's mail, else one of its proxy addresses."""
     if user.mail and (found := by_smtp.get(user.mail.lower())):
         return found
@@ -235,7 +245,7 @@ def _orphan_removals(
 
 
 def delta_users(
-    users: Iterable[SourceUser],
+    users: Iterable[UserAddresses | SourceUser],
     *,
     recipients: Sequence[Recipient],
     published: Mapping[str, uuid.UUID],
@@ -244,34 +254,31 @@ def delta_users(
     old_addresses: set[str],
 ) -> tuple[set[uuid.UUID], set[str]]:
     """For a plan of only what changed since an earlier plan: the users to plan again, and the
-    recipients that the users left out claim. `users` are all users in build_plan's order (their
-    certificates are not needed); `changed_*` what changed since the earlier plan (directory
-    entries, verdicts and its unfinished actions; recipients that changed, appeared or went, and
-    its unfinished actions' recipients, and those more than one user matched then);
-    `old_addresses` the former addresses of recipients that changed or went.
+    recipients that the users left out claim. `users` are all users in build_plan's order;
+    `changed_*` what changed since the earlier plan (directory entries, verdicts and its
+    unfinished actions; recipients that changed, appeared or went, and its unfinished actions'
+    recipients, and those more than one user matched then); `old_addresses` the former addresses
+    of recipients that changed or went.
 
     A user left out has the same entry, verdicts and recipient as in the earlier plan; its claim
     must be the same too. So every user of a recipient that changed, that a changed user matches,
     that more than one user matches (the first claim wins), or whose published owner is not its
     claimant, is planned again, and so is every user holding an address a recipient gave up."""
     by_smtp = {r.primary_smtp.lower(): r for r in recipients}
-    match: dict[uuid.UUID, str] = {}
     matchers: dict[str, list[uuid.UUID]] = {}
-    everyone: list[SourceUser] = []
+    planned = set(changed_users)
     for user in users:
-        everyone.append(user)
         recipient = match_recipient(user, by_smtp)
         if recipient is not None:
-            match[user.object_guid] = recipient.recipient_id
             matchers.setdefault(recipient.recipient_id, []).append(user.object_guid)
+        if old_addresses and not old_addresses.isdisjoint(user.addresses):
+            planned.add(user.object_guid)
     dirty_recipients = set(changed_recipients)
     for recipient_id, guids in matchers.items():
         owner = published.get(recipient_id, guids[0])
         if len(guids) > 1 or owner != guids[0] or not changed_users.isdisjoint(guids):
             dirty_recipients.add(recipient_id)
-    planned = set(changed_users)
-    for user in everyone:
-        if match.get(user.object_guid) in dirty_recipients or not old_addresses.isdisjoint(user.addresses):
-            planned.add(user.object_guid)
+    for recipient_id in dirty_recipients:
+        planned.update(matchers.get(recipient_id, ()))
     elsewhere = {recipient_id for recipient_id, guids in matchers.items() if guids[0] not in planned}
     return planned, elsewhere

@@ -17,7 +17,7 @@ from certsync.certificates.verdict import Verdict
 from certsync.directory import smtp_addresses
 from certsync.directory.entries import ACCOUNT_DISABLE
 from certsync.exchange.recipients import Recipient
-from certsync.plan import Plan, SourceUser
+from certsync.plan import Plan, SourceUser, UserAddresses
 from certsync.store.db import copy_rows, hash_list
 
 # Each value with the verdict that holds at the run's time (made at or before it, not yet run out):
@@ -137,24 +137,18 @@ def purge_old_snapshots(conn: Connection, *, keep_runs: int = 3) -> int:
 
 
 def recipients(conn: Connection, *, run_id: int) -> list[Recipient]:
-    """The run's own snapshot of Exchange."""
-    rows = conn.execute(
-        sa.text(
+    """The run's own snapshot of Exchange: every recipient of the tenant, read by every plan, so as
+    the driver's plain tuples on `conn`'s transaction."""
+    with conn.connection.driver_connection.cursor() as rows:
+        rows.execute(
             "SELECT recipient_id, primary_smtp, recipient_type, is_dir_synced, is_cloud_managed,"
-            " user_certificate, user_smime_certificate FROM certsync.exo_recipient WHERE seen_run_id = :r"
-        ),
-        {"r": run_id},
-    )
-    return [
-        Recipient(
-            **{
-                **r._mapping,
-                "user_certificate": hash_list(r.user_certificate),
-                "user_smime_certificate": hash_list(r.user_smime_certificate),
-            }
+            " user_certificate, user_smime_certificate FROM certsync.exo_recipient WHERE seen_run_id = %s",
+            (run_id,),
         )
-        for r in rows
-    ]
+        return [
+            Recipient(rid, smtp, kind, synced, cloud, hash_list(certificates), hash_list(smime))
+            for rid, smtp, kind, synced, cloud, certificates, smime in rows
+        ]
 
 
 def published_owners(conn: Connection) -> dict[str, uuid.UUID]:
@@ -345,19 +339,17 @@ def changes_since(
     return Changes(users=users, recipients=recipients, old_addresses=old_addresses)
 
 
-def user_addresses(conn: Connection) -> Iterator[SourceUser]:
-    """Every user of the source view with its addresses only (no certificates), in plan order."""
-    rows = conn.execute(
-        sa.text("SELECT object_guid, mail, proxy_addresses FROM certsync.source_user ORDER BY object_guid"),
-        execution_options={"stream_results": True, "yield_per": 5000},
-    )
-    for r in rows:
-        yield SourceUser(
-            object_guid=r.object_guid,
-            mail=r.mail,
-            addresses=smtp_addresses(r.mail, r.proxy_addresses),
-            verdicts=(),
+def user_addresses(conn: Connection) -> Iterator[UserAddresses]:
+    """Every user of the source view with its addresses only, in plan order, streamed with the
+    driver's own server-side cursor on `conn`'s transaction."""
+    raw = conn.connection.driver_connection
+    with raw.cursor(name="certsync_plan_addresses") as rows:
+        rows.itersize = 5000
+        rows.execute(
+            "SELECT object_guid, mail, proxy_addresses FROM certsync.source_user ORDER BY object_guid"
         )
+        for guid, mail, proxy_addresses in rows:
+            yield UserAddresses(guid, mail, smtp_addresses(mail, proxy_addresses))
 
 
 def carry_over(conn: Connection, *, run_id: int, base: DeltaBase, planned: Collection[uuid.UUID]) -> int:
