@@ -96,3 +96,52 @@ def test_the_app_login_may_append_to_the_audit_log_but_not_rewrite_it(embedded_p
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
             conn.rollback()
+
+
+def test_rows_a_run_writes_in_bulk_must_name_a_run_that_exists(embedded_pg: EmbeddedPostgres) -> None:
+    """sql/0022: the bulk tables check their run once per statement, COPY included, instead of a
+    foreign key per row; a change of a row's run is checked too, and deleting a run deletes them."""
+    owner = _fresh_database(embedded_pg)
+    db.migrate(owner)
+    insert = (
+        "INSERT INTO certsync.value_result (run_id, object_guid, attribute, sha256, selected, detail)"
+        " VALUES (%s, gen_random_uuid(), 'userCertificate', '\\x01', true, 'selected')"
+    )
+    with psycopg.connect(_as_app(owner)) as conn:
+        (run,) = conn.execute(
+            "INSERT INTO certsync.sync_run (dag_id, airflow_run_id, logical_date, mode, dry_run)"
+            " VALUES ('d', 'r', now(), 'full', false) RETURNING run_id"
+        ).fetchone()
+        conn.commit()
+        conn.execute(insert, (run,))
+        with pytest.raises(
+            psycopg.errors.ForeignKeyViolation, match=f"names run {run + 1}, which does not exist"
+        ):
+            conn.execute(insert, (run + 1,))
+        conn.rollback()
+        conn.execute(insert, (run,))
+        copy_in = (
+            "COPY certsync.exo_recipient (recipient_id, primary_smtp, recipient_type, is_dir_synced,"
+            " is_cloud_managed, seen_run_id) FROM STDIN"
+        )
+        with (
+            pytest.raises(psycopg.errors.ForeignKeyViolation, match="exo_recipient names run"),
+            conn.cursor() as cur,
+            cur.copy(copy_in) as copy,
+        ):
+            copy.write_row(("a", "a@x.test", "UserMailbox", False, False, run))
+            copy.write_row(("b", "b@x.test", "UserMailbox", False, False, run + 7))
+        conn.rollback()
+        conn.execute(insert, (run,))
+        with pytest.raises(
+            psycopg.errors.ForeignKeyViolation, match=r"update of certsync\.value_result names run"
+        ):
+            conn.execute("UPDATE certsync.value_result SET run_id = run_id + 1")
+        conn.rollback()
+        conn.execute(insert, (run,))
+        conn.execute("UPDATE certsync.value_result SET detail = 'kept'")  # the run unchanged: no check
+        conn.commit()
+    with psycopg.connect(owner) as conn:
+        assert conn.execute("SELECT count(*) FROM certsync.value_result").fetchone() == (1,)
+        conn.execute("DELETE FROM certsync.sync_run")
+        assert conn.execute("SELECT count(*) FROM certsync.value_result").fetchone() == (0,)
