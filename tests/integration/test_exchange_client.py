@@ -19,7 +19,7 @@ from emulator_support import directory_user
 from certsync.cli import main as cli_main
 from certsync.config import ExchangeSettings
 from certsync.exchange.client import ExchangeClient
-from certsync.exchange.errors import ExchangeShapeError
+from certsync.exchange.errors import ExchangeError, ExchangeShapeError
 from certsync.exchange.recipients import Recipient
 from certsync_lab.emulator.process import EmulatorProcess
 from certsync_lab.emulator.seed import Shares, seed_from_directory
@@ -192,6 +192,23 @@ def test_a_denied_cmdlet_answers_nul_bytes_and_is_a_permission_refusal(
     )
     assert (outcome.status, outcome.kind) == (403, "permission")
     assert "NUL bytes" in (outcome.detail or "")
+
+
+def test_the_get_cmdlets_read_at_once_come_in_cmdlet_order_and_a_failed_one_surfaces(
+    emulator: EmulatorProcess,
+) -> None:
+    """client.recipients runs Get-Mailbox, Get-MailUser and Get-MailContact side by side, each a page
+    ahead (one recipient a page here): the objects still come one cmdlet after another, and a cmdlet
+    that fails raises its error to the reader, with no read left running."""
+    one_a_page = ExchangeClient.connect(_settings(emulator, page_size=1))
+    kinds = [obj["RecipientTypeDetails"] for obj in one_a_page.recipients()]
+    assert kinds == ["UserMailbox", "UserMailbox", "MailUser", "MailContact"]
+    emulator.control.set_config(denied_cmdlets=["Get-MailUser"])
+    before = threading.active_count()
+    read = one_a_page.recipients()
+    with pytest.raises(ExchangeError, match="Get-MailUser failed"):
+        list(read)
+    assert threading.active_count() == before
 
 
 @pytest.mark.parametrize("status", [429, 503, 400])

@@ -147,14 +147,26 @@ def test_ranged_values_and_odd_values_are_kept_as_data() -> None:
 
 def test_pages_read_ahead_keep_order_and_surface_a_failed_read() -> None:
     from certsync.directory import DirectoryError
-    from certsync.store.source import _prefetched
+    from certsync.readahead import ReadAhead
 
     def pages():  # type: ignore[no-untyped-def]
         yield ["a"]
         yield ["b"]
         raise DirectoryError("ldap search below 'OU=x' failed")
 
-    read = _prefetched(pages())
-    assert [next(read), next(read)] == [["a"], ["b"]]
-    with pytest.raises(DirectoryError, match="failed"):
-        next(read)
+    with ReadAhead(pages()) as ahead:
+        read = iter(ahead)
+        assert [next(read), next(read)] == [["a"], ["b"]]
+        with pytest.raises(DirectoryError, match="failed"):
+            next(read)
+
+
+def test_a_read_ahead_stops_its_thread_when_the_consumer_stops_early() -> None:
+    import itertools
+
+    from certsync.readahead import ReadAhead
+
+    ahead = ReadAhead(itertools.count(), ahead=2, name="endless")
+    assert list(itertools.islice(ahead, 5)) == [0, 1, 2, 3, 4]
+    ahead.close()
+    assert not ahead._thread.is_alive()

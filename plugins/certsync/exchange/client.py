@@ -9,6 +9,7 @@ return an Outcome, because the publish stage audits every attempt and decides on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -37,6 +38,7 @@ from certsync.exchange.outcomes import (
 )
 from certsync.exchange.throttle import CircuitBreaker, Throttle
 from certsync.exchange.values import UnreadableValue, decode_values
+from certsync.readahead import ReadAhead
 
 __all__ = [
     "ANCHOR_MAILBOX",
@@ -204,12 +206,19 @@ class ExchangeClient:
 
     def read(self, cmdlet: str, parameters: dict[str, Any], *, select: Sequence[str] = ()) -> Iterator[dict]:
         """Run a Get-* cmdlet and yield every object, following @odata.nextLink (same body)."""
+        for page in self.pages(cmdlet, parameters, select=select):
+            yield from page
+
+    def pages(
+        self, cmdlet: str, parameters: dict[str, Any], *, select: Sequence[str] = ()
+    ) -> Iterator[list[dict]]:
+        """Run a Get-* cmdlet and yield each page's objects, following @odata.nextLink."""
         url: str | None = self._url + wire.select_query(select)
         while url:
             page = self.call(cmdlet, parameters, url=url).body
             if not isinstance(page, dict) or not isinstance(page.get("value", []), list):
                 raise ExchangeShapeError(f"{cmdlet} answered a page without a value list: {str(page)[:200]}")
-            yield from page.get("value", [])
+            yield page.get("value", [])
             next_link = page.get("@odata.nextLink")
             url = str(next_link) if next_link else None
 
@@ -225,8 +234,19 @@ class ExchangeClient:
         parameters: dict[str, Any] = {"ResultSize": "Unlimited"}
         if changed_since is not None:
             parameters["Filter"] = wire.changed_filter(changed_since)
-        for cmdlet in READ_CMDLETS:
-            yield from self.read(cmdlet, parameters, select=RECIPIENT_FIELDS)
+        # The Get-* run at once, each a page ahead of this reader (the throttle still bounds the
+        # requests in flight): Exchange builds the next pages while this process decodes one.
+        # Their objects come in the same order as one after another.
+        with contextlib.ExitStack() as readers:
+            ahead = [
+                readers.enter_context(
+                    ReadAhead(self.pages(cmdlet, parameters, select=RECIPIENT_FIELDS), name=cmdlet)
+                )
+                for cmdlet in READ_CMDLETS
+            ]
+            for pages in ahead:
+                for page in pages:
+                    yield from page
 
     def set_certificates(
         self,

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
-import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from sqlalchemy.engine import Connection
 
 from certsync.certificates.parse import ATTRIBUTES
 from certsync.directory import DirectoryReader, DirectoryUser, ServerIdentity
+from certsync.readahead import ReadAhead
 from certsync.store.db import copy_rows
 
 log = logging.getLogger(__name__)
@@ -64,45 +63,6 @@ def _pages(users: Iterable[DirectoryUser], size: int) -> Iterator[list[Directory
         yield page
 
 
-_DONE = object()
-
-
-def _prefetched(pages: Iterator[list[DirectoryUser]], *, ahead: int = 2) -> Iterator[list[DirectoryUser]]:
-    """The same pages, read by a thread up to `ahead` pages in advance: the directory is read while
-    the previous page is copied into PostgreSQL, and memory stays bounded by `ahead` pages."""
-    handoff: queue.Queue[object] = queue.Queue(maxsize=ahead)
-    stop = threading.Event()
-
-    def offer(item: object) -> bool:
-        while not stop.is_set():  # the consumer may have stopped (its COPY failed)
-            try:
-                handoff.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for page in pages:
-                if not offer(page):
-                    return
-            offer(_DONE)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            offer(exc)
-
-    reader = threading.Thread(target=produce, name="directory-pages", daemon=True)
-    reader.start()
-    try:
-        while (item := handoff.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        reader.join(timeout=5)
-
-
 def clear_staging(conn: Connection, *, run_id: int) -> None:
     """Forget what an earlier try of this run staged (idempotent under task retries)."""
     for table in ("staging_value", "staging_user", "staging_rejected", "staging_gone"):
@@ -114,18 +74,20 @@ def stage_users(
 ) -> tuple[int, int]:
     """COPY `users` into this run's staging one page at a time; returns (users, values)."""
     count = values = 0
-    for page in _prefetched(_pages(users, page_size)):
-        values += copy_rows(
-            conn,
-            "COPY certsync.staging_value (run_id, object_guid, attribute, ordinal, sha256, value) FROM STDIN",
-            _value_rows(run_id, page),
-        )
-        count += copy_rows(
-            conn,
-            "COPY certsync.staging_user (run_id, object_guid, dn, sam_account_name, display_name, mail,"
-            " proxy_addresses, user_account_control, usn_changed, recipient_type_details) FROM STDIN",
-            (_user_row(run_id, u) for u in page),
-        )
+    # The directory's next pages are read while this one is copied.
+    with ReadAhead(_pages(users, page_size), name="directory-pages") as pages:
+        for page in pages:
+            values += copy_rows(
+                conn,
+                "COPY certsync.staging_value (run_id, object_guid, attribute, ordinal, sha256, value) FROM STDIN",
+                _value_rows(run_id, page),
+            )
+            count += copy_rows(
+                conn,
+                "COPY certsync.staging_user (run_id, object_guid, dn, sam_account_name, display_name, mail,"
+                " proxy_addresses, user_account_control, usn_changed, recipient_type_details) FROM STDIN",
+                (_user_row(run_id, u) for u in page),
+            )
     return count, values
 
 
