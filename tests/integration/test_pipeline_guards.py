@@ -133,6 +133,24 @@ def test_pending_values_stream_in_chunks(settled, db, lab_at) -> None:
     assert len(values) == len(set(values)) == distinct
 
 
+@pytest.mark.parametrize("shards", [2, 3, 7])
+def test_validation_shards_split_the_pending_values_between_them(settled, db, lab_at, shards) -> None:
+    """The DAG's validate tasks each take a shard (a range of SHA-256 first bytes): together they
+    read every pending value exactly once."""
+
+    def pending(shard: int, of: int) -> list[tuple[str, bytes]]:
+        with settled.engine.connect() as conn:
+            chunks = validation.pending_chunks(
+                conn, fingerprint="no-verdict-yet", at=lab_at, shard=shard, shards=of
+            )
+            return sorted((a, hashlib.sha256(v).digest()) for chunk in chunks for a, v in chunk)
+
+    every = [pending(shard, shards) for shard in range(shards)]
+    whole = pending(0, 1)
+    assert sum(1 for part in every if part) >= 2  # the shards share the work
+    assert sorted(item for part in every for item in part) == whole
+
+
 def test_saved_verdicts_hold_every_field_and_a_retry_replaces_them(settled, db, lab_at) -> None:
     """Verdicts go in by COPY and one upsert: each stored column is the validator's, and saving
     again for the same run time (a retried try) replaces the rows instead of failing or doubling."""

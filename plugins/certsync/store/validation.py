@@ -15,6 +15,9 @@ from certsync.store.db import copy_rows
 # configuration. A verdict holds from the time it was made (checked_at) until valid_until; verdicts
 # are kept per check time, so a backfill (an older run time) adds its own verdict next to a newer
 # run's instead of replacing it, and each run plans with the verdict of its own time.
+# A shard is a range of the values' SHA-256 (by first byte), which PostgreSQL estimates from the
+# column's statistics: a computed shard key (first byte modulo the shards) it took for 0.5% of the
+# values, and looked each up in the verdicts on its own (1.0 s for 190,000 values, 0.25 s hashed).
 PENDING = """
 SELECT p.attribute, b.value
 FROM (SELECT DISTINCT v.attribute, v.sha256
@@ -23,7 +26,7 @@ FROM (SELECT DISTINCT v.attribute, v.sha256
           SELECT FROM certsync.cert_verdict c
           WHERE c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
             AND c.checked_at <= :at AND (c.valid_until IS NULL OR :at < c.valid_until))
-        AND get_byte(v.sha256, 0) % :shards = :shard) p
+        AND v.sha256 >= :low {below}) p
 JOIN certsync.cert_blob b ON b.sha256 = p.sha256
 """
 
@@ -60,9 +63,11 @@ def pending_chunks(
 ) -> Iterator[list[tuple[str, bytes]]]:
     """(attribute, value) pairs to validate, `size` at a time from a server-side cursor, so memory
     does not grow with the directory; a value is content-addressed, so each comes once."""
+    low, high = shard * 256 // shards, (shard + 1) * 256 // shards
+    below = "AND v.sha256 < :high" if high < 256 else ""  # the last shard has no upper bound
     rows = conn.execute(
-        sa.text(PENDING),
-        {"fp": fingerprint, "at": at, "shard": shard, "shards": shards},
+        sa.text(PENDING.format(below=below)),
+        {"fp": fingerprint, "at": at, "low": bytes([low]), "high": bytes([min(high, 255)])},
         execution_options={"yield_per": size},
     )
     for part in rows.partitions(size):
