@@ -3,6 +3,7 @@ a schema that is missing, behind, or a login strong enough to bypass the audit l
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -98,9 +99,10 @@ def test_the_app_login_may_append_to_the_audit_log_but_not_rewrite_it(embedded_p
             conn.rollback()
 
 
-def test_rows_a_run_writes_in_bulk_must_name_a_run_that_exists(embedded_pg: EmbeddedPostgres) -> None:
-    """sql/0022: the bulk tables check their run once per statement, COPY included, instead of a
-    foreign key per row; a change of a row's run is checked too, and deleting a run deletes them."""
+def test_rows_written_in_bulk_must_name_what_they_reference(embedded_pg: EmbeddedPostgres) -> None:
+    """sql/0022: the bulk tables check their run (or certificate) once per statement, COPY included,
+    instead of a foreign key per row; a change of a reference is checked too, deleting a run deletes
+    its rows, and a certificate a value names cannot be deleted."""
     owner = _fresh_database(embedded_pg)
     db.migrate(owner)
     insert = (
@@ -114,9 +116,8 @@ def test_rows_a_run_writes_in_bulk_must_name_a_run_that_exists(embedded_pg: Embe
         ).fetchone()
         conn.commit()
         conn.execute(insert, (run,))
-        with pytest.raises(
-            psycopg.errors.ForeignKeyViolation, match=f"names run {run + 1}, which does not exist"
-        ):
+        missing = f"value_result names sync_run.run_id {run + 1}, which does not exist"
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match=missing):
             conn.execute(insert, (run + 1,))
         conn.rollback()
         conn.execute(insert, (run,))
@@ -125,7 +126,9 @@ def test_rows_a_run_writes_in_bulk_must_name_a_run_that_exists(embedded_pg: Embe
             " is_cloud_managed, seen_run_id) FROM STDIN"
         )
         with (
-            pytest.raises(psycopg.errors.ForeignKeyViolation, match="exo_recipient names run"),
+            pytest.raises(
+                psycopg.errors.ForeignKeyViolation, match=f"exo_recipient names sync_run.run_id {run + 7}"
+            ),
             conn.cursor() as cur,
             cur.copy(copy_in) as copy,
         ):
@@ -134,14 +137,39 @@ def test_rows_a_run_writes_in_bulk_must_name_a_run_that_exists(embedded_pg: Embe
         conn.rollback()
         conn.execute(insert, (run,))
         with pytest.raises(
-            psycopg.errors.ForeignKeyViolation, match=r"update of certsync\.value_result names run"
+            psycopg.errors.ForeignKeyViolation, match="value_result names a sync_run that does not"
         ):
             conn.execute("UPDATE certsync.value_result SET run_id = run_id + 1")
         conn.rollback()
         conn.execute(insert, (run,))
         conn.execute("UPDATE certsync.value_result SET detail = 'kept'")  # the run unchanged: no check
+        blob, unknown = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
+        conn.execute(
+            "INSERT INTO certsync.cert_blob (sha256, value, first_run_id) VALUES (%s, 'a', %s)", (blob, run)
+        )
+        (user,) = conn.execute(
+            "INSERT INTO certsync.source_user (object_guid, dn, sam_account_name, user_account_control,"
+            " usn_changed, last_seen_run_id, changed_run_id)"
+            " VALUES (gen_random_uuid(), 'CN=a', 'a', 512, 1, %s, %s) RETURNING object_guid",
+            (run, run),
+        ).fetchone()
+        value = (
+            "INSERT INTO certsync.source_value (object_guid, attribute, sha256, ordinal)"
+            " VALUES (%s, 'userCertificate', %s, 0)"
+        )
+        conn.execute(value, (user, blob))
         conn.commit()
+        with pytest.raises(
+            psycopg.errors.ForeignKeyViolation, match=f"names cert_blob.sha256 ..{unknown.hex()}"
+        ):
+            conn.execute(value, (user, unknown))
+        conn.rollback()
     with psycopg.connect(owner) as conn:
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="still named by a value or a verdict"):
+            conn.execute("DELETE FROM certsync.cert_blob")
+        conn.rollback()
         assert conn.execute("SELECT count(*) FROM certsync.value_result").fetchone() == (1,)
+        conn.execute("DELETE FROM certsync.source_user")  # and its values
+        conn.execute("DELETE FROM certsync.cert_blob")
         conn.execute("DELETE FROM certsync.sync_run")
         assert conn.execute("SELECT count(*) FROM certsync.value_result").fetchone() == (0,)
