@@ -18,7 +18,7 @@ from certsync.directory import smtp_addresses
 from certsync.directory.entries import ACCOUNT_DISABLE
 from certsync.exchange.recipients import Recipient
 from certsync.plan import Plan, SourceUser, UserAddresses
-from certsync.store.db import copy_rows, hash_list
+from certsync.store.db import copy_rows
 
 # Each value with the verdict that holds at the run's time (made at or before it, not yet run out):
 # a backfill's verdicts for an older time, or a newer run's for a later one, are never used. A value
@@ -145,8 +145,9 @@ def recipients(conn: Connection, *, run_id: int) -> list[Recipient]:
             " user_certificate, user_smime_certificate FROM certsync.exo_recipient WHERE seen_run_id = %s",
             (run_id,),
         )
+        # bytea[] comes as lists of bytes: tuples of them are what the plan compares.
         return [
-            Recipient(rid, smtp, kind, synced, cloud, hash_list(certificates), hash_list(smime))
+            Recipient(rid, smtp, kind, synced, cloud, tuple(certificates), tuple(smime))
             for rid, smtp, kind, synced, cloud, certificates, smime in rows
         ]
 
