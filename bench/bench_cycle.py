@@ -556,7 +556,15 @@ def measure(users: int, args: argparse.Namespace) -> dict[str, Any]:
             figures["churn"] = churn(stack, args.churn, seed=int(time.time()))
             delta = cycle.run(label="delta", mode="delta")
             print(render_run(delta), flush=True)
-        figures["runs"] = [first, steady, delta]
+            # Minutes apart, each delta read reaches back over the first run's whole publish
+            # (changed_overlap_minutes, 30). Runs further apart than the overlap, as hourly runs
+            # are, read only what changed since: the same churn again, with the overlap passed.
+            figures["churn_later"] = churn(stack, args.churn, seed=int(time.time()) + 1)
+            cycle.services = overlap_passed(services)
+            later = cycle.run(label="delta_later", mode="delta")
+            print(render_run(later), flush=True)
+            cycle.services.engine.dispose()
+        figures["runs"] = [first, steady, delta, later]
         stack.emulator.stop()
         restore_tenant(stack)  # the naive cycle meets the tenant as the first run did
         start_emulator(stack, budget)
@@ -568,6 +576,17 @@ def measure(users: int, args: argparse.Namespace) -> dict[str, Any]:
         stack.down()
     figures["finished"] = datetime.now(UTC).isoformat()
     return figures
+
+
+def overlap_passed(services: Any) -> Any:
+    """The same settings, as a run would read Exchange after more than the overlap has passed."""
+    import dataclasses
+
+    from certsync.pipeline import Services
+
+    settings = services.settings
+    exchange = dataclasses.replace(settings.exchange, changed_overlap_minutes=0)
+    return Services(settings=dataclasses.replace(settings, exchange=exchange))
 
 
 def render_run(run: dict[str, Any]) -> str:

@@ -86,8 +86,8 @@ def _seconds(run: dict[str, Any], stage: str) -> float:
 
 
 def totals(figures: dict[str, Any]) -> dict[str, float]:
-    first, steady, delta = (_run(figures, x) for x in ("first", "steady", "delta"))
-    total = {label: cycle_s(r) for label, r in (("first", first), ("steady", steady), ("delta", delta))}
+    first, steady = _run(figures, "first"), _run(figures, "steady")
+    total = {run["label"]: cycle_s(run) for run in figures["runs"]}
     total["first_without_publish"] = total["first"] - _seconds(first, "publish")
     total["steady_without_publish"] = total["steady"] - _seconds(steady, "publish")
     return total
@@ -100,6 +100,13 @@ def size_section(figures: dict[str, Any]) -> list[str]:
     lines.append(
         f"Started {figures['started']}; settings {json.dumps(figures['settings'])}; emulator budget {json.dumps(budget)}; 1% churn before the delta run: {json.dumps(figures['churn'])}."
     )
+    if "churn_later" in figures:
+        lines[-1] += (
+            f" Before the second delta run, 1% churn more ({json.dumps(figures['churn_later'])}) and"
+            " `changed_overlap_minutes` 0: its read of Exchange starts where the last read's newest"
+            " change was, as a run more than the overlap (30 minutes) after the last write does; the"
+            " first delta run, minutes after the first run's publish, reads that publish again."
+        )
     if figures.get("publish_box_s"):
         lines[-1] += (
             f" Every run published for at most {figures['publish_box_s']} s (`--publish-box`) and deferred the"
@@ -114,8 +121,11 @@ def size_section(figures: dict[str, Any]) -> list[str]:
     lines += run_table(figures, first, with_limits=True)
     for label, title in (
         ("steady", "Second full run (nothing changed)"),
-        ("delta", "Delta run after 1% churn"),
+        ("delta", "Delta run after 1% churn, minutes after the first run's publish"),
+        ("delta_later", "Delta run after 1% churn more, with the overlap passed (as runs an hour apart)"),
     ):
+        if label not in t:
+            continue  # figures kept before the bench measured it
         run = _run(figures, label)
         lines += ["", f"### {title}; actions {json.dumps(run['actions'])}", ""]
         lines += run_table(figures, run, with_limits=False)
@@ -163,7 +173,14 @@ def targets(all_figures: list[dict[str, Any]]) -> list[str]:
 def delta_target(figures: dict[str, Any], t: dict[str, float], users: str) -> str:
     delta = t["delta"]
     if not figures.get("publish_box_s"):
-        return f"| {users} | delta at 1% churn <= {TARGET_DELTA_S:.0f} s | {delta:.1f} s (publish included) | {'yes' if delta <= TARGET_DELTA_S else 'no'} |"
+        if "delta_later" not in t:
+            return f"| {users} | delta at 1% churn <= {TARGET_DELTA_S:.0f} s | {delta:.1f} s (publish included) | {'yes' if delta <= TARGET_DELTA_S else 'no'} |"
+        later = t["delta_later"]
+        return (
+            f"| {users} | delta at 1% churn <= {TARGET_DELTA_S:.0f} s | {later:.1f} s with the overlap passed;"
+            f" {delta:.1f} s minutes after the first run's publish, which its read takes again (publish included) |"
+            f" {'yes' if later <= TARGET_DELTA_S else 'no'}; {'yes' if delta <= TARGET_DELTA_S else 'no'} right after the first run |"
+        )
     # A time box leaves the first run's backlog to the next runs: the delta run's publish holds it,
     # so the churn's own cost is the run without publish.
     without = delta - _seconds(_run(figures, "delta"), "publish")
