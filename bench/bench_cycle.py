@@ -404,7 +404,6 @@ class Cycle:
             "run_id": run_id,
             "stages": stages,
             "actions": summary["actions"],
-            "seconds": cycle_seconds(stages),
         }
 
     def side_by_side(
@@ -456,13 +455,6 @@ class Cycle:
 
         with self.services.engine.connect() as conn:
             return int(conn.execute(sa.text("SELECT count(*) FROM certsync.source_user")).scalar_one())
-
-
-def cycle_seconds(stages: list[dict[str, Any]]) -> float:
-    """The run's time: its stages one after another, stages side by side counted once by their
-    window (the time py-spy takes to attach, between stages, is left out)."""
-    windows = {s["side_by_side"]: s["window_s"] for s in stages if "side_by_side" in s}
-    return sum(s["seconds"] for s in stages if "side_by_side" not in s) + sum(windows.values())
 
 
 # -- churn --------------------------------------------------------------------------------------------------
@@ -590,13 +582,15 @@ def overlap_passed(services: Any) -> Any:
 
 
 def render_run(run: dict[str, Any]) -> str:
+    import cycle_report
+
     lines = [f"{run['label']} ({run['mode']}): actions {run['actions']}"]
     for s in run["stages"]:
         rate = s["items"] / s["seconds"] if s["seconds"] > 0 and s["items"] else 0
         rss = s["peak_rss_mib"].get("certsync", 0)
         cpu = " ".join(f"{k} {v:.1f}" for k, v in s.get("cpu_s", {}).items())
         lines.append(f"  {s['stage']:<16} {s['seconds']:>8.2f} s {s['items']:>8} {s['unit']:<10} {rate:>9.0f}/s  RSS {rss:>5.0f} MiB  load {s['load1']:.1f}  CPU s: {cpu}")  # fmt: skip
-    lines.append(f"  cycle {run['seconds']:.2f} s (extract and read_recipients side by side)")
+    lines.append(f"  cycle {cycle_report.cycle_s(run):.2f} s (extract and read_recipients side by side)")
     return "\n".join(lines)
 
 

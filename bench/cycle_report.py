@@ -72,9 +72,11 @@ def run_table(figures: dict[str, Any], run: dict[str, Any], *, with_limits: bool
 
 
 def cycle_s(run: dict[str, Any]) -> float:
-    """The run's time (bench_cycle.cycle_seconds: stages side by side counted once; figures kept
-    before they ran side by side have the sum of their stages)."""
-    return run.get("seconds") or sum(s["seconds"] for s in run["stages"])
+    """The run's time: its stages one after another, stages side by side counted once by their
+    window (the time py-spy takes to attach, between stages, is left out)."""
+    stages = run["stages"]
+    windows = {s["side_by_side"]: s["window_s"] for s in stages if "side_by_side" in s}
+    return sum(s["seconds"] for s in stages if "side_by_side" not in s) + sum(windows.values())
 
 
 def _run(figures: dict[str, Any], label: str) -> dict[str, Any]:

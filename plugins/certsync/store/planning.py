@@ -137,8 +137,8 @@ def purge_old_snapshots(conn: Connection, *, keep_runs: int = 3) -> int:
 
 
 def recipients(conn: Connection, *, run_id: int) -> list[Recipient]:
-    """The run's own snapshot of Exchange: every recipient of the tenant, read by every plan, so as
-    the driver's plain tuples on `conn`'s transaction."""
+    """The run's own snapshot of Exchange: every recipient of the tenant, which every plan reads,
+    so read as the driver's plain tuples on `conn`'s transaction."""
     with conn.connection.driver_connection.cursor() as rows:
         rows.execute(
             "SELECT recipient_id, primary_smtp, recipient_type, is_dir_synced, is_cloud_managed,"

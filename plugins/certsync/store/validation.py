@@ -63,13 +63,11 @@ def pending_chunks(
 ) -> Iterator[list[tuple[str, bytes]]]:
     """(attribute, value) pairs to validate, `size` at a time from a server-side cursor, so memory
     does not grow with the directory; a value is content-addressed, so each comes once."""
-    low, high = shard * 256 // shards, (shard + 1) * 256 // shards
-    below = "AND v.sha256 < :high" if high < 256 else ""  # the last shard has no upper bound
-    rows = conn.execute(
-        sa.text(PENDING.format(below=below)),
-        {"fp": fingerprint, "at": at, "low": bytes([low]), "high": bytes([min(high, 255)])},
-        execution_options={"yield_per": size},
-    )
+    params: dict[str, object] = {"fp": fingerprint, "at": at, "low": bytes([shard * 256 // shards])}
+    high, below = (shard + 1) * 256 // shards, ""
+    if high < 256:  # the last shard has no upper bound
+        params["high"], below = bytes([high]), "AND v.sha256 < :high"
+    rows = conn.execute(sa.text(PENDING.format(below=below)), params, execution_options={"yield_per": size})
     for part in rows.partitions(size):
         yield [(r.attribute, bytes(r.value)) for r in part]
 
