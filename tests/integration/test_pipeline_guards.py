@@ -177,9 +177,13 @@ def test_saved_verdicts_hold_every_field_and_a_retry_replaces_them(settled, db, 
     assert {(r[13], r[14]) for r in stored} == {(run_id, lab_at)}
 
 
-def test_a_value_checked_at_several_times_is_planned_with_one_verdict(settled, db, lab_at) -> None:
+@pytest.mark.parametrize("some", [False, True], ids=["every user", "some users"])
+def test_a_value_checked_at_several_times_is_planned_with_one_verdict(
+    settled, db, lab_at, some: bool
+) -> None:
     """cert_verdict keeps one verdict per check time (a run at a later time checks a value again):
-    the plan reads each value once, with the newest verdict that holds at the run's time."""
+    the plan reads each value once, with the newest verdict that holds at the run's time, whether
+    it reads every user or only some (a delta plan looks each value's verdict up instead)."""
     fingerprint = db.execute(
         "SELECT trust_fingerprint FROM certsync.sync_run WHERE planned_at IS NOT NULL ORDER BY run_id DESC"
     ).fetchone()[0]
@@ -189,9 +193,11 @@ def test_a_value_checked_at_several_times_is_planned_with_one_verdict(settled, d
     try:
         with settled.engine.begin() as conn:
             at = lab_at + timedelta(days=1, hours=1)
-            verdicts = [
-                v for u in planning.source_users(conn, fingerprint=fingerprint, at=at) for v in u.verdicts
-            ]
+            only = (
+                [r[0] for r in db.execute("SELECT object_guid FROM certsync.source_user")] if some else None
+            )
+            users = list(planning.source_users(conn, fingerprint=fingerprint, at=at, only=only))
+            verdicts = [v for u in users for v in u.verdicts]
         values = db.execute("SELECT count(*) FROM certsync.source_value").fetchone()[0]
         assert len(verdicts) == values > 0
         assert all(v.detail != "older" for v in verdicts)
