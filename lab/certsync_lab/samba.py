@@ -35,7 +35,7 @@ LDAPS_PORT = 636
 TLS_DIR = "lab-tls"  # the lab CA and the DC's server certificate (for localhost and 127.0.0.1)
 PASSWORD_FILE = "admin.password"  # noqa: S105 (a file name)
 ORIGIN_FILE = "lab-origin"
-CACHE_LAYOUT = "1"  # bump when the provisioning recipe changes, to invalidate old tarballs
+CACHE_LAYOUT = "2"  # bump when the provisioning recipe changes, to invalidate old tarballs
 STOP_TIMEOUT_S = 20.0
 OFFLINE_ADD_SCRIPT = Path(__file__).with_name("samba_offline_add.py")
 OFFLINE_BATCH = 1000
@@ -291,6 +291,10 @@ class SambaDC:
         args = ["domain", "provision", f"--targetdir={home}", f"--realm={self.realm}"]
         args += [f"--domain={self.domain}", "--server-role=dc", "--dns-backend=NONE"]
         args += [f"--adminpass={password}", f"--host-name={self.host_name}", "--use-rfc2307"]
+        # LMDB, not Samba's default TDB: LMDB evaluates a range of an indexed attribute (uSNChanged)
+        # from the index, as Active Directory does; TDB scans every object for it, which made a
+        # delta read of 1,000 changed users cost 4 s of the DC's CPU at 100,000 users.
+        args += ["--backend-store=mdb"]
         return args + [f"--option={key}={value}" for key, value in options.items()]
 
     def _samba_tool(self, args: list[str], *, secret: str) -> None:
