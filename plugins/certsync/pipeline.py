@@ -31,9 +31,8 @@ from certsync.directory import DirectoryError, DirectoryReader
 from certsync.exchange import changes as exchange_changes
 from certsync.exchange.auth import AuthError
 from certsync.exchange.client import ExchangeClient, ExchangeError
-from certsync.exchange.recipients import Recipient
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
-from certsync.plan import AccountPolicy, build_plan, delta_users
+from certsync.plan import AccountPolicy, DeltaScope, build_plan, delta_users
 from certsync.store import db, planning, publishing, retention, runlock, runs, runslot, source, validation
 from certsync.store import recipients as recipient_store
 from certsync.store.db import DatabaseError
@@ -357,19 +356,19 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
             log.info("analyzed %s, rewritten since their statistics were taken", ", ".join(analyzed))
         info = runs.run_info(conn, run_id)
         superseded = _superseded(conn, info)
-        recipients = planning.recipients(conn, run_id=run_id)
         published = planning.published_owners(conn)
-        base, planned, elsewhere = _delta_scope(conn, info, policy, recipients, published, superseded)
+        base, scope = _delta_scope(conn, info, policy, published, superseded)
+        planned = scope.users if scope else None
         users = planning.source_users(
             conn, fingerprint=info.trust_fingerprint, at=info.logical_date, only=planned
         )
         result = build_plan(
             users,
-            recipients=recipients,
+            recipients=planning.recipients(conn, run_id=run_id, only=scope.recipients if scope else None),
             published=published,
             policy=policy,
             gone=planning.gone_reasons(conn),
-            claimed_elsewhere=elsewhere,
+            claimed_elsewhere=scope.claimed_elsewhere if scope else (),
         )
         if result.removals() > settings.removal_threshold and not allow_mass_removal and not superseded:
             raise RemovalThresholdExceeded(
@@ -413,15 +412,13 @@ def _delta_scope(
     conn: Any,
     info: runs.RunInfo,
     policy: AccountPolicy,
-    recipients: list[Recipient],
     published: dict[str, Any],
     superseded: bool,
-) -> tuple[planning.DeltaBase | None, set[Any] | None, set[str]]:
+) -> tuple[planning.DeltaBase, DeltaScope] | tuple[None, None]:
     """After a directory read (delta or full: the merge marks the users that changed either way),
     plan only the users whose entry, verdicts, recipient or claim changed since the previous run's
     plan, or whose action there did not reach Exchange (planning.changes_since, plan.delta_users);
-    without a usable base (planning.delta_base), every user. Returns (base, users to plan or None
-    for all, recipients claimed by the users left out)."""
+    without a usable base (planning.delta_base), every user: (None, None)."""
     base = None
     if not superseded:
         base = planning.delta_base(
@@ -432,19 +429,19 @@ def _delta_scope(
             policy=_policy_text(policy),
         )
     if base is None:
-        return None, None, set()
+        return None, None
     changes = planning.changes_since(
         conn, base=base, run_id=info.run_id, fingerprint=info.trust_fingerprint, at=info.logical_date
     )
-    planned, elsewhere = delta_users(
+    scope = delta_users(
         planning.user_addresses(conn),
-        recipients=recipients,
+        recipients=planning.recipient_addresses(conn, run_id=info.run_id),
         published=published,
         changed_users=changes.users,
         changed_recipients=changes.recipients,
         old_addresses=changes.old_addresses,
     )
-    return base, planned, elsewhere
+    return base, scope
 
 
 def _superseded(conn: Any, info: runs.RunInfo) -> bool:

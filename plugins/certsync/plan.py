@@ -13,7 +13,7 @@ import functools
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypeVar
 
 from certsync.certificates.parse import ATTRIBUTES
 from certsync.certificates.reasons import Reason
@@ -50,6 +50,33 @@ class UserAddresses(NamedTuple):
     object_guid: uuid.UUID
     mail: str | None
     addresses: tuple[str, ...]
+
+
+class RecipientAddress(NamedTuple):
+    """A recipient's identity and primary address only: what finding claims needs (a delta plan
+    reads every recipient's, and the values of only those it plans)."""
+
+    recipient_id: str
+    primary_smtp: str
+
+
+class _Addressed(Protocol):
+    @property
+    def recipient_id(self) -> str: ...
+    @property
+    def primary_smtp(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Addressed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeltaScope:
+    """What a delta plan plans again (see delta_users)."""
+
+    users: set[uuid.UUID]  # the users to plan again
+    claimed_elsewhere: set[str]  # recipients that the users left out claim
+    recipients: set[str]  # the recipients build_plan must be given: those it can match or clear
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +166,7 @@ def _result(user: SourceUser, v: Verdict, reason: str | None, rule: str | None, 
     )
 
 
-def match_recipient(user: SourceUser | UserAddresses, by_smtp: Mapping[str, Recipient]) -> Recipient | None:
+def match_recipient(user: SourceUser | UserAddresses, by_smtp: Mapping[str, R]) -> R | None:
     """The recipient whose primary SMTP address is the user's mail, else one of its proxy addresses."""
     if user.mail and (found := by_smtp.get(user.mail.lower())):
         return found
@@ -247,23 +274,25 @@ def _orphan_removals(
 def delta_users(
     users: Iterable[UserAddresses | SourceUser],
     *,
-    recipients: Sequence[Recipient],
+    recipients: Sequence[_Addressed],
     published: Mapping[str, uuid.UUID],
     changed_users: set[uuid.UUID],
     changed_recipients: set[str],
     old_addresses: set[str],
-) -> tuple[set[uuid.UUID], set[str]]:
-    """For a plan of only what changed since an earlier plan: the users to plan again, and the
-    recipients that the users left out claim. `users` are all users in build_plan's order;
-    `changed_*` what changed since the earlier plan (directory entries, verdicts and its
-    unfinished actions; recipients that changed, appeared or went, and its unfinished actions'
-    recipients, and those more than one user matched then); `old_addresses` the former addresses
-    of recipients that changed or went.
+) -> DeltaScope:
+    """For a plan of only what changed since an earlier plan: the users to plan again, the
+    recipients that the users left out claim, and the recipients the plan needs. `users` are all
+    users in build_plan's order; `changed_*` what changed since the earlier plan (directory entries,
+    verdicts and its unfinished actions; recipients that changed, appeared or went, and its
+    unfinished actions' recipients, and those more than one user matched then); `old_addresses`
+    the former addresses of recipients that changed or went.
 
     A user left out has the same entry, verdicts and recipient as in the earlier plan; its claim
     must be the same too. So every user of a recipient that changed, that a changed user matches,
     that more than one user matches (the first claim wins), or whose published owner is not its
-    claimant, is planned again, and so is every user holding an address a recipient gave up."""
+    claimant, is planned again, and so is every user holding an address a recipient gave up. The
+    plan needs the recipients its users match and those published to that no user left out
+    claims (it may clear them): a user matches the same recipient among those as among all."""
     by_smtp = {r.primary_smtp.lower(): r for r in recipients}
     matchers: dict[str, list[uuid.UUID]] = {}
     planned = set(changed_users)
@@ -281,4 +310,7 @@ def delta_users(
     for recipient_id in dirty_recipients:
         planned.update(matchers.get(recipient_id, ()))
     elsewhere = {recipient_id for recipient_id, guids in matchers.items() if guids[0] not in planned}
-    return planned, elsewhere
+    matched = {recipient_id for recipient_id, guids in matchers.items() if not planned.isdisjoint(guids)}
+    return DeltaScope(
+        users=planned, claimed_elsewhere=elsewhere, recipients=matched | (published.keys() - elsewhere)
+    )

@@ -218,7 +218,7 @@ def _key(action) -> tuple:
 def test_a_delta_plan_equals_the_full_plan() -> None:
     import random
 
-    from certsync.plan import delta_users
+    from certsync.plan import RecipientAddress, delta_users
 
     addresses = [f"u{n}@x.test" for n in range(14)]
     for seed in range(120):
@@ -232,19 +232,20 @@ def test_a_delta_plan_equals_the_full_plan() -> None:
         after = {r.recipient_id: r for r in now_recipients}
         moved = {rid for rid in before.keys() | after.keys() if before.get(rid) != after.get(rid)}
         moved |= base_plan.contested
-        planned, elsewhere = delta_users(
+        scope = delta_users(
             now_people,
-            recipients=now_recipients,
+            recipients=[RecipientAddress(r.recipient_id, r.primary_smtp) for r in now_recipients],
             published=published,
             changed_users=changed,
             changed_recipients=moved,
             old_addresses={before[rid].primary_smtp for rid in moved if rid in before},
         )
+        planned = scope.users
         delta = build_plan(
             [u for u in now_people if u.object_guid in planned],
-            recipients=now_recipients,
+            recipients=[r for r in now_recipients if r.recipient_id in scope.recipients],
             published=published,
-            claimed_elsewhere=elsewhere,
+            claimed_elsewhere=scope.claimed_elsewhere,
         )
         current = {u.object_guid for u in now_people}
         carried = [
@@ -262,3 +263,4 @@ def test_a_delta_plan_equals_the_full_plan() -> None:
         kept = [r for r in base_plan.results if r.object_guid in current - planned]
         assert sorted(map(repr, full.results)) == sorted(map(repr, [*delta.results, *kept])), seed
         assert len(planned) < len(now_people) or seed % 50  # it does leave users out
+        assert len(scope.recipients) < len(now_recipients) or seed % 50  # and recipients

@@ -17,7 +17,7 @@ from certsync.certificates.verdict import Verdict
 from certsync.directory import smtp_addresses
 from certsync.directory.entries import ACCOUNT_DISABLE
 from certsync.exchange.recipients import Recipient
-from certsync.plan import Plan, SourceUser, UserAddresses
+from certsync.plan import Plan, RecipientAddress, SourceUser, UserAddresses
 from certsync.store.db import copy_rows
 
 # Each value with the verdict that holds at the run's time (made at or before it, not yet run out):
@@ -153,20 +153,32 @@ def purge_old_snapshots(conn: Connection, *, keep_runs: int = 3) -> int:
     ).rowcount
 
 
-def recipients(conn: Connection, *, run_id: int) -> list[Recipient]:
-    """The run's own snapshot of Exchange: every recipient of the tenant, which every plan reads,
-    so read as the driver's plain tuples on `conn`'s transaction."""
+def recipients(conn: Connection, *, run_id: int, only: Collection[str] | None = None) -> list[Recipient]:
+    """The run's own snapshot of Exchange: every recipient of the tenant (or those of `only`),
+    read as the driver's plain tuples on `conn`'s transaction (every full plan reads them all)."""
+    query = (
+        "SELECT recipient_id, primary_smtp, recipient_type, is_dir_synced, is_cloud_managed,"
+        " user_certificate, user_smime_certificate FROM certsync.exo_recipient WHERE seen_run_id = %s"
+    )
     with conn.connection.driver_connection.cursor() as rows:
-        rows.execute(
-            "SELECT recipient_id, primary_smtp, recipient_type, is_dir_synced, is_cloud_managed,"
-            " user_certificate, user_smime_certificate FROM certsync.exo_recipient WHERE seen_run_id = %s",
-            (run_id,),
-        )
+        if only is None:
+            rows.execute(query, (run_id,))
+        else:
+            rows.execute(f"{query} AND recipient_id = ANY(%s)", (run_id, list(only)))
         # bytea[] comes as lists of bytes: tuples of them are what the plan compares.
         return [
             Recipient(rid, smtp, kind, synced, cloud, tuple(certificates), tuple(smime))
             for rid, smtp, kind, synced, cloud, certificates, smime in rows
         ]
+
+
+def recipient_addresses(conn: Connection, *, run_id: int) -> list[RecipientAddress]:
+    """Every recipient of the run's snapshot, its identity and primary address only."""
+    with conn.connection.driver_connection.cursor() as rows:
+        rows.execute(
+            "SELECT recipient_id, primary_smtp FROM certsync.exo_recipient WHERE seen_run_id = %s", (run_id,)
+        )
+        return [RecipientAddress(rid, smtp) for rid, smtp in rows]
 
 
 def published_owners(conn: Connection) -> dict[str, uuid.UUID]:
