@@ -33,9 +33,6 @@ LEFT JOIN certsync.source_value v ON v.object_guid = u.object_guid
 {verdicts}
 {where} ORDER BY u.object_guid, v.attribute, v.ordinal
 """
-HOLDS = (
-    "trust_fingerprint = %(fp)s AND checked_at <= %(at)s AND (valid_until IS NULL OR %(at)s < valid_until)"
-)
 # For every user, picked once for all values (DISTINCT ON) so that PostgreSQL can hash them instead
 # of looking each value up.
 EVERY_VALUES_VERDICT = """
