@@ -13,6 +13,7 @@ hash-chained, append-only audit log in Postgres.
 | `validate` | validates each new or expiring certificate once, in parallel shards |
 | `plan` | desired (valid, at most 15, newest first) vs what Exchange holds -> actions |
 | `publish` | sends each batch of actions with Set-Mailbox / Set-MailUser / Set-MailContact |
+| `carry_over` | beside `publish`: a delta plan's record gets the base plan's results of the users it left unchanged |
 | `finish` | (teardown) closes the run, fails when any action failed or stayed pending, and emits the `certsync://published` asset event when something was published |
 | `verify_audit` | beside `finish`: recomputes the hash and signature of every audit row since its last signed verification mark (every row with `full_audit_verify`, or when the last full check is older than `audit_full_verify_days`) and checks them against the signed checkpoints |
 
@@ -166,6 +167,14 @@ def certsync():
             pipeline.publish, conn_ids=_conn_ids(), run_id=sync_run_id, batch=batch, task_try=try_number
         )
 
+    @task
+    def carry_over(sync_run_id: int) -> dict:
+        """Copy the base plan's results of the users a delta plan left unchanged into the run's record."""
+        from certsync import pipeline
+        from certsync.airflow.adapter import run_stage
+
+        return run_stage(pipeline.carry_over, conn_ids=_conn_ids(), run_id=sync_run_id)
+
     @task(outlets=[PUBLISHED_EVENTS], execution_timeout=timedelta(minutes=15))
     def finish(sync_run_id: int) -> dict:
         """Close the run with its summary; fail when any action failed or stayed pending."""
@@ -196,10 +205,13 @@ def certsync():
     batches = plan(sync_run)
     validated >> batches
     published = publish.partial(sync_run_id=sync_run).expand(batch=batches)
+    # Publishing does not need the unchanged users' results: the copy runs beside it.
+    carried = carry_over(sync_run)
+    batches >> carried
     # A teardown of begin: it runs whatever happened after begin (a failed stage, an empty plan)
     # and its failure fails the DAG run.
     closed = finish(sync_run).as_teardown(setups=sync_run, on_failure_fail_dagrun=True)
-    published >> closed
+    [published, carried] >> closed
     # Beside finish, not after it: a task downstream of the teardown would keep finish's failure
     # out of the DAG run's state (Airflow judges a run by its leaves).
     published >> verify_audit()

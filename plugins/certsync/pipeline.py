@@ -378,26 +378,34 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         batches = planning.save_plan(
             conn, run_id=run_id, plan=result, batch_size=settings.publish_batch_size, superseded=superseded
         )
-        carried = planning.carry_over(conn, run_id=run_id, base=base, planned=planned) if base else 0
         planning.record_scope(
             conn,
             run_id=run_id,
             base=base,
             policy=_policy_text(policy),
-            planned_users=len(planned) if planned is not None else planning.user_count(conn),
+            planned=planned,
             contested=result.contested,
         )
     log.info(
         "planned %d actions in %d batches (%s)",
         len(result.actions),
         batches,
-        f"delta from run {base.run_id}: {len(planned or ())} users planned again, {carried} actions carried over"
+        f"delta from run {base.run_id}: {len(planned or ())} users planned again, the others carried over next"
         if base
         else "every user",
     )
     # Never an empty list: Airflow marks a task mapped over nothing `removed`, and a later clear or
     # reprocess of the run does not expand it again, so the batches of a re-plan would never be sent.
     return list(range(max(batches, 1)))
+
+
+def carry_over(services: Services, *, run_id: int) -> dict[str, int]:
+    """Make a delta plan's record whole: copy the base plan's results of the users it did not plan
+    again (planning.carry_over). Publishing does not need them, so it runs beside publish."""
+    with services.run_lock(run_id, "carry_over"), services.engine.begin() as conn:
+        carried = planning.carry_over(conn, run_id=run_id)
+    log.info("carried %d value results and %d actions over", carried.results, carried.actions)
+    return {"results": carried.results, "actions": carried.actions}
 
 
 def _policy_text(policy: AccountPolicy) -> str:
@@ -477,6 +485,10 @@ def _problems(summary: dict[str, Any]) -> list[str]:
     problems = []
     if not summary["run"]["planned"]:
         problems.append("the run stopped before its plan was saved (see the failed task)")
+    elif not summary["run"]["carried"]:
+        problems.append(
+            "the run's record lacks the users its plan left unchanged (carry_over did not finish)"
+        )
     if failed:
         reasons = ", ".join(f"{k}: {n}" for k, n in summary["failed_by_reason"].items())
         problems.append(f"{failed} actions failed ({reasons})")
@@ -610,7 +622,9 @@ def run_all(
             extract(services, run_id=run_id)
             read_recipients(services, run_id=run_id)
             validate(services, run_id=run_id)
-            for batch in plan(services, run_id=run_id, allow_mass_removal=allow_mass_removal):
+            batches = plan(services, run_id=run_id, allow_mass_removal=allow_mass_removal)
+            carry_over(services, run_id=run_id)
+            for batch in batches:
                 publish(services, run_id=run_id, batch=batch)
             return finish(services, run_id=run_id)
     except BaseException:

@@ -39,6 +39,8 @@ def test_certsync_shape(dagbag: DagBag) -> None:
     assert order["extract"] == {"begin"}
     assert order["validate"] == {"begin", "extract", "read_recipients"}
     assert order["publish"] == {"begin", "plan"}
+    # Beside publish, not before it: publishing does not need the unchanged users' results.
+    assert order["carry_over"] == {"begin", "plan"}
     assert dag.max_active_runs == 1
 
 
@@ -49,7 +51,7 @@ def test_finish_is_a_teardown_whose_failure_fails_the_run(dagbag: DagBag) -> Non
     finish = dag.get_task("finish")
     assert finish.is_teardown and finish.on_failure_fail_dagrun
     assert dag.get_task("begin").is_setup
-    assert {t.task_id for t in finish.upstream_list} == {"begin", "publish"}
+    assert {t.task_id for t in finish.upstream_list} == {"begin", "publish", "carry_over"}
     # Airflow judges a run by its leaves: any task after finish would hide finish's failure.
     assert finish.downstream_list == [], [t.task_id for t in finish.downstream_list]
 

@@ -218,6 +218,9 @@ def _action_rows(
 def save_plan(conn: Connection, *, run_id: int, plan: Plan, batch_size: int, superseded: bool = False) -> int:
     """Save this run's plan and return the number of publish batches. Re-planning a run (retry,
     clear) replaces what is still open but keeps the actions it already published, as history."""
+    # First, so that a carry-over of this run (which locks the run's row too) either finished
+    # before this plan and its rows are deleted below, or waits for this plan and carries again.
+    conn.execute(sa.text("UPDATE certsync.sync_run SET carried_at = NULL WHERE run_id = :r"), {"r": run_id})
     conn.execute(sa.text("DELETE FROM certsync.value_result WHERE run_id = :r"), {"r": run_id})
     conn.execute(
         sa.text("DELETE FROM certsync.planned_action WHERE run_id = :r AND state <> 'published'"),
@@ -266,7 +269,7 @@ def delta_base(
     """The base of a delta plan for this run, or None when it must plan every user: it read no
     directory, no earlier plan of a run that may publish exists, that plan used another trust
     configuration or account policy (or plan logic) or a later time, or its snapshot of Exchange or
-    its value results were purged (retention). A full read merges only the users that differ
+    its value results were purged (retention), or its carry-over did not finish. A full read merges only the users that differ
     (store.source), so it is planned from what changed like a delta read."""
     read = conn.execute(
         sa.text("SELECT mode FROM certsync.directory_read WHERE run_id = :r"), {"r": run_id}
@@ -275,7 +278,7 @@ def delta_base(
         return None
     base = conn.execute(
         sa.text(
-            "SELECT run_id, logical_date, trust_fingerprint, plan_policy, plan_scope,"
+            "SELECT run_id, logical_date, trust_fingerprint, plan_policy, plan_scope, carried_at,"
             " EXISTS (SELECT FROM certsync.exo_recipient e WHERE e.seen_run_id = s.run_id)"
             " AND EXISTS (SELECT FROM certsync.value_result v WHERE v.run_id = s.run_id) AS snapshot"
             " FROM certsync.sync_run s WHERE run_id < :r AND planned_at IS NOT NULL AND NOT dry_run"
@@ -286,6 +289,7 @@ def delta_base(
     if (
         base is None
         or base.plan_scope is None  # planned before plans were recorded
+        or base.carried_at is None  # its record lacks the users it did not plan again
         or base.trust_fingerprint != fingerprint
         or base.plan_policy != policy
         or base.logical_date > at
@@ -379,36 +383,53 @@ def user_addresses(conn: Connection) -> Iterator[UserAddresses]:
             yield UserAddresses(guid, mail, smtp_addresses(mail, proxy_addresses))
 
 
-def carry_over(conn: Connection, *, run_id: int, base: DeltaBase, planned: Collection[uuid.UUID]) -> int:
-    """Copy the base plan's value results and unpublishable actions (conflicts, users without a
-    recipient) of every current user not planned again into this run's plan, so that each run's
-    record stays whole; returns the actions copied."""
-    params = {"r": run_id, "b": base.run_id, "planned": list(planned)}
-    conn.execute(
-        sa.text(
-            "INSERT INTO certsync.value_result (run_id, object_guid, attribute, sha256, selected, reason, rule,"
-            " detail) SELECT :r, v.object_guid, v.attribute, v.sha256, v.selected, v.reason, v.rule, v.detail"
-            " FROM certsync.value_result v JOIN certsync.source_user u USING (object_guid)"
-            " WHERE v.run_id = :b AND NOT v.object_guid = ANY(CAST(:planned AS uuid[]))"
-        ),
-        params,
-    )
-    return conn.execute(
-        sa.text(
-            "INSERT INTO certsync.planned_action (run_id, action_no, object_guid, recipient_id, primary_smtp,"
-            " cmdlet, kind, user_certificate, user_smime_certificate, batch, state, reason)"
-            " SELECT :r, n.first + row_number() OVER (ORDER BY p.action_no) - 1, p.object_guid, p.recipient_id,"
-            " p.primary_smtp, p.cmdlet, p.kind, p.user_certificate, p.user_smime_certificate, -1, p.state, p.reason"
-            " FROM certsync.planned_action p JOIN certsync.source_user u USING (object_guid),"
-            " (SELECT coalesce(max(action_no), 0) + 1 AS first FROM certsync.planned_action WHERE run_id = :r) n"
-            " WHERE p.run_id = :b AND p.kind IN ('conflict', 'no_recipient') AND NOT p.object_guid = ANY(CAST(:planned AS uuid[]))"
-        ),
-        params,
-    ).rowcount
+@dataclass(frozen=True, kw_only=True)
+class Carried:
+    """What a carry-over copied into a run's record (zero when it was whole already)."""
+
+    results: int
+    actions: int
 
 
-def user_count(conn: Connection) -> int:
-    return int(conn.execute(sa.text("SELECT count(*) FROM certsync.source_user")).scalar_one())
+CARRY_RESULTS = """
+INSERT INTO certsync.value_result (run_id, object_guid, attribute, sha256, selected, reason, rule, detail)
+SELECT :r, v.object_guid, v.attribute, v.sha256, v.selected, v.reason, v.rule, v.detail
+FROM certsync.value_result v JOIN certsync.source_user u USING (object_guid)
+WHERE v.run_id = :b AND NOT v.object_guid = ANY(CAST(:planned AS uuid[]))
+"""
+
+CARRY_ACTIONS = """
+INSERT INTO certsync.planned_action (run_id, action_no, object_guid, recipient_id, primary_smtp, cmdlet, kind,
+                                     user_certificate, user_smime_certificate, batch, state, reason)
+SELECT :r, n.first + row_number() OVER (ORDER BY p.action_no) - 1, p.object_guid, p.recipient_id,
+       p.primary_smtp, p.cmdlet, p.kind, p.user_certificate, p.user_smime_certificate, -1, p.state, p.reason
+FROM certsync.planned_action p JOIN certsync.source_user u USING (object_guid),
+     (SELECT coalesce(max(action_no), 0) + 1 AS first FROM certsync.planned_action WHERE run_id = :r) n
+WHERE p.run_id = :b AND p.kind IN ('conflict', 'no_recipient')
+  AND NOT p.object_guid = ANY(CAST(:planned AS uuid[]))
+"""
+
+
+def carry_over(conn: Connection, *, run_id: int) -> Carried:
+    """Make a delta plan's record whole (sql/0024): copy the base plan's value results and
+    unpublishable actions (conflicts, users without a recipient) of every current user it did not
+    plan again. Once per plan: a record already whole (or a full plan's) is left as it is."""
+    run = conn.execute(
+        sa.text(
+            "SELECT planned_at, plan_base_run_id, plan_users, carried_at FROM certsync.sync_run"
+            " WHERE run_id = :r FOR UPDATE"  # a plan saved meanwhile waits, then starts over (save_plan)
+        ),
+        {"r": run_id},
+    ).one()
+    if run.planned_at is None:
+        raise RuntimeError(f"run {run_id} has no plan to carry the unchanged users over into")
+    if run.carried_at is not None:
+        return Carried(results=0, actions=0)
+    params = {"r": run_id, "b": run.plan_base_run_id, "planned": run.plan_users}
+    results = conn.execute(sa.text(CARRY_RESULTS), params).rowcount
+    actions = conn.execute(sa.text(CARRY_ACTIONS), params).rowcount
+    conn.execute(sa.text("UPDATE certsync.sync_run SET carried_at = now() WHERE run_id = :r"), params)
+    return Carried(results=results, actions=actions)
 
 
 def record_scope(
@@ -417,20 +438,24 @@ def record_scope(
     run_id: int,
     base: DeltaBase | None,
     policy: str,
-    planned_users: int,
+    planned: Collection[uuid.UUID] | None,
     contested: Collection[str],
 ) -> None:
-    """How this run's plan was made (sql/0015): what the next delta plan starts from."""
+    """How this run's plan was made (sql/0015, 0024): what its carry-over copies (`planned`: the
+    users a delta plan planned again) and what the next delta plan starts from. A full plan's
+    record is whole as saved."""
     conn.execute(
         sa.text(
             "UPDATE certsync.sync_run SET plan_scope = :scope, plan_base_run_id = :b, plan_policy = :p,"
-            " planned_users = :n, plan_contested = :c WHERE run_id = :r"
+            " planned_users = coalesce(:n, (SELECT count(*) FROM certsync.source_user)), plan_contested = :c,"
+            " plan_users = :users, carried_at = CASE WHEN :scope = 'full' THEN now() END WHERE run_id = :r"
         ),
         {
             "scope": "full" if base is None else "delta",
             "b": base.run_id if base else None,
             "p": policy,
-            "n": planned_users,
+            "n": len(planned) if planned is not None else None,
+            "users": list(planned) if planned is not None else None,
             "c": sorted(contested),
             "r": run_id,
         },

@@ -216,7 +216,8 @@ def run_record(conn: Connection, run_id: int) -> dict[str, Any]:
     row = conn.execute(
         sa.text(
             "SELECT dry_run, allow_mass_removal, run_type, triggered_by, date_source, attempts,"
-            " planned_at IS NOT NULL AS planned FROM certsync.sync_run WHERE run_id = :r"
+            " planned_at IS NOT NULL AS planned, carried_at IS NOT NULL AS carried"
+            " FROM certsync.sync_run WHERE run_id = :r"
         ),
         {"r": run_id},
     ).one()

@@ -1,0 +1,155 @@
+"""A delta plan's record: the plan saves the users it planned again, and carry_over (beside publish)
+copies the base plan's results of everyone else, once per plan. Until then the run's record is not
+whole: the run cannot end green, and no later plan starts from it. A database of its own."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import psycopg
+import pytest
+
+from certsync.config import EnvSource, connection_uri, load_settings
+from certsync.failures import RunFailed
+from certsync.pipeline import (
+    Services,
+    begin,
+    carry_over,
+    extract,
+    finish,
+    plan,
+    publish,
+    read_recipients,
+    run_all,
+    validate,
+)
+
+pytestmark = pytest.mark.integration
+DATABASE = "certsync_delta_record"
+
+
+@pytest.fixture(scope="module")
+def services(sync_env: dict[str, str], embedded_pg) -> Services:
+    from certsync_lab.stack import certsync_database
+
+    conn = certsync_database(embedded_pg, DATABASE)
+    env = {**sync_env, "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(conn)}
+    return Services(settings=load_settings(EnvSource(environ=env)))
+
+
+@pytest.fixture(scope="module")
+def db(services, embedded_pg) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(embedded_pg.dsn_for(DATABASE), autocommit=True) as conn:
+        yield conn
+
+
+def _whole_run(services: Services, db, when: datetime) -> int:
+    key = f"record__{uuid.uuid4()}"
+    run_all(services, dag_id="record", airflow_run_id=key, logical_date=when)
+    return db.execute("SELECT run_id FROM certsync.sync_run WHERE airflow_run_id = %s", (key,)).fetchone()[0]
+
+
+def _planned_run(services: Services, when: datetime) -> tuple[int, list[int]]:
+    """A run up to its saved plan, stage by stage as the DAG runs them."""
+    run_id = begin(
+        services,
+        dag_id="record",
+        airflow_run_id=f"record__{uuid.uuid4()}",
+        logical_date=when,
+        mode="delta",
+        dry_run=False,
+    )
+    extract(services, run_id=run_id)
+    read_recipients(services, run_id=run_id)
+    validate(services, run_id=run_id)
+    return run_id, plan(services, run_id=run_id)
+
+
+def _results(db, run_id: int) -> set[tuple]:
+    return set(
+        db.execute(
+            "SELECT object_guid, attribute, sha256, selected, reason FROM certsync.value_result WHERE run_id = %s",
+            (run_id,),
+        )
+    )
+
+
+def _unpublishable(db, run_id: int) -> set[tuple]:
+    return set(
+        db.execute(
+            "SELECT object_guid, kind, recipient_id, reason FROM certsync.planned_action"
+            " WHERE run_id = %s AND kind IN ('conflict', 'no_recipient')",
+            (run_id,),
+        )
+    )
+
+
+def _scope(db, run_id: int) -> tuple:
+    return db.execute(
+        "SELECT plan_scope, plan_base_run_id, carried_at IS NOT NULL FROM certsync.sync_run WHERE run_id = %s",
+        (run_id,),
+    ).fetchone()
+
+
+def test_a_delta_plans_record_is_whole_once_carried_over(services, db, lab_at) -> None:
+    first = _whole_run(services, db, lab_at + timedelta(days=3))
+    assert _scope(db, first)[0::2] == ("full", True)  # a full plan is whole as saved
+    whole, unpublishable = _results(db, first), _unpublishable(db, first)
+    assert whole and unpublishable  # the population plants conflicts and users without a recipient
+
+    run_id, batches = _planned_run(services, lab_at + timedelta(days=3, hours=1))
+    assert _scope(db, run_id) == ("delta", first, False)
+    planned = _results(db, run_id)
+    assert len(planned) < len(whole) and planned <= whole  # only the users planned again, so far
+
+    carried = carry_over(services, run_id=run_id)
+    assert carried == {"results": len(whole) - len(planned), "actions": carried["actions"]}
+    assert _results(db, run_id) == whole and _unpublishable(db, run_id) == unpublishable
+    assert carry_over(services, run_id=run_id) == {"results": 0, "actions": 0}  # once per plan
+
+    # A cleared plan starts the record over (its copy is deleted with it), and carries again.
+    assert plan(services, run_id=run_id) == batches
+    assert _scope(db, run_id)[2] is False and _results(db, run_id) == planned
+    assert carry_over(services, run_id=run_id) == carried
+    assert _results(db, run_id) == whole and _unpublishable(db, run_id) == unpublishable
+
+    for batch in batches:
+        publish(services, run_id=run_id, batch=batch)
+    assert finish(services, run_id=run_id)["run"]["carried"] is True
+
+
+def _wipe_a_mailbox(services: Services, emulator) -> None:
+    """Someone else empties a writable mailbox's certificates in Exchange: its user is planned again."""
+    identity = next(
+        r["ExternalDirectoryObjectId"]
+        for r in sorted(emulator.control.state()["recipients"], key=lambda r: r["ExternalDirectoryObjectId"])
+        if r["RecipientTypeDetails"] == "UserMailbox"
+        and (not r["IsDirSynced"] or r["IsExchangeCloudManaged"])
+        and r["UserCertificate"]
+    )
+    services.exchange.set_certificates(
+        cmdlet="Set-Mailbox", identity=identity, user_certificate=[], user_smime_certificate=[]
+    )
+
+
+def test_a_run_whose_carry_over_did_not_finish_fails_and_is_no_base(
+    services, db, lab_at, emulator_stack
+) -> None:
+    _whole_run(services, db, lab_at + timedelta(days=4))
+    _wipe_a_mailbox(services, emulator_stack)
+    run_id, batches = _planned_run(services, lab_at + timedelta(days=4, hours=1))
+    assert _results(db, run_id)  # the user planned again: the record is there, but not whole
+    for batch in batches:
+        publish(services, run_id=run_id, batch=batch)
+    with pytest.raises(
+        RunFailed, match=r"lacks the users its plan left unchanged \(carry_over did not finish\)"
+    ):
+        finish(services, run_id=run_id)
+    assert db.execute("SELECT state FROM certsync.sync_run WHERE run_id = %s", (run_id,)).fetchone() == (
+        "failed",
+    )
+
+    after = _whole_run(services, db, lab_at + timedelta(days=4, hours=2))
+    assert _scope(db, after) == ("full", None, True)  # its plan did not start from the run left half-recorded
