@@ -391,8 +391,18 @@ class Cycle:
             row["items"] = pipeline.validate(self.services, run_id=run_id)["validated"]
         with self.stage(stages, label, "plan", "users") as row:
             batches = pipeline.plan(self.services, run_id=run_id, allow_mass_removal=True)
-        with self.stage(stages, label, "publish", "actions") as row:
+
+        def publish(row: dict[str, Any]) -> None:
             row["items"] = self.publish(run_id, batches)
+
+        def carry_over(row: dict[str, Any]) -> None:
+            row["detail"] = pipeline.carry_over(self.services, run_id=run_id)
+            row["items"] = row["detail"]["results"]
+
+        # As in the DAG, where both follow plan: the unchanged users' record is copied meanwhile.
+        self.side_by_side(
+            stages, label, {"publish": ("actions", publish), "carry_over": ("results", carry_over)}
+        )
         with self.stage(stages, label, "finish", "runs") as row:
             summary = pipeline.finish(self.services, run_id=run_id)
             row["items"] = 1
@@ -590,7 +600,9 @@ def render_run(run: dict[str, Any]) -> str:
         rss = s["peak_rss_mib"].get("certsync", 0)
         cpu = " ".join(f"{k} {v:.1f}" for k, v in s.get("cpu_s", {}).items())
         lines.append(f"  {s['stage']:<16} {s['seconds']:>8.2f} s {s['items']:>8} {s['unit']:<10} {rate:>9.0f}/s  RSS {rss:>5.0f} MiB  load {s['load1']:.1f}  CPU s: {cpu}")  # fmt: skip
-    lines.append(f"  cycle {cycle_report.cycle_s(run):.2f} s (extract and read_recipients side by side)")
+    lines.append(
+        f"  cycle {cycle_report.cycle_s(run):.2f} s (extract beside read_recipients, publish beside carry_over)"
+    )
     return "\n".join(lines)
 
 
