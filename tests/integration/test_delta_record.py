@@ -4,6 +4,11 @@ whole: the run cannot end green, and no later plan starts from it. A database of
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -30,12 +35,25 @@ pytestmark = pytest.mark.integration
 DATABASE = "certsync_delta_record"
 
 
+# carry_over in a process of its own, to be killed mid-copy.
+WORKER = """
+import sys
+from certsync.config import EnvSource, load_settings
+from certsync.pipeline import Services, carry_over
+carry_over(Services(settings=load_settings(EnvSource())), run_id=int(sys.argv[1]))
+"""
+
+
 @pytest.fixture(scope="module")
-def services(sync_env: dict[str, str], embedded_pg) -> Services:
+def env(sync_env: dict[str, str], embedded_pg) -> dict[str, str]:
     from certsync_lab.stack import certsync_database
 
     conn = certsync_database(embedded_pg, DATABASE)
-    env = {**sync_env, "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(conn)}
+    return {**sync_env, "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(conn)}
+
+
+@pytest.fixture(scope="module")
+def services(env: dict[str, str]) -> Services:
     return Services(settings=load_settings(EnvSource(environ=env)))
 
 
@@ -153,3 +171,50 @@ def test_a_run_whose_carry_over_did_not_finish_fails_and_is_no_base(
 
     after = _whole_run(services, db, lab_at + timedelta(days=4, hours=2))
     assert _scope(db, after) == ("full", None, True)  # its plan did not start from the run left half-recorded
+
+
+def test_a_carry_over_killed_mid_copy_leaves_nothing_and_runs_again(
+    env, services, db, lab_at, emulator_stack, embedded_pg
+) -> None:
+    first = _whole_run(services, db, lab_at + timedelta(days=5))
+    whole = _results(db, first)
+    _wipe_a_mailbox(services, emulator_stack)
+    run_id, batches = _planned_run(services, lab_at + timedelta(days=5, hours=1))
+    planned = _results(db, run_id)
+    with psycopg.connect(embedded_pg.dsn_for(DATABASE)) as blocker:
+        # The actions' copy waits behind this lock, after the value results were copied.
+        blocker.execute("LOCK TABLE certsync.planned_action IN SHARE MODE")
+        worker = subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(run_id)], env={**os.environ, **env},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            waiting = _waiting_on(db, "INSERT INTO certsync.planned_action", worker)
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.communicate(timeout=30)
+        blocker.rollback()
+    while db.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (waiting,)).fetchone():
+        time.sleep(0.05)  # the killed session ends (and rolls back) when Postgres notices
+    assert _scope(db, run_id)[2] is False and _results(db, run_id) == planned
+
+    assert carry_over(services, run_id=run_id)["results"] == len(whole) - len(planned)  # the retry
+    assert _results(db, run_id) == whole
+    for batch in batches:
+        publish(services, run_id=run_id, batch=batch)
+    finish(services, run_id=run_id)
+
+
+def _waiting_on(db, statement: str, worker: subprocess.Popen, timeout_s: float = 60.0) -> int:
+    """The pid of the session that waits for a lock in `statement`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        row = db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            (f"%{statement}%",),
+        ).fetchone()
+        if row:
+            return int(row[0])
+        assert worker.poll() is None, f"the worker ended first: {worker.communicate()[0][-4000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"nothing waited in {statement!r} within {timeout_s:.0f} s")
