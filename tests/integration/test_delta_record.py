@@ -190,6 +190,8 @@ def test_a_carry_over_killed_mid_copy_leaves_nothing_and_runs_again(
         )  # fmt: skip
         try:
             waiting = _waiting_on(db, "INSERT INTO certsync.planned_action", worker)
+            # Meanwhile publish writes audit rows, whose key names the run: its check's lock is free.
+            db.execute("SELECT FROM certsync.sync_run WHERE run_id = %s FOR KEY SHARE NOWAIT", (run_id,))
         finally:
             worker.send_signal(signal.SIGKILL)
             worker.communicate(timeout=30)

@@ -268,9 +268,9 @@ def delta_base(
 ) -> DeltaBase | None:
     """The base of a delta plan for this run, or None when it must plan every user: it read no
     directory, no earlier plan of a run that may publish exists, that plan used another trust
-    configuration or account policy (or plan logic) or a later time, or its snapshot of Exchange or
-    its value results were purged (retention), or its carry-over did not finish. A full read merges only the users that differ
-    (store.source), so it is planned from what changed like a delta read."""
+    configuration or account policy (or plan logic) or a later time, its snapshot of Exchange or
+    its value results were purged (retention), or its carry-over did not finish. A full read merges
+    only the users that differ (store.source), so it is planned from what changed like a delta read."""
     read = conn.execute(
         sa.text("SELECT mode FROM certsync.directory_read WHERE run_id = :r"), {"r": run_id}
     ).scalar()
@@ -417,7 +417,9 @@ def carry_over(conn: Connection, *, run_id: int) -> Carried:
     run = conn.execute(
         sa.text(
             "SELECT planned_at, plan_base_run_id, plan_users, carried_at FROM certsync.sync_run"
-            " WHERE run_id = :r FOR UPDATE"  # a plan saved meanwhile waits, then starts over (save_plan)
+            # A plan saved meanwhile waits, then starts the record over (save_plan). Not FOR UPDATE:
+            # that would hold up every audit row publish writes meanwhile (their key's FOR KEY SHARE).
+            " WHERE run_id = :r FOR NO KEY UPDATE"
         ),
         {"r": run_id},
     ).one()
