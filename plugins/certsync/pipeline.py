@@ -32,6 +32,7 @@ from certsync.exchange import changes as exchange_changes
 from certsync.exchange.auth import AuthError
 from certsync.exchange.client import ExchangeClient, ExchangeError
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
+from certsync.heap import cycle_collection_paused
 from certsync.plan import AccountPolicy, DeltaScope, build_plan, delta_users
 from certsync.store import db, planning, publishing, retention, runlock, runs, runslot, source, validation
 from certsync.store import recipients as recipient_store
@@ -254,7 +255,7 @@ def extract(services: Services, *, run_id: int) -> dict[str, Any]:
     source view and move the watermark, in one transaction (see certsync.store.source)."""
     started = time.monotonic()
     reader = services.directory()
-    with services.run_lock(run_id, "extract"), services.engine.begin() as conn:
+    with services.run_lock(run_id, "extract"), services.engine.begin() as conn, cycle_collection_paused():
         counts = source.extract(
             conn, reader=reader, run_id=run_id, full_every=services.settings.full_read_every
         )
@@ -285,10 +286,11 @@ def read_recipients(services: Services, *, run_id: int, task_try: int = 1) -> di
                 full_every=services.settings.full_read_every,
                 overlap=timedelta(minutes=exchange.changed_overlap_minutes), now=datetime.now(UTC),
             )  # fmt: skip
-        read = exchange_changes.read(services.exchange, start.plan)
-        with services.engine.begin() as conn:
-            count = recipient_store.save(conn, run_id=run_id, start=start, read=read)
-            planning.purge_old_snapshots(conn)
+        with cycle_collection_paused():
+            read = exchange_changes.read(services.exchange, start.plan)
+            with services.engine.begin() as conn:
+                count = recipient_store.save(conn, run_id=run_id, start=start, read=read)
+                planning.purge_old_snapshots(conn)
     log.info(
         "read %d recipients from Exchange Online (%s: %s); the run's snapshot holds %d",
         len(read.recipients), read.mode, read.why, count,
@@ -350,7 +352,7 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
     """Compute and save the run's actions; returns the publish batch numbers."""
     settings = services.settings
     policy = AccountPolicy(disabled_accounts=settings.disabled_accounts, left_scope=settings.left_scope)
-    with services.run_lock(run_id, "plan"), services.engine.begin() as conn:
+    with services.run_lock(run_id, "plan"), services.engine.begin() as conn, cycle_collection_paused():
         analyzed = planning.refresh_statistics(conn)
         if analyzed:
             log.info("analyzed %s, rewritten since their statistics were taken", ", ".join(analyzed))

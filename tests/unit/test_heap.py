@@ -1,0 +1,57 @@
+"""The cycle collector pause of the stages that stream many objects (certsync.heap)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+
+from certsync.heap import cycle_collection_paused
+
+
+@pytest.fixture(autouse=True)
+def _collector_on() -> None:
+    gc.enable()
+
+
+def test_the_collector_is_off_inside_and_on_after_even_on_error() -> None:
+    with cycle_collection_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError), cycle_collection_paused():
+        raise KeyError("a stage failed")
+    assert gc.isenabled()
+
+
+def test_a_collector_that_was_off_stays_off() -> None:
+    gc.disable()
+    try:
+        with cycle_collection_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def _side_by_side(first_to_end: str) -> None:
+    started, ends = threading.Barrier(2), {"a": threading.Event(), "b": threading.Event()}
+
+    def stage(name: str) -> None:
+        with cycle_collection_paused():
+            started.wait()
+            ends[name].wait()
+
+    threads = {n: threading.Thread(target=stage, args=(n,)) for n in ends}
+    for t in threads.values():
+        t.start()
+    for name in sorted(ends, key=lambda n: n != first_to_end):
+        ends[name].set()
+        threads[name].join()
+
+
+@pytest.mark.parametrize("first_to_end", ["a", "b"])
+def test_stages_side_by_side_leave_it_on_whichever_ends_first(first_to_end: str) -> None:
+    """extract and read_recipients run at once on two threads (as the benchmark runs them)."""
+    _side_by_side(first_to_end)
+    assert gc.isenabled()
