@@ -13,7 +13,7 @@ hash-chained, append-only audit log in Postgres.
 | `validate` | validates each new or expiring certificate once, in parallel shards |
 | `plan` | desired (valid, at most 15, newest first) vs what Exchange holds -> actions |
 | `publish` | sends each batch of actions with Set-Mailbox / Set-MailUser / Set-MailContact |
-| `carry_over` | beside `publish`: a delta plan's record gets the base plan's results of the users it left unchanged |
+| `carry_over` | beside `publish`: a delta plan's record gets the base plan's results of the users it left unchanged (`finish` does it if this did not run) |
 | `finish` | (teardown) closes the run, fails when any action failed or stayed pending, and emits the `certsync://published` asset event when something was published |
 | `verify_audit` | beside `finish`: recomputes the hash and signature of every audit row since its last signed verification mark (every row with `full_audit_verify`, or when the last full check is older than `audit_full_verify_days`) and checks them against the signed checkpoints |
 

@@ -487,10 +487,6 @@ def _problems(summary: dict[str, Any]) -> list[str]:
     problems = []
     if not summary["run"]["planned"]:
         problems.append("the run stopped before its plan was saved (see the failed task)")
-    elif not summary["run"]["carried"]:
-        problems.append(
-            "the run's record lacks the users its plan left unchanged (carry_over did not finish)"
-        )
     if failed:
         reasons = ", ".join(f"{k}: {n}" for k, n in summary["failed_by_reason"].items())
         problems.append(f"{failed} actions failed ({reasons})")
@@ -510,8 +506,14 @@ def finish(services: Services, *, run_id: int) -> dict[str, Any]:
     )
     with stage_lock, services.engine.begin() as conn:
         runslot.release(conn, run_id=run_id)  # first, as begin locks the slot before any run's row
+        record = runs.run_record(conn, run_id)
+        if record["planned"] and not record["carried"]:
+            # carry_over did not run after the plan (a clear of plan alone re-plans and starts the
+            # record over): the summary and the next delta plan need the record whole.
+            planning.carry_over(conn, run_id=run_id)
+            record["carried"] = True
         summary = runs.summarize(conn, run_id)
-        summary["run"] = runs.run_record(conn, run_id)
+        summary["run"] = record
         summary["failed_by_reason"] = runs.failed_by_reason(conn, run_id)
         backlog = publisher.backlog(conn, run_id=run_id)
         if backlog:  # a time-boxed run: what is left for the next run, and how long it should take

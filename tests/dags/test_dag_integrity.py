@@ -120,7 +120,7 @@ def test_every_certsync_task_passes_the_run_conn_ids() -> None:
     tree = ast.parse((REPO / "dags" / "certsync_sync.py").read_text())
     stages = {"begin_run", "finish_run", "run_stage"}
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") in stages]
-    assert len(calls) == 8
+    assert len(calls) == 9
     for call in calls:
         assert any(k.arg == "conn_ids" for k in call.keywords), ast.unparse(call)
 

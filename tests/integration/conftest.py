@@ -106,12 +106,9 @@ def app_credential_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 @pytest.fixture(scope="session")
 def emulator_stack(populated_dc: SambaDC, app_credential_files, tmp_path_factory: pytest.TempPathFactory):
     """The Exchange Online emulator, one recipient per seeded user, and the lab's app credentials."""
-    from certsync_lab.emulator.process import EmulatorProcess
-    from certsync_lab.stack import DEMO_SHARES, seed_tenant
+    from emulator_support import seeded_emulator
 
-    home = tmp_path_factory.mktemp("emulator")
-    seed_tenant(home=home, samba=populated_dc, credentials=app_credential_files, shares=DEMO_SHARES, seed=0)
-    with EmulatorProcess(home=home) as emulator:
+    with seeded_emulator(tmp_path_factory.mktemp("emulator"), populated_dc, app_credential_files) as emulator:
         yield emulator
 
 

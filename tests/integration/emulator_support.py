@@ -6,7 +6,10 @@ import base64
 import datetime as dt
 import hashlib
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msal
@@ -22,6 +25,17 @@ from certsync_lab.emulator.tls import certificate_builder, private_key_pem
 
 ANCHOR = ANCHOR_MAILBOX
 SCOPE = [EXCHANGE_SCOPE]
+
+
+@contextmanager
+def seeded_emulator(home: Path, dc: Any, credentials: Any) -> Iterator[Any]:
+    """An Exchange Online emulator serving one recipient per user of `dc` and the lab's app."""
+    from certsync_lab.emulator.process import EmulatorProcess
+    from certsync_lab.stack import DEMO_SHARES, seed_tenant
+
+    seed_tenant(home=home, samba=dc, credentials=credentials, shares=DEMO_SHARES, seed=0)
+    with EmulatorProcess(home=home) as emulator:
+        yield emulator
 
 
 def directory_user(name: str, *, certificates: tuple[bytes, ...] = ()) -> DirectoryUser:

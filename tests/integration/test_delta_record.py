@@ -1,9 +1,12 @@
 """A delta plan's record: the plan saves the users it planned again, and carry_over (beside publish)
-copies the base plan's results of everyone else, once per plan. Until then the run's record is not
-whole: the run cannot end green, and no later plan starts from it. A database of its own."""
+copies the base plan's results of everyone else, once per plan (finish does it when carry_over did
+not run). Until then the run's record is not whole, and no later plan starts from it. A database
+and a tenant of its own."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +18,9 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
+from emulator_support import seeded_emulator
 
-from certsync.config import EnvSource, connection_uri, load_settings
+from certsync.config import EnvSource, load_settings
 from certsync.failures import RunFailed
 from certsync.pipeline import (
     Services,
@@ -30,6 +34,7 @@ from certsync.pipeline import (
     run_all,
     validate,
 )
+from certsync_lab.stack import certsync_database, lab_connections, sync_environment
 
 pytestmark = pytest.mark.integration
 DATABASE = "certsync_delta_record"
@@ -45,11 +50,24 @@ carry_over(Services(settings=load_settings(EnvSource())), run_id=int(sys.argv[1]
 
 
 @pytest.fixture(scope="module")
-def env(sync_env: dict[str, str], embedded_pg) -> dict[str, str]:
-    from certsync_lab.stack import certsync_database
+def emulator(populated_dc, app_credential_files, tmp_path_factory: pytest.TempPathFactory):
+    """A tenant of this module's own: its runs publish, and other modules expect theirs as seeded."""
+    with seeded_emulator(tmp_path_factory.mktemp("emulator"), populated_dc, app_credential_files) as tenant:
+        yield tenant
 
-    conn = certsync_database(embedded_pg, DATABASE)
-    return {**sync_env, "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(conn)}
+
+@pytest.fixture(scope="module")
+def env(
+    sync_env: dict[str, str], populated_dc, embedded_pg, emulator, app_credential_files
+) -> dict[str, str]:
+    cert, key, _secret = app_credential_files
+    connections = lab_connections(
+        samba=populated_dc,
+        emulator=emulator,
+        credential={"certificate_file": str(cert), "private_key_file": str(key)},
+    )
+    connections["certsync_postgres"] = certsync_database(embedded_pg, DATABASE)
+    return sync_environment(connections, json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]))
 
 
 @pytest.fixture(scope="module")
@@ -152,34 +170,40 @@ def _wipe_a_mailbox(services: Services, emulator) -> None:
     )
 
 
-def test_a_run_whose_carry_over_did_not_finish_fails_and_is_no_base(
-    services, db, lab_at, emulator_stack
-) -> None:
-    _whole_run(services, db, lab_at + timedelta(days=4))
-    _wipe_a_mailbox(services, emulator_stack)
+def test_finish_makes_the_record_whole_when_carry_over_did_not_run(services, db, lab_at, emulator) -> None:
+    """As after a clear of plan alone: the plan starts the record over, and carry_over, already
+    done, does not run again."""
+    base = _whole_run(services, db, lab_at + timedelta(days=4))
+    _wipe_a_mailbox(services, emulator)
     run_id, batches = _planned_run(services, lab_at + timedelta(days=4, hours=1))
-    assert _results(db, run_id)  # the user planned again: the record is there, but not whole
+    assert _results(db, run_id) and _scope(db, run_id) == ("delta", base, False)
     for batch in batches:
         publish(services, run_id=run_id, batch=batch)
-    with pytest.raises(
-        RunFailed, match=r"lacks the users its plan left unchanged \(carry_over did not finish\)"
-    ):
-        finish(services, run_id=run_id)
-    assert db.execute("SELECT state FROM certsync.sync_run WHERE run_id = %s", (run_id,)).fetchone() == (
-        "failed",
-    )
+    assert finish(services, run_id=run_id)["run"]["carried"] is True
+    assert _results(db, run_id) == _results(db, base)
+    assert _unpublishable(db, run_id) == _unpublishable(db, base)
 
-    after = _whole_run(services, db, lab_at + timedelta(days=4, hours=2))
-    assert _scope(db, after) == ("full", None, True)  # its plan did not start from the run left half-recorded
+
+def test_a_run_that_died_before_its_record_was_whole_is_no_base(services, db, lab_at, emulator) -> None:
+    _whole_run(services, db, lab_at + timedelta(days=5))
+    _wipe_a_mailbox(services, emulator)
+    run_id, _batches = _planned_run(services, lab_at + timedelta(days=5, hours=1))
+    assert _results(db, run_id)  # the user planned again: the record is there, but not whole
+    # Its processes die before carry_over and finish: the next run takes the run slot over.
+    db.execute("UPDATE certsync.run_slot SET run_id = NULL")
+    after = _whole_run(services, db, lab_at + timedelta(days=5, hours=2))
+    assert _scope(db, after) == ("full", None, True)  # not planned from the run left half-recorded
+    with contextlib.suppress(RunFailed):  # close it (superseded by now)
+        finish(services, run_id=run_id)
 
 
 def test_a_carry_over_killed_mid_copy_leaves_nothing_and_runs_again(
-    env, services, db, lab_at, emulator_stack, embedded_pg
+    env, services, db, lab_at, emulator, embedded_pg
 ) -> None:
-    first = _whole_run(services, db, lab_at + timedelta(days=5))
+    first = _whole_run(services, db, lab_at + timedelta(days=6))
     whole = _results(db, first)
-    _wipe_a_mailbox(services, emulator_stack)
-    run_id, batches = _planned_run(services, lab_at + timedelta(days=5, hours=1))
+    _wipe_a_mailbox(services, emulator)
+    run_id, batches = _planned_run(services, lab_at + timedelta(days=6, hours=1))
     planned = _results(db, run_id)
     with psycopg.connect(embedded_pg.dsn_for(DATABASE)) as blocker:
         # The actions' copy waits behind this lock, after the value results were copied.
