@@ -278,7 +278,7 @@ def read_recipients(services: Services, *, run_id: int, task_try: int = 1) -> di
     the recipients changed since the previous read and merges them into its snapshot
     (certsync.store.recipients); a full read replaces the snapshot whole."""
     exchange = services.settings.exchange
-    with services.run_lock(run_id, "read_recipients") as lock:
+    with services.run_lock(run_id, "read_recipients") as lock, cycle_collection_paused():
         settled = publisher.settle_open_intents(services, lock, task_try=task_try)
         with services.engine.connect() as conn:
             start = recipient_store.choose(
@@ -286,11 +286,10 @@ def read_recipients(services: Services, *, run_id: int, task_try: int = 1) -> di
                 full_every=services.settings.full_read_every,
                 overlap=timedelta(minutes=exchange.changed_overlap_minutes), now=datetime.now(UTC),
             )  # fmt: skip
-        with cycle_collection_paused():
-            read = exchange_changes.read(services.exchange, start.plan)
-            with services.engine.begin() as conn:
-                count = recipient_store.save(conn, run_id=run_id, start=start, read=read)
-                planning.purge_old_snapshots(conn)
+        read = exchange_changes.read(services.exchange, start.plan)
+        with services.engine.begin() as conn:
+            count = recipient_store.save(conn, run_id=run_id, start=start, read=read)
+            planning.purge_old_snapshots(conn)
     log.info(
         "read %d recipients from Exchange Online (%s: %s); the run's snapshot holds %d",
         len(read.recipients), read.mode, read.why, count,
@@ -506,14 +505,11 @@ def finish(services: Services, *, run_id: int) -> dict[str, Any]:
     )
     with stage_lock, services.engine.begin() as conn:
         runslot.release(conn, run_id=run_id)  # first, as begin locks the slot before any run's row
-        record = runs.run_record(conn, run_id)
-        if record["planned"] and not record["carried"]:
-            # carry_over did not run after the plan (a clear of plan alone re-plans and starts the
-            # record over): the summary and the next delta plan need the record whole.
-            planning.carry_over(conn, run_id=run_id)
-            record["carried"] = True
+        # Nothing to copy unless carry_over did not run after the plan (a clear of plan alone
+        # re-plans and starts the record over): the summary and the next delta plan need it whole.
+        planning.carry_over(conn, run_id=run_id)
         summary = runs.summarize(conn, run_id)
-        summary["run"] = record
+        summary["run"] = runs.run_record(conn, run_id)
         summary["failed_by_reason"] = runs.failed_by_reason(conn, run_id)
         backlog = publisher.backlog(conn, run_id=run_id)
         if backlog:  # a time-boxed run: what is left for the next run, and how long it should take

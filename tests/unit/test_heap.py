@@ -35,23 +35,27 @@ def test_a_collector_that_was_off_stays_off() -> None:
 
 
 def _side_by_side(first_to_end: str) -> None:
-    started, ends = threading.Barrier(2), {"a": threading.Event(), "b": threading.Event()}
+    """Stage a enters its block first, then b; they leave in the order given."""
+    inside = {"a": threading.Event(), "b": threading.Event()}
+    leave = {"a": threading.Event(), "b": threading.Event()}
 
     def stage(name: str) -> None:
         with cycle_collection_paused():
-            started.wait()
-            ends[name].wait()
+            inside[name].set()
+            leave[name].wait()
 
-    threads = {n: threading.Thread(target=stage, args=(n,)) for n in ends}
-    for t in threads.values():
-        t.start()
-    for name in sorted(ends, key=lambda n: n != first_to_end):
-        ends[name].set()
+    threads = {n: threading.Thread(target=stage, args=(n,)) for n in inside}
+    for name in ("a", "b"):
+        threads[name].start()
+        inside[name].wait()
+    for name in sorted(leave, key=lambda n: n != first_to_end):
+        leave[name].set()
         threads[name].join()
 
 
 @pytest.mark.parametrize("first_to_end", ["a", "b"])
 def test_stages_side_by_side_leave_it_on_whichever_ends_first(first_to_end: str) -> None:
-    """extract and read_recipients run at once on two threads (as the benchmark runs them)."""
+    """extract and read_recipients run at once on two threads (as the benchmark runs them): b
+    finds the collector off when it enters, and must not turn it off again when a has ended."""
     _side_by_side(first_to_end)
     assert gc.isenabled()

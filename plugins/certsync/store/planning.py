@@ -413,7 +413,8 @@ WHERE p.run_id = :b AND p.kind IN ('conflict', 'no_recipient')
 def carry_over(conn: Connection, *, run_id: int) -> Carried:
     """Make a delta plan's record whole (sql/0024): copy the base plan's value results and
     unpublishable actions (conflicts, users without a recipient) of every current user it did not
-    plan again. Once per plan: a record already whole (or a full plan's) is left as it is."""
+    plan again. Once per plan: a record already whole (a full plan's, or one carried over) or a
+    run without a plan is left as it is."""
     run = conn.execute(
         sa.text(
             "SELECT planned_at, plan_base_run_id, plan_users, carried_at FROM certsync.sync_run"
@@ -423,9 +424,7 @@ def carry_over(conn: Connection, *, run_id: int) -> Carried:
         ),
         {"r": run_id},
     ).one()
-    if run.planned_at is None:
-        raise RuntimeError(f"run {run_id} has no plan to carry the unchanged users over into")
-    if run.carried_at is not None:
+    if run.planned_at is None or run.carried_at is not None:
         return Carried(results=0, actions=0)
     params = {"r": run_id, "b": run.plan_base_run_id, "planned": run.plan_users}
     results = conn.execute(sa.text(CARRY_RESULTS), params).rowcount
