@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 ATTRIBUTES = (
     "objectGUID",
-    "distinguishedName",
     "sAMAccountName",
     "displayName",
     "mail",

@@ -29,7 +29,7 @@ SHOW_DELETED = "1.2.840.113556.1.4.417"  # LDAP_SERVER_SHOW_DELETED_OID: tombsto
 # DirSync reports an object only when one of the requested attributes changed: ask for every one the
 # scope and the pipeline depend on (name: renames and moves; member: group membership).
 DIRSYNC_ATTRIBUTES = ("objectGUID", "isDeleted", "objectClass", "name", "member", *(
-    a for a in ATTRIBUTES if a not in ("objectGUID", "uSNChanged", "distinguishedName")))  # fmt: skip
+    a for a in ATTRIBUTES if a not in ("objectGUID", "uSNChanged")))  # fmt: skip
 GUID_BATCH = 200  # users looked up by objectGUID per search
 
 
