@@ -161,9 +161,20 @@ def _rss_mib(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_MIB
 
 
-def tree_rss_mib(pid: int, *, exclude: frozenset[int] = frozenset()) -> float:
-    """Resident MiB of a process and its descendants (validation workers, PostgreSQL backends)."""
-    return _tree_sum(pid, _rss_mib, exclude)
+def _pss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+def tree_rss_mib(pid: int, *, exclude: frozenset[int] = frozenset(), proportional: bool = False) -> float:
+    """Resident MiB of a process and its descendants (validation workers, side-by-side stages,
+    PostgreSQL backends). `proportional` counts a page shared by n processes 1/n in each (PSS), so
+    a forked child and its parent do not count the pages they share twice; it is read for
+    certsync's tree only, where the bench forks, as the kernel walks every mapping to compute it
+    (Samba maps its whole database)."""
+    return _tree_sum(pid, _pss_mib if proportional else _rss_mib, exclude)
 
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
@@ -224,7 +235,8 @@ class StageSampler(Periodic):
         peaks = self.peaks.setdefault(self.stage, {})
         for name, pid in self.roots.items():
             others = frozenset(p for p in self.roots.values() if p != pid)
-            peaks[name] = max(peaks.get(name, 0.0), tree_rss_mib(pid, exclude=others))
+            rss = tree_rss_mib(pid, exclude=others, proportional=name == "certsync")
+            peaks[name] = max(peaks.get(name, 0.0), rss)
 
 
 @contextmanager
@@ -344,7 +356,8 @@ class Cycle:
     ) -> Iterator[dict[str, Any]]:
         out = self.profile_dir / f"{label}-{name}.txt" if self.profile_dir else None
         row: dict[str, Any] = {"stage": name, "unit": unit, "items": 0}
-        with py_spy(out, subprocesses=name == "validate"):
+        # The validation workers and the side-by-side stages run in child processes.
+        with py_spy(out, subprocesses=name == "validate" or "+" in name):
             if self.statements:
                 self.statements.reset()
             self.sampler.stage = f"{label}:{name}"
@@ -422,29 +435,52 @@ class Cycle:
         label: str,
         work: dict[str, tuple[str, Callable[[dict[str, Any]], None]]],
     ) -> None:
-        """Stages that run at once, each on a thread of its own: a row per stage with its own wall
-        time and items; memory, CPU and load are the window's, the same in each row (which names
-        the window as `side_by_side`), and the window's profile is kept with its first stage."""
-        from concurrent.futures import ThreadPoolExecutor
-
+        """Stages that run at once, each in a process of its own, as the DAG's tasks do (Airflow
+        forks a process for each task): a row per stage with its own wall time and items; memory,
+        CPU and load are the window's, the same in each row (which names the window as
+        `side_by_side`), and the window's profile is kept with its first stage."""
         rows: dict[str, dict[str, Any]] = {}
-
-        def one(name: str) -> None:
-            unit, run = work[name]
-            row: dict[str, Any] = {"stage": name, "unit": unit, "items": 0}
-            began = time.perf_counter()
-            run(row)
-            row["seconds"] = time.perf_counter() - began
-            rows[name] = row
-
-        with self.stage(stages, label, "+".join(work), "-"), ThreadPoolExecutor(len(work)) as pool:
-            list(pool.map(one, work))  # list(): a stage's exception is raised here
+        with self.stage(stages, label, "+".join(work), "-"):
+            children = {name: self._fork(name, *work[name]) for name in work}
+            for name, (process, answer) in children.items():
+                kind, rows[name] = answer.recv()
+                process.join()
+                if kind == "error":
+                    raise RuntimeError(f"{label} {name} failed:\n{rows[name]}")
         window = stages.pop()
         own = ("stage", "unit", "items", "seconds", "profile", "statements")
         shared = {k: v for k, v in window.items() if k not in own}
         for i, name in enumerate(work):
             once = {} if i else {k: window[k] for k in ("profile", "statements") if k in window}
             stages.append({**rows[name], **shared, **once, "side_by_side": window["stage"], "window_s": window["seconds"]})  # fmt: skip
+
+    def _fork(self, name: str, unit: str, run: Callable[[dict[str, Any]], None]) -> tuple[Any, Any]:
+        """A forked child that runs one stage on services of its own (the parent's pooled
+        connections are not its to use) and sends back its row, or the traceback it failed with."""
+        import multiprocessing
+        import traceback
+
+        from certsync.pipeline import Services
+
+        ours, theirs = multiprocessing.Pipe(duplex=False)
+
+        def child() -> None:
+            self.services.engine.dispose(close=False)
+            self.services = Services(settings=self.services.settings)
+            row: dict[str, Any] = {"stage": name, "unit": unit, "items": 0}
+            began = time.perf_counter()
+            try:
+                run(row)
+            except BaseException:
+                theirs.send(("error", traceback.format_exc()))
+                raise
+            row["seconds"] = time.perf_counter() - began
+            theirs.send(("row", row))
+
+        process = multiprocessing.get_context("fork").Process(target=child, name=f"bench-{name}")
+        process.start()
+        theirs.close()
+        return process, ours
 
     def publish(self, run_id: int, batches: list[int]) -> int:
         from concurrent.futures import ThreadPoolExecutor
