@@ -312,9 +312,10 @@ def summarise_profile(path: Path, top: int = 12) -> list[dict[str, Any]]:
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if "StageSampler" in stack:
+        # The emulator runs as the bench's child, so --subprocesses samples it too: not certsync.
+        if "StageSampler" in stack or "certsync_lab.emulator" in stack:
             continue
-        frames = [_frame(f) for f in stack.split(";")[1:]]
+        frames = [_frame(f) for f in stack.split(";")[1:] if not f.startswith("process ")]
         count = int(count_text)
         total += count
         if frames:

@@ -52,7 +52,7 @@ def _rss(stage: dict[str, Any]) -> float:
 
 
 def run_table(figures: dict[str, Any], run: dict[str, Any], *, with_limits: bool) -> list[str]:
-    head = "| stage | s | items | items/s | certsync peak RSS MiB | load1 |"
+    head = "| stage | s | items | items/s | certsync peak PSS MiB | load1 |"
     sep = "|---|---|---|---|---|---|"
     if with_limits:
         head += " limit s | ratio | limit measured as |"
@@ -176,7 +176,7 @@ def targets(all_figures: list[dict[str, Any]]) -> list[str]:
         )
         peak = max(_rss(s) for r in f["runs"] for s in r["stages"])
         lines.append(
-            f"| {users} | certsync peak RSS < 1 GiB | {peak:.0f} MiB | {'yes' if peak < TARGET_RSS_MIB else 'no'} |"
+            f"| {users} | certsync peak memory (PSS) < 1 GiB | {peak:.0f} MiB | {'yes' if peak < TARGET_RSS_MIB else 'no'} |"
         )
     return lines
 
@@ -293,7 +293,7 @@ def write(path: Path, figure_files: list[Path]) -> None:
         "# Benchmark results (`make bench`)",
         "",
         f"Written by bench/bench_cycle.py. Machine: {platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}.",
-        "Other work shared this machine: every figure carries the 1-minute load average when it was taken (`load1`), and each ratio compares two figures of the same run. What the columns mean and what the figures say: bench/README.md, section *Whole cycle*.",
+        "Other work shared this machine: every figure carries the 1-minute load average when it was taken (`load1`), and each ratio compares two figures of the same run. Memory is the proportional set size (PSS) of certsync's process tree, which forks the side-by-side stages. What the columns mean and what the figures say: bench/README.md, section *Whole cycle*.",
         "",
         *(f"Not measured: {name} (no figures; its lab was never built and measured)." for name in missing),
         "",
