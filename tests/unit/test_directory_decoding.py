@@ -3,10 +3,12 @@ message it was not made for back to ldap3."""
 
 from __future__ import annotations
 
+import ldap3
 import pytest
+from ldap3.strategy.sync import SyncStrategy
 from ldap3.utils.asn1 import decode_message_fast
 
-from certsync.directory.decoding import _decode_message, decode_entry
+from certsync.directory.decoding import _decode_message, decode_entries_raw, decode_entry
 
 
 def tlv(tag: int, content: bytes) -> bytes:
@@ -79,3 +81,23 @@ def test_other_messages_and_odd_shapes_go_to_ldap3() -> None:
     for message in (odd, good[:-3]):
         with pytest.raises((ValueError, IndexError)):
             decode_entry(message)
+
+
+def test_the_reader_connections_decode_entries_lean() -> None:
+    """The lean decoder runs inside ldap3's receive loop, which must still name the decoder it
+    calls (an ldap3 upgrade that renamed it would leave every entry to the generic decoder)."""
+    assert "decode_message_fast" in SyncStrategy._get_response.__code__.co_names
+    conn = decode_entries_raw(ldap3.Connection(ldap3.Server("ldap.invalid"), read_only=True))
+    message = entry(3, b"CN=Eve,DC=corp", [(b"mail", [b"eve@corp.example.test"])])
+    assert conn.strategy._get_response.__globals__["decode_message_fast"](message)["entry"] == (
+        b"CN=Eve,DC=corp",
+        {"mail": [b"eve@corp.example.test"]},
+    )
+    assert conn.strategy.decode_response_fast({**_decode_message(message)})["raw_attributes"] == {
+        "mail": [b"eve@corp.example.test"]
+    }
+    # Other connections in the process keep ldap3's own loop.
+    assert (
+        ldap3.Connection(ldap3.Server("ldap.invalid")).strategy._get_response.__func__
+        is SyncStrategy._get_response
+    )

@@ -80,7 +80,7 @@ def decode_entry(message: bytes) -> tuple[int, bytes, dict[str, list[bytes]]]:
 def _decode_message(message: bytes) -> dict[str, Any]:
     try:
         message_id, dn, attributes = decode_entry(message)
-    except (ValueError, IndexError, UnicodeDecodeError):
+    except (ValueError, IndexError):  # UnicodeDecodeError is a ValueError
         return decode_message_fast(message)
     return {"messageID": message_id, "protocolOp": SEARCH_RESULT_ENTRY, "controls": None, "entry": (dn, attributes)}  # fmt: skip
 
