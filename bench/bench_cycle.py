@@ -357,8 +357,8 @@ class Cycle:
     ) -> Iterator[dict[str, Any]]:
         out = self.profile_dir / f"{label}-{name}.txt" if self.profile_dir else None
         row: dict[str, Any] = {"stage": name, "unit": unit, "items": 0}
-        # The validation workers and the side-by-side stages run in child processes.
-        with py_spy(out, subprocesses=name == "validate" or "+" in name):
+        # Every stage but begin and finish runs in a child process (validate's workers in its own).
+        with py_spy(out, subprocesses=name not in ("begin", "finish")):
             if self.statements:
                 self.statements.reset()
             self.sampler.stage = f"{label}:{name}"
@@ -401,10 +401,15 @@ class Cycle:
         self.side_by_side(
             stages, label, {"extract": ("users", extract), "read_recipients": ("recipients", read_recipients)}
         )
-        with self.stage(stages, label, "validate", "values") as row:
+
+        def validate(row: dict[str, Any]) -> None:
             row["items"] = pipeline.validate(self.services, run_id=run_id)["validated"]
-        with self.stage(stages, label, "plan", "users") as row:
-            batches = pipeline.plan(self.services, run_id=run_id, allow_mass_removal=True)
+
+        def plan(row: dict[str, Any]) -> None:
+            row["batches"] = pipeline.plan(self.services, run_id=run_id, allow_mass_removal=True)
+
+        self.alone(stages, label, "validate", "values", validate)
+        batches = self.alone(stages, label, "plan", "users", plan).pop("batches")
 
         def publish(row: dict[str, Any]) -> None:
             row["items"] = self.publish(run_id, batches)
@@ -443,17 +448,36 @@ class Cycle:
         rows: dict[str, dict[str, Any]] = {}
         with self.stage(stages, label, "+".join(work), "-"):
             children = {name: self._fork(name, *work[name]) for name in work}
-            for name, (process, answer) in children.items():
-                kind, rows[name] = answer.recv()
-                process.join()
-                if kind == "error":
-                    raise RuntimeError(f"{label} {name} failed:\n{rows[name]}")
+            for name, child in children.items():
+                rows[name] = self._row_of(label, name, *child)
         window = stages.pop()
         own = ("stage", "unit", "items", "seconds", "profile", "statements")
         shared = {k: v for k, v in window.items() if k not in own}
         for i, name in enumerate(work):
             once = {} if i else {k: window[k] for k in ("profile", "statements") if k in window}
             stages.append({**rows[name], **shared, **once, "side_by_side": window["stage"], "window_s": window["seconds"]})  # fmt: skip
+
+    def alone(
+        self,
+        stages: list[dict[str, Any]],
+        label: str,
+        name: str,
+        unit: str,
+        run: Callable[[dict[str, Any]], None],
+    ) -> dict[str, Any]:
+        """One stage in a process of its own, as its task runs in the DAG (so what it leaves in
+        memory does not stay in the bench's process, as it would not in a worker); returns its row."""
+        with self.stage(stages, label, name, unit) as row:
+            row.update({k: v for k, v in self._row_of(label, name, *self._fork(name, unit, run)).items() if k != "seconds"})  # fmt: skip
+        return row
+
+    @staticmethod
+    def _row_of(label: str, name: str, process: Any, answer: Any) -> dict[str, Any]:
+        kind, row = answer.recv()
+        process.join()
+        if kind == "error":
+            raise RuntimeError(f"{label} {name} failed:\n{row}")
+        return row  # type: ignore[no-any-return]
 
     def _fork(self, name: str, unit: str, run: Callable[[dict[str, Any]], None]) -> tuple[Any, Any]:
         """A forked child that runs one stage on services of its own (the parent's pooled
