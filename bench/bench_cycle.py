@@ -468,7 +468,8 @@ class Cycle:
         """One stage in a process of its own, as its task runs in the DAG (so what it leaves in
         memory does not stay in the bench's process, as it would not in a worker); returns its row."""
         with self.stage(stages, label, name, unit) as row:
-            row.update({k: v for k, v in self._row_of(label, name, *self._fork(name, unit, run)).items() if k != "seconds"})  # fmt: skip
+            child = self._row_of(label, name, *self._fork(name, unit, run))
+            row.update({k: v for k, v in child.items() if k != "seconds"})  # the window's time is kept
         return row
 
     @staticmethod
