@@ -118,15 +118,17 @@ def sync_env(
 ):
     """AIRFLOW_CONN_* / AIRFLOW_VAR_* for the pipeline against the session's real services."""
 
-    from certsync_lab.stack import certsync_database, lab_connections, sync_environment
+    from emulator_support import app_connections
 
-    cert, key, _secret = app_credential_files
-    connections = lab_connections(
-        samba=populated_dc,
+    from certsync_lab.stack import sync_environment
+
+    connections = app_connections(
+        dc=populated_dc,
         emulator=emulator_stack,
-        credential={"certificate_file": str(cert), "private_key_file": str(key)},
+        credentials=app_credential_files,
+        pg=embedded_pg,
+        database="certsync",
     )
-    connections["certsync_postgres"] = certsync_database(embedded_pg, "certsync")
     config = {
         "trust_anchors": str(trust_files.anchors),
         "intermediates": [str(trust_files.intermediates)],

@@ -38,6 +38,21 @@ def seeded_emulator(home: Path, dc: Any, credentials: Any) -> Iterator[Any]:
         yield emulator
 
 
+def app_connections(*, dc: Any, emulator: Any, credentials: Any, pg: Any, database: str) -> dict[str, Any]:
+    """The lab's connections for certsync (its app signing in with the certificate) over database
+    `database` of `pg`, created with certsync's schema."""
+    from certsync_lab.stack import certsync_database, lab_connections
+
+    cert, key, _secret = credentials
+    connections = lab_connections(
+        samba=dc,
+        emulator=emulator,
+        credential={"certificate_file": str(cert), "private_key_file": str(key)},
+    )
+    connections["certsync_postgres"] = certsync_database(pg, database)
+    return connections
+
+
 def directory_user(name: str, *, certificates: tuple[bytes, ...] = ()) -> DirectoryUser:
     return DirectoryUser(
         object_guid=uuid.uuid5(uuid.NAMESPACE_DNS, f"{name}.example.test"),

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
-from emulator_support import seeded_emulator
+from emulator_support import app_connections, seeded_emulator
 
 from certsync.config import EnvSource, load_settings
 from certsync.failures import RunFailed
@@ -34,7 +34,7 @@ from certsync.pipeline import (
     run_all,
     validate,
 )
-from certsync_lab.stack import certsync_database, lab_connections, sync_environment
+from certsync_lab.stack import sync_environment
 
 pytestmark = pytest.mark.integration
 DATABASE = "certsync_delta_record"
@@ -60,13 +60,13 @@ def emulator(populated_dc, app_credential_files, tmp_path_factory: pytest.TempPa
 def env(
     sync_env: dict[str, str], populated_dc, embedded_pg, emulator, app_credential_files
 ) -> dict[str, str]:
-    cert, key, _secret = app_credential_files
-    connections = lab_connections(
-        samba=populated_dc,
+    connections = app_connections(
+        dc=populated_dc,
         emulator=emulator,
-        credential={"certificate_file": str(cert), "private_key_file": str(key)},
+        credentials=app_credential_files,
+        pg=embedded_pg,
+        database=DATABASE,
     )
-    connections["certsync_postgres"] = certsync_database(embedded_pg, DATABASE)
     return sync_environment(connections, json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]))
 
 

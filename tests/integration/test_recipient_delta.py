@@ -19,12 +19,13 @@ from datetime import timedelta
 
 import psycopg
 import pytest
+from emulator_support import app_connections
 
 from certsync.config import EnvSource, load_settings
 from certsync.exchange.client import ExchangeClient
 from certsync.failures import RunFailed
 from certsync.pipeline import Services, begin, finish, read_recipients, run_all
-from certsync_lab.stack import certsync_database, lab_connections, sync_environment
+from certsync_lab.stack import sync_environment
 
 pytestmark = pytest.mark.integration
 DATABASE = "certsync_recipients"
@@ -33,13 +34,13 @@ DATABASE = "certsync_recipients"
 @pytest.fixture(scope="module")
 def environment(sync_env, populated_dc, embedded_pg, emulator_stack, app_credential_files) -> dict:
     """sync_env's settings over a database of this module's own; the overlap is set per test."""
-    cert, key, _secret = app_credential_files
-    connections = lab_connections(
-        samba=populated_dc,
+    connections = app_connections(
+        dc=populated_dc,
         emulator=emulator_stack,
-        credential={"certificate_file": str(cert), "private_key_file": str(key)},
+        credentials=app_credential_files,
+        pg=embedded_pg,
+        database=DATABASE,
     )
-    connections["certsync_postgres"] = certsync_database(embedded_pg, DATABASE)
     exchange = connections["certsync_exchange"]
     return {"connections": connections, "exchange": exchange, "sync_env": sync_env}
 

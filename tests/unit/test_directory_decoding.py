@@ -93,7 +93,7 @@ def test_the_reader_connections_decode_entries_lean() -> None:
         b"CN=Eve,DC=corp",
         {"mail": [b"eve@corp.example.test"]},
     )
-    assert conn.strategy.decode_response_fast({**_decode_message(message)})["raw_attributes"] == {
+    assert conn.strategy.decode_response_fast(_decode_message(message))["raw_attributes"] == {
         "mail": [b"eve@corp.example.test"]
     }
     # Other connections in the process keep ldap3's own loop.

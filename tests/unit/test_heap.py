@@ -55,7 +55,8 @@ def _side_by_side(first_to_end: str) -> None:
 
 @pytest.mark.parametrize("first_to_end", ["a", "b"])
 def test_stages_side_by_side_leave_it_on_whichever_ends_first(first_to_end: str) -> None:
-    """extract and read_recipients run at once on two threads (as the benchmark runs them): b
-    finds the collector off when it enters, and must not turn it off again when a has ended."""
+    """Two stages at once on threads of one process (as the benchmark ran extract and
+    read_recipients before it forked each): b finds the collector off when it enters, and must not
+    turn it off again when a has ended."""
     _side_by_side(first_to_end)
     assert gc.isenabled()
