@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from certsync.certificates.facts import describe, extension_map
-from certsync.certificates.names import subject_from_der
+from certsync.certificates.names import issuer_der, issuer_from_der, subject_from_der
 from certsync_lab.pki import Pki
 
 KNOWN_OIDS = ["550403", "550405", "550406", "550407", "55040a", "55040b", "55042a",
@@ -53,8 +53,14 @@ def template() -> tuple[bytes, list[bytes], list[bytes]]:
 
 
 def _with_subject(template: tuple[bytes, list[bytes], list[bytes]], subject: bytes) -> bytes:
+    return _with_name(template, 5, subject)
+
+
+def _with_name(template: tuple[bytes, list[bytes], list[bytes]], index: int, name: bytes) -> bytes:
+    """The template with the issuer (index 3) or subject (5) replaced: version, serial, signature,
+    issuer, validity, subject, ..."""
     _, outer, tbs = template
-    fields = [*tbs[:5], subject, *tbs[6:]]  # version, serial, signature, issuer, validity, subject, ...
+    fields = [*tbs[:index], name, *tbs[index + 1 :]]
     return _enc(0x30, _enc(0x30, b"".join(fields)) + b"".join(outer[1:]))
 
 
@@ -109,13 +115,26 @@ def _cryptography_view(der: bytes) -> tuple[str, int] | None:
         return None
 
 
+def _cryptography_issuer(der: bytes) -> str | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return x509.load_der_x509_certificate(der).issuer.rfc4514_string()
+    except Exception:  # cryptography cannot read this name; the fast reader must not either
+        return None
+
+
 @SETTINGS
 @given(rdns=st.lists(st.lists(PLAUSIBLE, min_size=1, max_size=1), max_size=5))
 def test_plausible_names_are_read_fast_and_identically(template, rdns):
-    der = _with_subject(template, _name_der(rdns))
+    name = _name_der(rdns)
+    der = _with_subject(template, name)
     fast = subject_from_der(der)
     assert fast is not None
     assert (fast.text, fast.rdn_count) == _cryptography_view(der)
+    as_issuer = _with_name(template, 3, name)
+    assert issuer_from_der(as_issuer) == _cryptography_issuer(as_issuer) == fast.text
+    assert issuer_der(as_issuer) == name
 
 
 @SETTINGS
@@ -129,6 +148,9 @@ def test_hostile_names_are_read_identically_or_not_at_all(template, rdns):
     fast = subject_from_der(der)
     if fast is not None:
         assert (fast.text, fast.rdn_count) == _cryptography_view(der)
+    as_issuer = _with_name(template, 3, _name_der(rdns))
+    if (issuer := issuer_from_der(as_issuer)) is not None:
+        assert issuer == _cryptography_issuer(as_issuer)
 
 
 @pytest.mark.parametrize(
@@ -166,6 +188,7 @@ def test_common_names_take_the_fast_path(template, rdns, text):
 )
 def test_unusual_names_are_left_to_cryptography(template, rdns):
     assert subject_from_der(_with_subject(template, _name_der(rdns))) is None
+    assert issuer_from_der(_with_name(template, 3, _name_der(rdns))) is None
 
 
 def test_describe_is_the_same_with_or_without_der(template):
@@ -180,5 +203,11 @@ def test_describe_is_the_same_with_or_without_der(template):
 def test_truncated_der_is_left_to_cryptography(template):
     der = template[0]
     assert subject_from_der(der) is not None
-    for cut in (3, 20, 60, len(der) // 3):
+    issuer = issuer_der(der)
+    assert issuer is not None and issuer_from_der(der) is not None
+    issuer_end = der.index(issuer) + len(issuer)
+    for cut in (3, 20, 60, issuer_end - 1, len(der) // 3):
         assert subject_from_der(der[:cut]) is None
+        # The issuer comes before the subject: a cut after it still leaves it whole.
+        if cut < issuer_end:
+            assert issuer_from_der(der[:cut]) is None and issuer_der(der[:cut]) is None

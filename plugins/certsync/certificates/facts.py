@@ -8,7 +8,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from certsync.certificates.names import subject_from_der
+from certsync.certificates.names import issuer_from_der, subject_from_der
 
 SMTP_UTF8_MAILBOX = ObjectIdentifier("1.3.6.1.5.5.7.8.9")
 MAX_NAME_CHARS = 512
@@ -73,6 +73,12 @@ def name_text(cert: x509.Certificate, which: str) -> str:
     except Exception:  # e.g. non-ASCII T61String: cryptography refuses, asn1crypto copes
         text = _asn1_name_text(cert, which)
     return text[:MAX_NAME_CHARS]
+
+
+def issuer_text(cert: x509.Certificate, der: bytes | None) -> str:
+    """The issuer's name, read from `der` (the certificate's own encoding) when it is a common one."""
+    fast = issuer_from_der(der) if der is not None else None
+    return fast[:MAX_NAME_CHARS] if fast is not None else name_text(cert, "issuer")
 
 
 def _asn1_name_text(cert: x509.Certificate, which: str) -> str:

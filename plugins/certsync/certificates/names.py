@@ -1,4 +1,4 @@
-"""The subject of a certificate as RFC 4514 text, read straight from its DER.
+"""The subject and issuer of a certificate as RFC 4514 text, read straight from its DER.
 
 cryptography builds a Python object for every attribute of a Name before it can format it, which
 costs about a tenth of a full validation. Names made only of common single-valued attributes with
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 from typing import NamedTuple
+
+from certsync.certificates.der import Element, Unusual, element, element_end, header_end
 
 # Attribute OID (DER content) -> the name cryptography's rfc4514_string() shows for it: RFC 4514 short
 # names where cryptography has one, the dotted OID otherwise.
@@ -40,10 +42,6 @@ _SPECIALS = str.maketrans(
 )
 
 
-class _Unusual(Exception):
-    """The name needs cryptography's general code."""
-
-
 class SubjectText(NamedTuple):
     text: str
     rdn_count: int
@@ -51,50 +49,73 @@ class SubjectText(NamedTuple):
 
 def subject_from_der(der: bytes) -> SubjectText | None:
     """The subject's RFC 4514 text and RDN count, or None when cryptography has to read it."""
+    return _name_text(der, _SUBJECT)
+
+
+def issuer_from_der(der: bytes) -> str | None:
+    """The issuer's RFC 4514 text, or None when cryptography has to read it."""
+    found = _name_text(der, _ISSUER)
+    return found.text if found else None
+
+
+def issuer_der(der: bytes) -> bytes | None:
+    """The issuer Name exactly as encoded (as PKCS#7 signers name a certificate), or None."""
     try:
-        start, end = _subject_span(der)
-        parts = []
-        while start < end:
+        name = _tbs_name(der, _ISSUER)
+    except (Unusual, IndexError):
+        return None
+    return der[name.start : name.end]
+
+
+_ISSUER, _SUBJECT = 3, 5  # TBSCertificate: serial, signature, issuer, validity, subject (after version)
+
+
+def _name_text(der: bytes, index: int) -> SubjectText | None:
+    try:
+        name = _tbs_name(der, index)
+        start, parts = name.content, []
+        while start < name.end:
             text, start = _rdn(der, start)
             parts.append(text)
-    except (_Unusual, IndexError, UnicodeDecodeError):
+    except (Unusual, IndexError, UnicodeDecodeError):
         return None
-    if start != end:
+    if start != name.end:
         return None
     return SubjectText(",".join(reversed(parts)), len(parts))
 
 
-def _subject_span(der: bytes) -> tuple[int, int]:
-    pos = _header_end(der, _header_end(der, 0))  # into Certificate, then into TBSCertificate
+def _tbs_name(der: bytes, index: int) -> Element:
+    """The issuer or subject Name of a certificate, without reading the fields after it."""
+    pos = header_end(der, header_end(der, 0))  # into Certificate, then into TBSCertificate
     if der[pos] == 0xA0:  # [0] EXPLICIT version
-        pos = _element_end(der, pos)
-    for expected in (0x02, 0x30, 0x30, 0x30):  # serial, signature, issuer, validity
+        pos = element_end(der, pos)
+    for expected in (0x02, 0x30, 0x30, 0x30)[: index - 1]:  # serial, signature, issuer, validity
         if der[pos] != expected:
-            raise _Unusual
-        pos = _element_end(der, pos)
+            raise Unusual
+        pos = element_end(der, pos)
     if der[pos] != 0x30:
-        raise _Unusual
-    return _header_end(der, pos), _element_end(der, pos)
+        raise Unusual
+    return element(der, pos, len(der))
 
 
 def _rdn(der: bytes, pos: int) -> tuple[str, int]:
     """One RDN holding exactly one attribute, all with short-form lengths:
     SET { SEQUENCE { OID, string } } is 31 L1 30 L2 06 L3 <oid> T L4 <value>."""
     if der[pos] != 0x31 or der[pos + 2] != 0x30 or der[pos + 4] != 0x06:
-        raise _Unusual
+        raise Unusual
     set_len, seq_len, oid_len = der[pos + 1], der[pos + 3], der[pos + 5]
     oid_end = pos + 6 + oid_len
     tag, value_len = der[oid_end], der[oid_end + 1]
     if (set_len | seq_len | oid_len | value_len) & 0x80:
-        raise _Unusual
+        raise Unusual
     end = pos + 2 + set_len
     if pos + 4 + seq_len != end or oid_end + 2 + value_len != end or end > len(der):
-        raise _Unusual
+        raise Unusual
     oid = der[pos + 6 : oid_end]
     name = _ATTRIBUTE_NAMES.get(oid)
     low, high = _LENGTH_LIMITS.get(oid, (1, value_len))
     if name is None or not low <= value_len <= high:
-        raise _Unusual
+        raise Unusual
     return f"{name}={_escape(_decode(tag, der[oid_end + 2 : end]))}", end
 
 
@@ -105,7 +126,7 @@ def _decode(tag: int, raw: bytes) -> str:
         return raw.decode("ascii")
     if tag == IA5_STRING and raw.isascii():
         return raw.decode("ascii")
-    raise _Unusual
+    raise Unusual
 
 
 def _escape(value: str) -> str:
@@ -118,20 +139,3 @@ def _escape(value: str) -> str:
     if value[-1] == " ":
         value = value[:-1] + "\\ "
     return value
-
-
-def _header_end(der: bytes, pos: int) -> int:
-    first = der[pos + 1]
-    if first & 0x80 and not 0 < first & 0x7F <= 3:
-        raise _Unusual
-    return pos + 2 + (first & 0x7F if first & 0x80 else 0)
-
-
-def _element_end(der: bytes, pos: int) -> int:
-    first = der[pos + 1]
-    if not first & 0x80:
-        return pos + 2 + first
-    count = first & 0x7F
-    if not 0 < count <= 3:
-        raise _Unusual
-    return pos + 2 + count + int.from_bytes(der[pos + 2 : pos + 2 + count], "big")

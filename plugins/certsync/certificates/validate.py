@@ -12,7 +12,7 @@ import logging
 from datetime import UTC, datetime
 
 from certsync.certificates.chain import ChainChecker, earliest
-from certsync.certificates.facts import Extensions, Facts, describe, extension_map, name_text
+from certsync.certificates.facts import Extensions, Facts, describe, extension_map, issuer_text
 from certsync.certificates.parse import Parsed, parse_value
 from certsync.certificates.policy import LeafPolicy, Refusal, check_validity
 from certsync.certificates.reasons import Reason
@@ -76,7 +76,7 @@ class Validator:
                 cert, facts.serial_number, parsed.extra_certificates, at, subject_emails=subject_emails
             )
         except Refusal as refusal:
-            issuer = name_text(cert, "issuer")
+            issuer = issuer_text(cert, parsed.leaf)
             more = self._more_refusals(parsed, facts, extensions, at, refusal) if self.every_rule else ()
             return _verdict(parsed, facts, issuer, refusal=refusal, more=more)
         until = facts.not_after if chain_until is None else earliest([facts.not_after, chain_until])
