@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 
+from certsync.certificates.names import issuer_der
 from certsync.certificates.reasons import Reason
+from certsync.certificates.signed_data import read_signed_data
 
 if TYPE_CHECKING:
     from asn1crypto import cms
@@ -109,8 +111,15 @@ def parse_value(*, attribute: str, value: bytes, max_bytes: int = MAX_VALUE_BYTE
 
 
 def _parse_pkcs7(attribute: str, digest: bytes, value: bytes) -> Parsed:
+    parts = read_signed_data(value)
+    if parts is None:  # BER, something unusual or broken: asn1crypto reads it and says what is wrong
+        return _parse_pkcs7_asn1(attribute, digest, value)
+    return _with_leaf(attribute, digest, parts.certificates, parts.preferred)
+
+
+def _parse_pkcs7_asn1(attribute: str, digest: bytes, value: bytes) -> Parsed:
     # Imported here: asn1crypto's CMS module costs as much to import as cryptography's x509, and only
-    # userSMIMECertificate values need it.
+    # userSMIMECertificate values that the DER reader leaves need it.
     from asn1crypto import cms
 
     info = cms.ContentInfo.load(value, strict=True)
@@ -123,20 +132,23 @@ def _parse_pkcs7(attribute: str, digest: bytes, value: bytes) -> Parsed:
     if not asn1_certs:
         detail = "PKCS#7 SignedData without certificates"
         return Parsed(attribute=attribute, sha256=digest, error=Reason.NO_CERTIFICATE, detail=detail)
-    ders = [c.dump() for c in asn1_certs]
+    return _with_leaf(attribute, digest, [c.dump() for c in asn1_certs], _preferred_keys(signed))
+
+
+def _with_leaf(
+    attribute: str, digest: bytes, ders: list[bytes], preferred: list[tuple[bytes, int]]
+) -> Parsed:
     loaded = [load_with_serial(d) for d in ders]
     certs = [cert for cert, _serial in loaded]
-    index = _pick_leaf(asn1_certs, certs, [serial for _cert, serial in loaded], _preferred_keys(signed))
-    extra = tuple(d for i, d in enumerate(ders) if i != index)
-    extra_certs = tuple(c for i, c in enumerate(certs) if i != index)
+    index = _pick_leaf(ders, certs, [serial for _cert, serial in loaded], preferred)
     return Parsed(
         attribute=attribute,
         sha256=digest,
         leaf=ders[index],
-        extra=extra,
+        extra=tuple(d for i, d in enumerate(ders) if i != index),
         certificate=certs[index],
         serial_number=loaded[index][1],
-        extra_certificates=extra_certs,
+        extra_certificates=tuple(c for i, c in enumerate(certs) if i != index),
     )
 
 
@@ -172,11 +184,11 @@ def _ias_key(ias: cms.IssuerAndSerialNumber) -> tuple[bytes, int]:
     return ias["issuer"].dump(), ias["serial_number"].native
 
 
-def _pick_leaf(asn1_certs: list, certs: list[x509.Certificate], serials: list[int], wanted: list) -> int:
+def _pick_leaf(ders: list[bytes], certs: list[x509.Certificate], serials: list[int], wanted: list) -> int:
     for issuer, serial in wanted:
-        # The serial (already read) first: dumping a certificate's issuer with asn1crypto is slow.
+        # The serial (already read) first, then the issuer as the certificate encodes it.
         for i, cert in enumerate(certs):
-            if serials[i] == serial and asn1_certs[i]["tbs_certificate"]["issuer"].dump() == issuer:
+            if serials[i] == serial and issuer_der(ders[i]) == issuer:
                 if not _is_ca(cert):
                     return i
                 break  # the first certificate with that key decides, as before
