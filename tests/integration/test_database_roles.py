@@ -100,9 +100,10 @@ def test_the_app_login_may_append_to_the_audit_log_but_not_rewrite_it(embedded_p
 
 
 def test_rows_written_in_bulk_must_name_what_they_reference(embedded_pg: EmbeddedPostgres) -> None:
-    """sql/0022: the bulk tables check their run (or certificate) once per statement, COPY included,
-    instead of a foreign key per row; a change of a reference is checked too, deleting a run deletes
-    its rows, and a certificate a value names cannot be deleted."""
+    """sql/0022 and 0025: the bulk tables check their run (or certificate, or user) once per
+    statement, COPY included, instead of a foreign key per row; a change of a reference is checked
+    too, deleting a run deletes its working rows, deleting a user its values, and a certificate or a
+    run that rows still name cannot be deleted."""
     owner = _fresh_database(embedded_pg)
     db.migrate(owner)
     insert = (
@@ -164,12 +165,33 @@ def test_rows_written_in_bulk_must_name_what_they_reference(embedded_pg: Embedde
         ):
             conn.execute(value, (user, unknown))
         conn.rollback()
+        # sql/0025: the source view, the certificates and the verdicts too
+        with pytest.raises(
+            psycopg.errors.ForeignKeyViolation, match=r"source_value names source_user\.object_guid"
+        ):
+            conn.execute(value, (uuid.uuid4(), blob))
+        conn.rollback()
+        with pytest.raises(
+            psycopg.errors.ForeignKeyViolation, match=f"cert_blob names sync_run.run_id {run + 1}"
+        ):
+            conn.execute(
+                "INSERT INTO certsync.cert_blob (sha256, value, first_run_id) VALUES (%s, 'b', %s)",
+                (unknown, run + 1),
+            )
+        conn.rollback()
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="source_user names a sync_run"):
+            conn.execute("UPDATE certsync.source_user SET changed_run_id = %s", (run + 1,))
+        conn.rollback()
     with psycopg.connect(owner) as conn:
         with pytest.raises(psycopg.errors.ForeignKeyViolation, match="still named by a value or a verdict"):
             conn.execute("DELETE FROM certsync.cert_blob")
         conn.rollback()
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match="still named by a certificate, a user"):
+            conn.execute("DELETE FROM certsync.sync_run")
+        conn.rollback()
         assert conn.execute("SELECT count(*) FROM certsync.value_result").fetchone() == (1,)
         conn.execute("DELETE FROM certsync.source_user")  # and its values
+        assert conn.execute("SELECT count(*) FROM certsync.source_value").fetchone() == (0,)
         conn.execute("DELETE FROM certsync.cert_blob")
         conn.execute("DELETE FROM certsync.sync_run")
         assert conn.execute("SELECT count(*) FROM certsync.value_result").fetchone() == (0,)
