@@ -16,7 +16,8 @@ from certsync.certificates.der import Element, Unusual, children, whole
 SIGNED_DATA = bytes.fromhex("2a864886f70d010702")  # 1.2.840.113549.1.7.2
 SMIME_ENCRYPTION_KEY_PREFERENCE = bytes.fromhex("2a864886f70d010910020b")  # 1.2.840.113549.1.9.16.2.11
 MS_ENCRYPTION_KEY_PREFERENCE = bytes.fromhex("2b0601040182371004")  # 1.3.6.1.4.1.311.16.4
-SEQUENCE, SET, INTEGER, OID, CONTEXT_0, CONTEXT_1 = 0x30, 0x31, 0x02, 0x06, 0xA0, 0xA1
+SEQUENCE, SET, INTEGER, OCTET_STRING, OID = 0x30, 0x31, 0x02, 0x04, 0x06
+CONTEXT_0, CONTEXT_1, KEY_ID = 0xA0, 0xA1, 0x80  # KEY_ID: [0] IMPLICIT SubjectKeyIdentifier
 
 
 class SignedDataParts(NamedTuple):
@@ -53,14 +54,17 @@ def _read(blob: bytes) -> SignedDataParts:
 
 
 def _signer_preferences(blob: bytes, info: Element) -> list[tuple[bytes, int]]:
-    # SignerInfo: version, sid, digestAlgorithm, [0] signedAttrs (optional), ...
+    # SignerInfo: version, sid, digestAlgorithm, [0] signedAttrs (optional), signatureAlgorithm,
+    # signature, [1] unsignedAttrs (optional); sid is an IssuerAndSerialNumber or a [0] key id.
     fields = children(blob, info)
-    if info.tag != SEQUENCE or len(fields) < 5:
+    if info.tag != SEQUENCE or tuple(field.tag for field in fields) not in _SIGNER_INFO_SHAPES:
         raise Unusual
     if fields[3].tag != CONTEXT_0:
         return []
     keys = []
     for attribute in children(blob, fields[3]):
+        if attribute.tag != SEQUENCE:
+            raise Unusual
         oid, values = children(blob, attribute, OID, SET)
         kind = blob[oid.content : oid.end]
         for value in children(blob, values) if kind in _PREFERENCES else ():
@@ -70,6 +74,12 @@ def _signer_preferences(blob: bytes, info: Element) -> list[tuple[bytes, int]]:
     return keys
 
 
+_SIGNER_INFO_SHAPES = {
+    (INTEGER, sid, SEQUENCE, *signed, SEQUENCE, OCTET_STRING, *unsigned)
+    for sid in (SEQUENCE, KEY_ID)
+    for signed in ((), (CONTEXT_0,))
+    for unsigned in ((), (CONTEXT_1,))
+}
 # SMIMEEncryptionKeyPreference is a CHOICE whose [0] IMPLICIT alternative is IssuerAndSerialNumber;
 # Microsoft's attribute holds an IssuerAndSerialNumber as it is.
 _PREFERENCES = {SMIME_ENCRYPTION_KEY_PREFERENCE: CONTEXT_0, MS_ENCRYPTION_KEY_PREFERENCE: SEQUENCE}
