@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol, TypeVar
 from certsync.certificates.parse import ATTRIBUTES
 from certsync.certificates.reasons import Reason
 from certsync.certificates.select import select_values
-from certsync.certificates.verdict import Verdict, email_mismatch
+from certsync.certificates.verdict import Verdict, own_addresses
 from certsync.exchange.recipients import Recipient
 
 # A valid certificate of a user without any mail address has nowhere to go in Exchange Online.
@@ -132,22 +132,30 @@ def desired_values(
 ) -> tuple[dict[str, tuple[bytes, ...]], list[ValueResult]]:
     """The values to publish per attribute, and a result (selected or why not) for every value.
     `withdrawn`: the account policy withdraws this user's certificates (a disabled account)."""
-    desired: dict[str, tuple[bytes, ...]] = {}
+    desired: dict[str, tuple[bytes, ...]] = dict.fromkeys(ATTRIBUTES, ())
     results: list[ValueResult] = []
+    by_attribute: dict[str, list[Verdict]] = {}
+    for verdict in user.verdicts:
+        by_attribute.setdefault(verdict.attribute, []).append(verdict)
+    mine: set[str] | None = None  # the user's addresses, normalised once for all its values
     for attribute in ATTRIBUTES:
         candidates: list[Verdict] = []
-        for verdict in (v for v in user.verdicts if v.attribute == attribute):
+        for verdict in by_attribute.get(attribute, ()):
             if not verdict.ok:
                 results.append(_result(user, verdict, verdict.reason, verdict.rule, verdict.detail))
             elif withdrawn:
                 results.append(_result(user, verdict, ACCOUNT_DISABLED, "account_state", DISABLED_SENTENCE))
             elif not user.addresses:
                 results.append(_result(user, verdict, USER_HAS_NO_MAIL, "email_match", NO_MAIL_SENTENCE))
-            elif email_mismatch(verdict, user.addresses):
-                reason = Reason.EMAIL_MISMATCH
-                results.append(_result(user, verdict, reason.value, "email_match", reason.sentence))
             else:
-                candidates.append(verdict)
+                mine = own_addresses(user.addresses) if mine is None else mine
+                if mine.isdisjoint(verdict.emails):
+                    reason = Reason.EMAIL_MISMATCH
+                    results.append(_result(user, verdict, reason.value, "email_match", reason.sentence))
+                else:
+                    candidates.append(verdict)
+        if not candidates:
+            continue
         selection = select_values(candidates, limit=limit)
         desired[attribute] = tuple(v.sha256 for v in selection.kept)
         results.extend(_result(user, v, None, None, "selected") for v in selection.kept)

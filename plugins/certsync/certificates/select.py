@@ -52,6 +52,8 @@ def select_values(verdicts: Sequence[Verdict], *, limit: int = MAX_VALUES) -> Se
     """
     if limit < 0:
         raise ValueError("limit must not be negative")
+    if len(verdicts) == 1 and verdicts[0].ok and limit:  # most users: one value, nothing to choose
+        return Selection(kept=(verdicts[0],), dropped=())
     groups: dict[tuple[str, ...], list[Verdict]] = {}
     for verdict in verdicts:
         if verdict.ok:

@@ -101,8 +101,12 @@ def normalise_address(address: str) -> str | None:
 
 def email_mismatch(verdict: Verdict, addresses: Iterable[str]) -> bool:
     """True when none of the certificate's addresses is one of the user's (case-insensitive)."""
-    mine = {a for a in (normalise_address(x) for x in addresses) if a}
-    return not mine.intersection(verdict.emails)
+    return own_addresses(addresses).isdisjoint(verdict.emails)
+
+
+def own_addresses(addresses: Iterable[str]) -> set[str]:
+    """A user's mail and proxy addresses as email_mismatch compares them."""
+    return {a for a in (normalise_address(x) for x in addresses) if a}
 
 
 def with_email_check(verdict: Verdict, addresses: Iterable[str], *, every_rule: bool = False) -> Verdict:
