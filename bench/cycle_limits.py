@@ -19,7 +19,7 @@ from certsync.exchange.client import READ_CMDLETS, RECIPIENT_FIELDS
 
 # The rows each database-bound stage writes (COPY in) or reads (COPY out), by table and run column.
 STAGE_ROWS: dict[str, dict[str, list[tuple[str, str | None]]]] = {
-    "extract": {"in": [("staging_user", "run_id"), ("staging_value", "run_id")], "out": []},
+    "extract": {"in": [("staging_user", "run_id"), ("staging_value", "run_id"), ("cert_blob", "first_run_id")], "out": []},
     "read_recipients": {"in": [("exo_recipient", "seen_run_id")], "out": []},
     "plan": {
         "in": [("planned_action", "run_id"), ("value_result", "run_id")],

@@ -80,6 +80,17 @@ def _rows(engine) -> dict[uuid.UUID, tuple]:
         }  # fmt: skip
 
 
+def _blobs(engine) -> dict[bytes, tuple[int, str]]:
+    """Each stored certificate's first run and row version, by SHA-256, which its content matches."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT sha256, value, first_run_id, xmin::text AS version FROM certsync.cert_blob")
+        )
+        blobs = {bytes(r.sha256): (r.first_run_id, r.version, hashlib.sha256(r.value).digest()) for r in rows}
+    assert all(sha256 == digest for sha256, (_, _, digest) in blobs.items())
+    return {sha256: (run, version) for sha256, (run, version, _) in blobs.items()}
+
+
 def _expected(user: DirectoryUser) -> tuple:
     values = [
         f"{attribute}:{hashlib.sha256(v).hexdigest()}:{ordinal}"
@@ -130,10 +141,10 @@ def test_a_full_read_writes_only_what_changed(engine, seed: int) -> None:
     rng = random.Random(seed)
     users = [_user(rng, seed * 1000 + n) for n in range(200)]
     first, _ = _merge(engine, users, f"first {seed}")
-    before = _rows(engine)
+    before, blobs_before = _rows(engine), _blobs(engine)
     now, for_plan, other, deleted = _change(rng, users)
     second, gone = _merge(engine, now, f"second {seed}")
-    after = _rows(engine)
+    after, blobs_after = _rows(engine), _blobs(engine)
 
     assert {g: row[2] for g, row in after.items()} == {u.object_guid: _expected(u) for u in now}
     assert gone == len(deleted) and not deleted & after.keys()
@@ -147,9 +158,16 @@ def test_a_full_read_writes_only_what_changed(engine, seed: int) -> None:
     with engine.connect() as conn:
         reasons = dict(conn.execute(sa.text("SELECT object_guid, reason FROM certsync.source_gone")).all())
     assert all(reasons[g] == "deleted" for g in deleted)
+    # Every value's certificate is stored once: the new ones by this read, the others left as they were.
+    hashes = {
+        hashlib.sha256(v).digest() for u in now for v in (*u.user_certificate, *u.user_smime_certificate)
+    }
+    assert hashes <= blobs_after.keys()
+    assert {h: blobs_after[h] for h in blobs_before} == blobs_before
+    assert {run for h, (run, _) in blobs_after.items() if h not in blobs_before} == {second}
     # Read again unchanged: nothing is written at all.
     _, gone = _merge(engine, now, f"third {seed}")
-    assert gone == 0 and _rows(engine) == after
+    assert gone == 0 and _rows(engine) == after and _blobs(engine) == blobs_after
 
 
 def test_a_delta_read_merges_only_the_users_it_read(engine) -> None:
