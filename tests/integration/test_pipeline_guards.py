@@ -152,8 +152,9 @@ def test_validation_shards_split_the_pending_values_between_them(settled, db, la
 
 
 def test_saved_verdicts_hold_every_field_and_a_retry_replaces_them(settled, db, lab_at) -> None:
-    """Verdicts go in by COPY and one upsert: each stored column is the validator's, and saving
-    again for the same run time (a retried try) replaces the rows instead of failing or doubling."""
+    """Verdicts go in by COPY: each stored column is the validator's, and saving again for the same
+    run time (a retried try: the COPY fails on the key, an upsert takes over) replaces the rows
+    instead of failing or doubling."""
     with settled.engine.connect() as conn:
         items = next(validation.pending_chunks(conn, fingerprint="copy-test", at=lab_at, shard=0, shards=1))
         run_id = conn.execute(sa.text("SELECT max(run_id) FROM certsync.sync_run")).scalar_one()
