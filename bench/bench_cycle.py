@@ -313,7 +313,9 @@ def summarise_profile(path: Path, top: int = 12) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         # The emulator runs as the bench's child, so --subprocesses samples it too: not certsync.
-        if "StageSampler" in stack or "certsync_lab.emulator" in stack:
+        # A frame's name can hold a line break (seen once, in urllib3's urlopen): the stack's
+        # pieces on either side of it are left out, not read as a count.
+        if "StageSampler" in stack or "certsync_lab.emulator" in stack or not count_text.isdigit():
             continue
         frames = [_frame(f) for f in stack.split(";")[1:] if not f.startswith("process ")]
         count = int(count_text)
