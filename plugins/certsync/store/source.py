@@ -44,6 +44,7 @@ def _user_row(run_id: int, user: DirectoryUser) -> tuple:
 
 
 def _value_rows(run_id: int, users: Iterable[DirectoryUser]) -> Iterator[tuple]:
+    """Each value's staging row (run, user, attribute, ordinal, SHA-256), then the value itself."""
     for user in users:
         for attribute, values in zip(
             ATTRIBUTES, (user.user_certificate, user.user_smime_certificate), strict=True
