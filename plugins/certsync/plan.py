@@ -137,7 +137,7 @@ def desired_values(
     by_attribute: dict[str, list[Verdict]] = {}
     for verdict in user.verdicts:
         by_attribute.setdefault(verdict.attribute, []).append(verdict)
-    mine: set[str] | None = None  # the user's addresses, normalised once for all its values
+    mine = own_addresses(user.addresses)  # once for all the user's values
     for attribute in ATTRIBUTES:
         candidates: list[Verdict] = []
         for verdict in by_attribute.get(attribute, ()):
@@ -147,13 +147,11 @@ def desired_values(
                 results.append(_result(user, verdict, ACCOUNT_DISABLED, "account_state", DISABLED_SENTENCE))
             elif not user.addresses:
                 results.append(_result(user, verdict, USER_HAS_NO_MAIL, "email_match", NO_MAIL_SENTENCE))
+            elif mine.isdisjoint(verdict.emails):  # email_mismatch, with the addresses read once
+                reason = Reason.EMAIL_MISMATCH
+                results.append(_result(user, verdict, reason.value, "email_match", reason.sentence))
             else:
-                mine = own_addresses(user.addresses) if mine is None else mine
-                if mine.isdisjoint(verdict.emails):
-                    reason = Reason.EMAIL_MISMATCH
-                    results.append(_result(user, verdict, reason.value, "email_match", reason.sentence))
-                else:
-                    candidates.append(verdict)
+                candidates.append(verdict)
         if not candidates:
             continue
         selection = select_values(candidates, limit=limit)

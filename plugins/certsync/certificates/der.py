@@ -23,19 +23,17 @@ class Element(NamedTuple):
 
 def header_end(der: bytes, pos: int) -> int:
     first = der[pos + 1]
-    if first & 0x80 and not 0 < first & 0x7F <= 3:
+    if not first & 0x80:
+        return pos + 2
+    if not 0 < first & 0x7F <= 3:
         raise Unusual
-    return pos + 2 + (first & 0x7F if first & 0x80 else 0)
+    return pos + 2 + (first & 0x7F)
 
 
 def element_end(der: bytes, pos: int) -> int:
+    content = header_end(der, pos)
     first = der[pos + 1]
-    if not first & 0x80:
-        return pos + 2 + first
-    count = first & 0x7F
-    if not 0 < count <= 3:
-        raise Unusual
-    return pos + 2 + count + int.from_bytes(der[pos + 2 : pos + 2 + count], "big")
+    return content + (int.from_bytes(der[pos + 2 : content], "big") if first & 0x80 else first)
 
 
 def element(der: bytes, pos: int, limit: int) -> Element:

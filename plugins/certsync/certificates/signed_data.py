@@ -14,8 +14,8 @@ from typing import NamedTuple
 from certsync.certificates.der import Element, Unusual, children, whole
 
 SIGNED_DATA = bytes.fromhex("2a864886f70d010702")  # 1.2.840.113549.1.7.2
-SMIME_ENCRYPTION_KEY_PREFERENCE = bytes.fromhex("2a864886f70d010910020b")  # 1.2.840.113549.1.9.16.2.11
-MS_ENCRYPTION_KEY_PREFERENCE = bytes.fromhex("2b0601040182371004")  # 1.3.6.1.4.1.311.16.4
+_SMIME_PREFERENCE = bytes.fromhex("2a864886f70d010910020b")  # 1.2.840.113549.1.9.16.2.11
+_MS_PREFERENCE = bytes.fromhex("2b0601040182371004")  # 1.3.6.1.4.1.311.16.4
 SEQUENCE, SET, INTEGER, OCTET_STRING, OID = 0x30, 0x31, 0x02, 0x04, 0x06
 CONTEXT_0, CONTEXT_1, KEY_ID = 0xA0, 0xA1, 0x80  # KEY_ID: [0] IMPLICIT SubjectKeyIdentifier
 
@@ -82,7 +82,7 @@ _SIGNER_INFO_SHAPES = {
 }
 # SMIMEEncryptionKeyPreference is a CHOICE whose [0] IMPLICIT alternative is IssuerAndSerialNumber;
 # Microsoft's attribute holds an IssuerAndSerialNumber as it is.
-_PREFERENCES = {SMIME_ENCRYPTION_KEY_PREFERENCE: CONTEXT_0, MS_ENCRYPTION_KEY_PREFERENCE: SEQUENCE}
+_PREFERENCES = {_SMIME_PREFERENCE: CONTEXT_0, _MS_PREFERENCE: SEQUENCE}
 
 
 def _issuer_and_serial(blob: bytes, value: Element) -> tuple[bytes, int]:

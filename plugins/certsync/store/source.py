@@ -83,7 +83,8 @@ NEW_HASHES = """
 SELECT h FROM unnest(CAST(:hashes AS bytea[])) AS h
 WHERE NOT EXISTS (SELECT FROM certsync.cert_blob b WHERE b.sha256 = h)
 """
-# By COPY into a table of the transaction, then one INSERT that skips a certificate stored meanwhile.
+# By COPY into a table of the transaction (made once per stage_users), then one INSERT that skips a
+# certificate stored meanwhile.
 BLOB_PAGE = "CREATE TEMPORARY TABLE IF NOT EXISTS blob_page (sha256 bytea, value bytea) ON COMMIT DROP"
 STORE_BLOB_PAGE = """
 INSERT INTO certsync.cert_blob (sha256, value, first_run_id) SELECT sha256, value, :r FROM blob_page
@@ -97,6 +98,7 @@ def stage_users(
     """COPY `users` into this run's staging one page at a time, and store the certificates
     cert_blob does not have yet; returns (users, values)."""
     count = values = 0
+    conn.execute(sa.text(BLOB_PAGE))
     # The directory's next pages are read while this one is copied.
     with ReadAhead(_pages(users, page_size), name="directory-pages") as pages:
         for page in pages:
@@ -112,7 +114,6 @@ def _store_new_blobs(conn: Connection, *, run_id: int, blobs: dict[bytes, bytes]
     new = conn.execute(sa.text(NEW_HASHES), {"hashes": list(blobs)}).scalars().all() if blobs else []
     if not new:
         return
-    conn.execute(sa.text(BLOB_PAGE))
     copy_rows(conn, "COPY blob_page (sha256, value) FROM STDIN", ((h, blobs[h]) for h in new))
     conn.execute(sa.text(STORE_BLOB_PAGE), {"r": run_id})
     conn.execute(sa.text("TRUNCATE blob_page"))
