@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg import pq
+from psycopg.adapt import Dumper
 from sqlalchemy.engine import Engine, make_url
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,8 @@ def copy_rows(conn: sa.Connection, statement: str, rows: Iterable[tuple]) -> int
     count = 0
     with conn.connection.driver_connection.cursor() as cur:
         types = _types_of(cur, statement)  # asked each time: one catalog read, against a page of rows
+        for dumper in (_TextArrayDumper, _ByteaArrayDumper):
+            cur.adapters.register_dumper(None, dumper)  # by type OID, for this cursor only
         with cur.copy(f"{statement.strip()} (FORMAT BINARY)") as copy:
             copy.set_types(types)
             for row in rows:
@@ -195,3 +200,59 @@ def _set_password(owner_dsn: str, role: str, password: str) -> None:
             )
         )
     log.info("password of role %s set from its connection", role)
+
+
+# An array's binary form: dimensions, has-NULL flag, element type, then per dimension its length and
+# lower bound; then each element as its length (-1 for NULL) and bytes.
+_ARRAY_HEAD = struct.Struct("!iiiii")
+_EMPTY_ARRAY = struct.Struct("!iii")
+_LENGTH = struct.Struct("!i")
+_NULL = _LENGTH.pack(-1)
+
+
+class _FlatArrayDumper(Dumper):
+    """One-dimensional arrays of one element type, binary, for COPY. psycopg's own list dumper
+    handles any depth and element type: for the verdicts' addresses it took about a third of the
+    validate stage's client CPU."""
+
+    format = pq.Format.BINARY
+    element_oid = 0
+    element_types: tuple[type, ...] = ()
+
+    def dump(self, obj: Any) -> bytes:
+        if not obj:
+            return _EMPTY_ARRAY.pack(0, 0, self.element_oid)
+        parts, nulls = [], 0
+        for item in obj:
+            if item is None:
+                parts.append(_NULL)
+                nulls = 1
+                continue
+            if not isinstance(item, self.element_types):
+                raise TypeError(
+                    f"{type(self).__name__} takes a flat sequence, not {type(item).__name__} items"
+                )
+            data = self.element_bytes(item)
+            parts += (_LENGTH.pack(len(data)), data)
+        return _ARRAY_HEAD.pack(1, nulls, self.element_oid, len(obj), 1) + b"".join(parts)
+
+    def element_bytes(self, item: Any) -> bytes:
+        raise NotImplementedError
+
+
+class _TextArrayDumper(_FlatArrayDumper):
+    oid, element_oid, element_types = 1009, 25, (str,)  # text[], text
+
+    def __init__(self, cls: type, context: Any = None) -> None:
+        super().__init__(cls, context)
+        self._encoding = self.connection.info.encoding if self.connection else "utf-8"
+
+    def element_bytes(self, item: str) -> bytes:
+        return item.encode(self._encoding)
+
+
+class _ByteaArrayDumper(_FlatArrayDumper):
+    oid, element_oid, element_types = 1001, 17, (bytes, bytearray, memoryview)  # bytea[], bytea
+
+    def element_bytes(self, item: bytes) -> bytes:
+        return bytes(item)

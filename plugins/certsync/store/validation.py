@@ -25,9 +25,9 @@ FROM (SELECT DISTINCT v.attribute, v.sha256
       FROM certsync.source_value v
       WHERE NOT EXISTS (
           SELECT FROM certsync.cert_verdict c
-          WHERE c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = :fp
-            AND c.checked_at <= :at AND (c.valid_until IS NULL OR :at < c.valid_until))
-        AND v.sha256 >= :low {below}) p
+          WHERE c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = %(fp)s
+            AND c.checked_at <= %(at)s AND (c.valid_until IS NULL OR %(at)s < c.valid_until))
+        AND v.sha256 >= %(low)s {below}) p
 JOIN certsync.cert_blob b ON b.sha256 = p.sha256
 """
 
@@ -71,10 +71,14 @@ def pending_chunks(
     params: dict[str, object] = {"fp": fingerprint, "at": at, "low": bytes([shard * 256 // shards])}
     high, below = (shard + 1) * 256 // shards, ""
     if high < 256:  # the last shard has no upper bound
-        params["high"], below = bytes([high]), "AND v.sha256 < :high"
-    rows = conn.execute(sa.text(PENDING.format(below=below)), params, execution_options={"yield_per": size})
-    for part in rows.partitions(size):
-        yield [(r.attribute, bytes(r.value)) for r in part]
+        params["high"], below = bytes([high]), "AND v.sha256 < %(high)s"
+    # The driver's own binary cursor: a certificate travels as its bytes, not hex-encoded by the
+    # server and decoded by the client, and as a plain tuple, not a SQLAlchemy row.
+    with conn.connection.driver_connection.cursor(name="certsync_pending", binary=True) as rows:
+        rows.itersize = size
+        rows.execute(PENDING.format(below=below), params)
+        while part := rows.fetchmany(size):
+            yield part
 
 
 def save_rows(
