@@ -360,8 +360,9 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         published = planning.published_owners(conn)
         base, scope = _delta_scope(conn, info, policy, published, superseded)
         planned = scope.users if scope else None
-        users = planning.source_users(
-            conn, fingerprint=info.trust_fingerprint, at=info.logical_date, only=planned
+        planning.start_plan(conn, run_id=run_id)
+        users = planning.users_to_plan(
+            conn, run_id=run_id, fingerprint=info.trust_fingerprint, at=info.logical_date, only=planned
         )
         result = build_plan(
             users,

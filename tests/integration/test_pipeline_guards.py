@@ -184,27 +184,41 @@ def test_a_value_checked_at_several_times_is_planned_with_one_verdict(
 ) -> None:
     """cert_verdict keeps one verdict per check time (a run at a later time checks a value again):
     the plan reads each value once, with the newest verdict that holds at the run's time, whether
-    it reads every user or only some (a delta plan looks each value's verdict up instead)."""
-    fingerprint = db.execute(
-        "SELECT trust_fingerprint FROM certsync.sync_run WHERE planned_at IS NOT NULL ORDER BY run_id DESC"
-    ).fetchone()[0]
+    it reads every user or only some (a delta plan looks each value's verdict up instead). The
+    valid values come to Python; the refused ones' results are stored by the same statement."""
+    run_id, fingerprint = db.execute(
+        "SELECT run_id, trust_fingerprint FROM certsync.sync_run WHERE planned_at IS NOT NULL ORDER BY run_id DESC"
+    ).fetchone()
     db.execute("CREATE TEMP TABLE older AS SELECT * FROM certsync.cert_verdict WHERE trust_fingerprint = %s", (fingerprint,))  # fmt: skip
-    db.execute("UPDATE older SET checked_at = checked_at - interval '1 hour', detail = 'older'")
+    db.execute(
+        "UPDATE older SET checked_at = checked_at - interval '1 hour', detail = 'older',"
+        " emails = '{older@example.com}'"
+    )
     db.execute("INSERT INTO certsync.cert_verdict SELECT * FROM older")
     try:
-        with settled.engine.begin() as conn:
+        with settled.engine.connect() as conn, conn.begin() as tx:
             at = lab_at + timedelta(days=1, hours=1)
             every = [r[0] for r in db.execute("SELECT object_guid FROM certsync.source_user ORDER BY 1")]
             only = every[::2] if some else None
-            users = list(planning.source_users(conn, fingerprint=fingerprint, at=at, only=only))
+            planning.start_plan(conn, run_id=run_id)
+            users = list(
+                planning.users_to_plan(conn, run_id=run_id, fingerprint=fingerprint, at=at, only=only)
+            )
             verdicts = [v for u in users for v in u.verdicts]
+            refused = conn.execute(
+                sa.text("SELECT object_guid, selected, detail FROM certsync.value_result WHERE run_id = :r"),
+                {"r": run_id},
+            ).all()
+            tx.rollback()
         listed = only if some else every
         assert [u.object_guid for u in users] == listed
         values = db.execute(
             "SELECT count(*) FROM certsync.source_value WHERE object_guid = ANY(%s)", (listed,)
         ).fetchone()[0]
-        assert len(verdicts) == values > 0
-        assert all(v.detail != "older" for v in verdicts)
+        assert verdicts and refused and len(verdicts) + len(refused) == values
+        assert all(v.ok and "older@example.com" not in v.emails for v in verdicts)
+        assert all(not selected and detail != "older" for _, selected, detail in refused)
+        assert {guid for guid, *_ in refused} <= set(listed)
     finally:
         db.execute(
             "DELETE FROM certsync.cert_verdict c USING older o WHERE (c.sha256, c.attribute,"
