@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from psycopg.rows import namedtuple_row
 from sqlalchemy.engine import Connection
@@ -111,8 +112,10 @@ def users_to_plan(
             users_where="WHERE u.object_guid = ANY(%(only)s::uuid[])",
         )
     params = {"run_id": run_id, "fp": fingerprint, "at": at, "only": list(only or ())}
+    # Rows come in chunks where libpq (17 and later, as psycopg's binary package has) can send them.
+    size = 5000 if psycopg.capabilities.has_stream_chunked() else 1
     with conn.connection.driver_connection.cursor(row_factory=namedtuple_row, binary=True) as rows:
-        for guid, group in itertools.groupby(rows.stream(query, params, size=5000), key=_guid_of):
+        for guid, group in itertools.groupby(rows.stream(query, params, size=size), key=_guid_of):
             values = list(group)
             first = values[0]
             yield SourceUser(
