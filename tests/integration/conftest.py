@@ -112,6 +112,16 @@ def emulator_stack(populated_dc: SambaDC, app_credential_files, tmp_path_factory
         yield emulator
 
 
+@pytest.fixture(scope="module")
+def own_tenant(populated_dc: SambaDC, app_credential_files, tmp_path_factory: pytest.TempPathFactory):
+    """An emulator of the requesting module's own, as seeded: for a module whose runs publish (other
+    modules on the worker expect the session's tenant as seeded), or one that needs it so."""
+    from emulator_support import seeded_emulator
+
+    with seeded_emulator(tmp_path_factory.mktemp("emulator"), populated_dc, app_credential_files) as tenant:
+        yield tenant
+
+
 @pytest.fixture(scope="session")
 def sync_env(
     populated_dc: SambaDC, embedded_pg: EmbeddedPostgres, emulator_stack, trust_files, app_credential_files

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
-from emulator_support import app_connections, seeded_emulator
+from emulator_support import app_connections
 
 from certsync.config import EnvSource, load_settings
 from certsync.failures import RunFailed
@@ -50,19 +50,12 @@ carry_over(Services(settings=load_settings(EnvSource())), run_id=int(sys.argv[1]
 
 
 @pytest.fixture(scope="module")
-def emulator(populated_dc, app_credential_files, tmp_path_factory: pytest.TempPathFactory):
-    """A tenant of this module's own: its runs publish, and other modules expect theirs as seeded."""
-    with seeded_emulator(tmp_path_factory.mktemp("emulator"), populated_dc, app_credential_files) as tenant:
-        yield tenant
-
-
-@pytest.fixture(scope="module")
 def env(
-    sync_env: dict[str, str], populated_dc, embedded_pg, emulator, app_credential_files
+    sync_env: dict[str, str], populated_dc, embedded_pg, own_tenant, app_credential_files
 ) -> dict[str, str]:
     connections = app_connections(
         dc=populated_dc,
-        emulator=emulator,
+        emulator=own_tenant,
         credentials=app_credential_files,
         pg=embedded_pg,
         database=DATABASE,
@@ -170,11 +163,11 @@ def _wipe_a_mailbox(services: Services, emulator) -> None:
     )
 
 
-def test_finish_makes_the_record_whole_when_carry_over_did_not_run(services, db, lab_at, emulator) -> None:
+def test_finish_makes_the_record_whole_when_carry_over_did_not_run(services, db, lab_at, own_tenant) -> None:
     """As after a clear of plan alone: the plan starts the record over, and carry_over, already
     done, does not run again."""
     base = _whole_run(services, db, lab_at + timedelta(days=4))
-    _wipe_a_mailbox(services, emulator)
+    _wipe_a_mailbox(services, own_tenant)
     run_id, batches = _planned_run(services, lab_at + timedelta(days=4, hours=1))
     assert _results(db, run_id) and _scope(db, run_id) == ("delta", base, False)
     for batch in batches:
@@ -184,9 +177,9 @@ def test_finish_makes_the_record_whole_when_carry_over_did_not_run(services, db,
     assert _unpublishable(db, run_id) == _unpublishable(db, base)
 
 
-def test_a_run_that_died_before_its_record_was_whole_is_no_base(services, db, lab_at, emulator) -> None:
+def test_a_run_that_died_before_its_record_was_whole_is_no_base(services, db, lab_at, own_tenant) -> None:
     _whole_run(services, db, lab_at + timedelta(days=5))
-    _wipe_a_mailbox(services, emulator)
+    _wipe_a_mailbox(services, own_tenant)
     run_id, _batches = _planned_run(services, lab_at + timedelta(days=5, hours=1))
     assert _results(db, run_id)  # the user planned again: the record is there, but not whole
     # Its processes die before carry_over and finish: the next run takes the run slot over.
@@ -198,11 +191,11 @@ def test_a_run_that_died_before_its_record_was_whole_is_no_base(services, db, la
 
 
 def test_a_carry_over_killed_mid_copy_leaves_nothing_and_runs_again(
-    env, services, db, lab_at, emulator, embedded_pg
+    env, services, db, lab_at, own_tenant, embedded_pg
 ) -> None:
     first = _whole_run(services, db, lab_at + timedelta(days=6))
     whole = _results(db, first)
-    _wipe_a_mailbox(services, emulator)
+    _wipe_a_mailbox(services, own_tenant)
     run_id, batches = _planned_run(services, lab_at + timedelta(days=6, hours=1))
     planned = _results(db, run_id)
     with psycopg.connect(embedded_pg.dsn_for(DATABASE)) as blocker:

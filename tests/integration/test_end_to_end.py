@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from emulator_support import app_connections, seeded_emulator
+from emulator_support import app_connections
 
 from certsync.config import EnvSource
 from certsync_lab.population import SeedUser
@@ -38,16 +38,8 @@ PLANTED_REASONS = {
 
 
 @pytest.fixture(scope="module")
-def emulator(populated_dc, app_credential_files, tmp_path_factory: pytest.TempPathFactory):
-    """A tenant of this module's own, as seeded: the first run must find every change still to
-    make, whichever modules published to the session's tenant before this one on the worker."""
-    with seeded_emulator(tmp_path_factory.mktemp("emulator"), populated_dc, app_credential_files) as tenant:
-        yield tenant
-
-
-@pytest.fixture(scope="module")
 def certsync_env(
-    sync_env: dict[str, str], populated_dc, embedded_pg, emulator, app_credential_files, checkpoint_dir
+    sync_env: dict[str, str], populated_dc, embedded_pg, own_tenant, app_credential_files, checkpoint_dir
 ) -> Iterator[dict[str, str]]:
     """The session's settings over this module's tenant and a database of its own: other modules'
     runs (later logical dates) must not count as newer views here; audit checkpoints go to a file."""
@@ -57,7 +49,7 @@ def certsync_env(
     }
     connections = app_connections(
         dc=populated_dc,
-        emulator=emulator,
+        emulator=own_tenant,
         credentials=app_credential_files,
         pg=embedded_pg,
         database=E2E_DATABASE,
@@ -83,10 +75,10 @@ def db(certsync_env, embedded_pg) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture(scope="module")
-def first_run(dag, emulator, lab_at):
-    emulator.control.clear_requests()
+def first_run(dag, own_tenant, lab_at):
+    own_tenant.control.clear_requests()
     run = dag.test(logical_date=lab_at)
-    return run, emulator.control.requests()
+    return run, own_tenant.control.requests()
 
 
 def _set_calls(requests: list[dict]) -> list[dict]:
@@ -114,11 +106,11 @@ def test_first_run_succeeds_and_publishes_every_change(first_run, db) -> None:
 
 
 def test_every_writable_recipient_holds_exactly_its_users_valid_certificates(
-    first_run, emulator, lab_population: list[SeedUser]
+    first_run, own_tenant, lab_population: list[SeedUser]
 ) -> None:
     by_mail = {u.mail.lower(): u for u in lab_population if u.mail}
     checked = 0
-    for recipient in emulator.control.state()["recipients"]:
+    for recipient in own_tenant.control.state()["recipients"]:
         if recipient["IsDirSynced"] and not recipient["IsExchangeCloudManaged"]:
             continue
         user = by_mail[recipient["PrimarySmtpAddress"].lower()]
@@ -133,11 +125,11 @@ def test_every_writable_recipient_holds_exactly_its_users_valid_certificates(
     assert checked > 20
 
 
-def test_directory_synced_recipients_are_conflicts_not_writes(first_run, emulator, db) -> None:
+def test_directory_synced_recipients_are_conflicts_not_writes(first_run, own_tenant, db) -> None:
     _, requests = first_run
     synced = {
         r["ExternalDirectoryObjectId"]
-        for r in emulator.control.state()["recipients"]
+        for r in own_tenant.control.state()["recipients"]
         if r["IsDirSynced"] and not r["IsExchangeCloudManaged"]
     }
     assert synced
@@ -166,7 +158,7 @@ def test_an_intent_and_an_outcome_per_publish_request(first_run, db) -> None:
 
 
 def test_summary_gives_a_reason_for_every_planted_defect(
-    first_run, db, emulator, lab_population: list[SeedUser]
+    first_run, db, own_tenant, lab_population: list[SeedUser]
 ) -> None:
     summary = db.execute(
         "SELECT summary FROM certsync.sync_run WHERE airflow_run_id = %s", (first_run[0].run_id,)
@@ -175,7 +167,7 @@ def test_summary_gives_a_reason_for_every_planted_defect(
     assert not missing, f"no refusal counted for {missing}: {summary['refused_by_reason']}"
     assert summary["users"] == len(lab_population)
     # Users with valid certificates but no recipient in the tenant are reported, one by one.
-    have_recipient = {r["PrimarySmtpAddress"].lower() for r in emulator.control.state()["recipients"]}
+    have_recipient = {r["PrimarySmtpAddress"].lower() for r in own_tenant.control.state()["recipients"]}
     orphans = [
         u
         for u in lab_population
@@ -184,12 +176,12 @@ def test_summary_gives_a_reason_for_every_planted_defect(
     assert summary["not_published_by_reason"].get("recipient_not_found", 0) == len(orphans)
 
 
-def test_second_run_makes_no_set_call(first_run, dag, emulator, lab_at, db) -> None:
+def test_second_run_makes_no_set_call(first_run, dag, own_tenant, lab_at, db) -> None:
     audit_before = db.execute("SELECT count(*) FROM certsync.audit_log").fetchone()[0]
-    emulator.control.clear_requests()
+    own_tenant.control.clear_requests()
     run = dag.test(logical_date=lab_at + timedelta(hours=1))
     assert run.state == "success"
-    assert _set_calls(emulator.control.requests()) == []
+    assert _set_calls(own_tenant.control.requests()) == []
     assert db.execute("SELECT count(*) FROM certsync.audit_log").fetchone()[0] == audit_before
 
 
