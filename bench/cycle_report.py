@@ -51,9 +51,20 @@ def _rss(stage: dict[str, Any]) -> float:
     return stage["peak_rss_mib"].get("certsync", 0.0)
 
 
+def _cpu(stage: dict[str, Any]) -> str:
+    """CPU seconds of certsync's, PostgreSQL's and the lab's (Samba, emulator) process trees, and
+    the cores they kept busy on average: a stage near the machine's cores is bound by its CPU."""
+    cpu = stage.get("cpu_s", {})
+    mine, db = cpu.get("certsync", 0.0), cpu.get("postgres", 0.0)
+    lab = cpu.get("samba", 0.0) + cpu.get("emulator", 0.0)
+    span = stage["window_s"] if "side_by_side" in stage else stage["seconds"]
+    busy = (mine + db + lab) / span if span > 0 else None
+    return f"{mine:.1f}, {db:.1f}, {lab:.1f} | {_n(busy, 2)}"
+
+
 def run_table(figures: dict[str, Any], run: dict[str, Any], *, with_limits: bool) -> list[str]:
-    head = "| stage | s | items | items/s | certsync peak PSS MiB | load1 |"
-    sep = "|---|---|---|---|---|---|"
+    head = "| stage | s | items | items/s | certsync peak PSS MiB | load1 | CPU s: certsync, PostgreSQL, lab | cores busy |"
+    sep = "|---|---|---|---|---|---|---|---|"
     if with_limits:
         head += " limit s | ratio | limit measured as |"
         sep += "---|---|---|"
@@ -61,13 +72,15 @@ def run_table(figures: dict[str, Any], run: dict[str, Any], *, with_limits: bool
     for s in run["stages"]:
         rate = s["items"] / s["seconds"] if s["items"] and s["seconds"] > 0 else None
         name = f"{s['stage']} (side by side)" if "side_by_side" in s else s["stage"]
-        row = f"| {name} | {s['seconds']:.2f} | {s['items']:,} {s['unit']} | {_n(rate)} | {_rss(s):.0f} | {s['load1']:.1f} |"
+        row = f"| {name} | {s['seconds']:.2f} | {s['items']:,} {s['unit']} | {_n(rate)} | {_rss(s):.0f} | {s['load1']:.1f} | {_cpu(s)} |"
         if with_limits:
             limit, what = stage_limit(figures, s)
             ratio = limit / s["seconds"] if limit is not None and s["seconds"] > 0 else None
             row += f" {_n(limit, 2)} | {_n(ratio, 2)} | {what} |"
         lines.append(row)
-    lines.append(f"| **cycle** | **{cycle_s(run):.2f}** | | | {max(_rss(s) for s in run['stages']):.0f} | |")
+    lines.append(
+        f"| **cycle** | **{cycle_s(run):.2f}** | | | {max(_rss(s) for s in run['stages']):.0f} | | | |"
+    )
     return lines
 
 
