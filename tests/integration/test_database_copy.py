@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-import sqlalchemy as sa
 
-from certsync.store.db import copy_rows
+from certsync.store.db import copy_rows, create_engine
 from certsync_lab.postgres import EmbeddedPostgres
 
 pytestmark = pytest.mark.integration
@@ -27,7 +26,7 @@ def engine(embedded_pg: EmbeddedPostgres):
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS arrays")
         conn.execute("CREATE TABLE arrays (n int, texts text[], blobs bytea[])")
-    engine = sa.create_engine(dsn.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = create_engine(dsn)
     yield engine
     engine.dispose()
 

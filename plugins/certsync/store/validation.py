@@ -75,7 +75,6 @@ def pending_chunks(
     # The driver's own binary cursor: a certificate travels as its bytes, not hex-encoded by the
     # server and decoded by the client, and as a plain tuple, not a SQLAlchemy row.
     with conn.connection.driver_connection.cursor(name="certsync_pending", binary=True) as rows:
-        rows.itersize = size
         rows.execute(PENDING.format(below=below), params)
         while part := rows.fetchmany(size):
             yield part
