@@ -10,6 +10,7 @@ from cryptography import x509
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from certsync.certificates import names
 from certsync.certificates.facts import describe, extension_map
 from certsync.certificates.names import issuer_der, issuer_from_der, subject_from_der
 from certsync_lab.pki import Pki
@@ -211,3 +212,30 @@ def test_truncated_der_is_left_to_cryptography(template):
         # The issuer comes before the subject: a cut after it still leaves it whole.
         if cut < issuer_end:
             assert issuer_from_der(der[:cut]) is None and issuer_der(der[:cut]) is None
+
+
+def test_each_rdn_encoding_is_formatted_once_and_the_cache_stays_bounded(template, monkeypatch):
+    formatted = []
+
+    def counting(rdn: bytes) -> str:
+        formatted.append(rdn)
+        return original(rdn)
+
+    original = names._rdn_text
+    monkeypatch.setattr(names, "_rdn_text", counting)
+    monkeypatch.setattr(names, "RDN_CACHE_SIZE", 8)
+    monkeypatch.setattr(names, "_rdn_texts", {})
+    shared = [("55040a", 0x13, "Example", None)], [("550406", 0x13, "DE", None)]
+    people = [
+        _with_subject(template, _name_der([*shared, [("550403", 0x0C, f"User, {i}", None)]]))
+        for i in range(20)
+    ]
+    for der in people[:2]:
+        assert (subject_from_der(der).text, 3) == _cryptography_view(der)  # type: ignore[union-attr]
+    assert len(formatted) == 4  # O and C once, each common name once
+    assert issuer_from_der(people[0]) == _cryptography_issuer(people[0])
+    for der in people:
+        view = subject_from_der(der)
+        assert view is not None and (view.text, view.rdn_count) == _cryptography_view(der)
+        assert len(names._rdn_texts) <= 8
+    assert subject_from_der(people[0]) == subject_from_der(people[0])

@@ -42,6 +42,10 @@ _SPECIALS = str.maketrans(
 )
 
 
+RDN_CACHE_SIZE = 4096
+_rdn_texts: dict[bytes, str] = {}
+
+
 class SubjectText(NamedTuple):
     text: str
     rdn_count: int
@@ -99,24 +103,42 @@ def _tbs_name(der: bytes, index: int) -> Element:
 
 
 def _rdn(der: bytes, pos: int) -> tuple[str, int]:
+    """One RDN's text and the offset after it. A directory's issuers repeat, and so do its
+    subjects' RDNs but the common name: each encoding is formatted once per process."""
+    if der[pos] != 0x31 or der[pos + 1] & 0x80:
+        raise Unusual
+    end = pos + 2 + der[pos + 1]
+    if end > len(der):
+        raise Unusual
+    raw = der[pos:end]
+    text = _rdn_texts.get(raw)
+    if text is None:
+        text = _rdn_text(raw)
+        if len(_rdn_texts) >= RDN_CACHE_SIZE:
+            _rdn_texts.clear()  # unique common names fill it; the shared RDNs come back at once
+        _rdn_texts[raw] = text
+    return text, end
+
+
+def _rdn_text(rdn: bytes) -> str:
     """One RDN holding exactly one attribute, all with short-form lengths:
     SET { SEQUENCE { OID, string } } is 31 L1 30 L2 06 L3 <oid> T L4 <value>."""
-    if der[pos] != 0x31 or der[pos + 2] != 0x30 or der[pos + 4] != 0x06:
+    if rdn[2] != 0x30 or rdn[4] != 0x06:
         raise Unusual
-    set_len, seq_len, oid_len = der[pos + 1], der[pos + 3], der[pos + 5]
-    oid_end = pos + 6 + oid_len
-    tag, value_len = der[oid_end], der[oid_end + 1]
-    if (set_len | seq_len | oid_len | value_len) & 0x80:
+    seq_len, oid_len = rdn[3], rdn[5]
+    oid_end = 6 + oid_len
+    tag, value_len = rdn[oid_end], rdn[oid_end + 1]
+    if (seq_len | oid_len | value_len) & 0x80:
         raise Unusual
-    end = pos + 2 + set_len
-    if pos + 4 + seq_len != end or oid_end + 2 + value_len != end or end > len(der):
+    end = len(rdn)
+    if 4 + seq_len != end or oid_end + 2 + value_len != end:
         raise Unusual
-    oid = der[pos + 6 : oid_end]
+    oid = rdn[6:oid_end]
     name = _ATTRIBUTE_NAMES.get(oid)
     low, high = _LENGTH_LIMITS.get(oid, (1, value_len))
     if name is None or not low <= value_len <= high:
         raise Unusual
-    return f"{name}={_escape(_decode(tag, der[oid_end + 2 : end]))}", end
+    return f"{name}={_escape(_decode(tag, rdn[oid_end + 2 : end]))}"
 
 
 def _decode(tag: int, raw: bytes) -> str:
