@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import getpass
 import importlib.metadata
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -361,17 +363,34 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         base, scope = _delta_scope(conn, info, policy, published, superseded)
         planned = scope.users if scope else None
         planning.start_plan(conn, run_id=run_id)
-        users = planning.users_to_plan(
-            conn, run_id=run_id, fingerprint=info.trust_fingerprint, at=info.logical_date, only=planned
-        )
-        result = build_plan(
-            users,
-            recipients=planning.recipients(conn, run_id=run_id, only=scope.recipients if scope else None),
-            published=published,
-            policy=policy,
-            gone=planning.gone_reasons(conn),
-            claimed_elsewhere=scope.claimed_elsewhere if scope else (),
-        )
+        gone = planning.gone_reasons(conn)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="certsync-plan-read") as beside:
+            # PostgreSQL needs about a second before the users statement's first row: the run's
+            # snapshot of Exchange is read meanwhile, on a connection of its own.
+            recipients = _read_beside(
+                beside,
+                services.engine,
+                planning.recipients,
+                run_id=run_id,
+                only=scope.recipients if scope else None,
+            )
+            users = _started(
+                planning.users_to_plan(
+                    conn,
+                    run_id=run_id,
+                    fingerprint=info.trust_fingerprint,
+                    at=info.logical_date,
+                    only=planned,
+                )
+            )
+            result = build_plan(
+                users,
+                recipients=recipients.result(),
+                published=published,
+                policy=policy,
+                gone=gone,
+                claimed_elsewhere=scope.claimed_elsewhere if scope else (),
+            )
         if result.removals() > settings.removal_threshold and not allow_mass_removal and not superseded:
             raise RemovalThresholdExceeded(
                 f"plan removes all certificates of {result.removals()} recipients, more than"
@@ -399,6 +418,26 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
     # Never an empty list: Airflow marks a task mapped over nothing `removed`, and a later clear or
     # reprocess of the run does not expand it again, so the batches of a re-plan would never be sent.
     return list(range(max(batches, 1)))
+
+
+def _read_beside(
+    pool: ThreadPoolExecutor, engine: Engine, read: Callable[..., T], **kwargs: Any
+) -> Future[T]:
+    """`read` on a connection of its own in `pool`'s thread. It sees what is committed, as a
+    statement of the plan's own (read committed) transaction would."""
+
+    def run() -> T:
+        with engine.connect() as side:
+            return read(side, **kwargs)
+
+    return pool.submit(run)
+
+
+def _started(items: Iterator[T]) -> Iterator[T]:
+    """`items` with its first item already taken: a generator that streams a query sends it then."""
+    for first in items:
+        return itertools.chain((first,), items)
+    return items
 
 
 def carry_over(services: Services, *, run_id: int) -> dict[str, int]:
