@@ -32,11 +32,12 @@ DATABASE = "certsync_recipients"
 
 
 @pytest.fixture(scope="module")
-def environment(sync_env, populated_dc, embedded_pg, emulator_stack, app_credential_files) -> dict:
-    """sync_env's settings over a database of this module's own; the overlap is set per test."""
+def environment(sync_env, populated_dc, embedded_pg, own_tenant, app_credential_files) -> dict:
+    """sync_env's settings over a database and a tenant of this module's own (its runs publish,
+    and a full run here must find the tenant as seeded); the overlap is set per test."""
     connections = app_connections(
         dc=populated_dc,
-        emulator=emulator_stack,
+        emulator=own_tenant,
         credentials=app_credential_files,
         pg=embedded_pg,
         database=DATABASE,
@@ -62,10 +63,10 @@ def db(embedded_pg) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture()
-def control(emulator_stack):
-    emulator_stack.control.reset_config()
-    yield emulator_stack.control
-    emulator_stack.control.reset_config()
+def control(own_tenant):
+    own_tenant.control.reset_config()
+    yield own_tenant.control
+    own_tenant.control.reset_config()
 
 
 class OtherAdmin:
