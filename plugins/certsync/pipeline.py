@@ -353,44 +353,51 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
     """Compute and save the run's actions; returns the publish batch numbers."""
     settings = services.settings
     policy = AccountPolicy(disabled_accounts=settings.disabled_accounts, left_scope=settings.left_scope)
-    with services.run_lock(run_id, "plan"), services.engine.begin() as conn, cycle_collection_paused():
-        analyzed = planning.refresh_statistics(conn)
-        if analyzed:
-            log.info("analyzed %s, rewritten since their statistics were taken", ", ".join(analyzed))
+    with (
+        services.run_lock(run_id, "plan"),
+        services.engine.begin() as conn,
+        cycle_collection_paused(),
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="certsync-plan") as beside,
+    ):
+        # Statistics of the tables earlier stages rewrote (sql/0021), on a connection of their own.
+        # A delta plan waits for them: it looks a few rows up in each table. A full plan reads
+        # every row, hash-joined however stale the statistics (nested loops were the danger), so
+        # the second or so they take at 100,000 users runs beside it.
+        statistics = _beside(beside, services.engine, planning.refresh_statistics)
         info = runs.run_info(conn, run_id)
         superseded = _superseded(conn, info)
         published = planning.published_owners(conn)
-        base, scope = _delta_scope(conn, info, policy, published, superseded)
+        base = None if superseded else _delta_base(conn, info, policy)
+        if base is not None:
+            statistics.result()
+        scope = _delta_scope(conn, info, base, published) if base is not None else None
         planned = scope.users if scope else None
         planning.start_plan(conn, run_id=run_id)
         gone = planning.gone_reasons(conn)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="certsync-plan-read") as beside:
-            # PostgreSQL needs about a second before the users statement's first row: the run's
-            # snapshot of Exchange is read meanwhile, on a connection of its own.
-            recipients = _read_beside(
-                beside,
-                services.engine,
-                planning.recipients,
-                run_id=run_id,
-                only=scope.recipients if scope else None,
+        # PostgreSQL needs about a second before the users statement's first row: the run's
+        # snapshot of Exchange is read meanwhile, on a connection of its own.
+        recipients = _beside(
+            beside,
+            services.engine,
+            planning.recipients,
+            run_id=run_id,
+            only=scope.recipients if scope else None,
+        )
+        users = _started(
+            planning.users_to_plan(
+                conn, run_id=run_id, fingerprint=info.trust_fingerprint, at=info.logical_date, only=planned
             )
-            users = _started(
-                planning.users_to_plan(
-                    conn,
-                    run_id=run_id,
-                    fingerprint=info.trust_fingerprint,
-                    at=info.logical_date,
-                    only=planned,
-                )
-            )
-            result = build_plan(
-                users,
-                recipients=recipients.result(),
-                published=published,
-                policy=policy,
-                gone=gone,
-                claimed_elsewhere=scope.claimed_elsewhere if scope else (),
-            )
+        )
+        result = build_plan(
+            users,
+            recipients=recipients.result(),
+            published=published,
+            policy=policy,
+            gone=gone,
+            claimed_elsewhere=scope.claimed_elsewhere if scope else (),
+        )
+        if analyzed := statistics.result():
+            log.info("analyzed %s, rewritten since their statistics were taken", ", ".join(analyzed))
         if result.removals() > settings.removal_threshold and not allow_mass_removal and not superseded:
             raise RemovalThresholdExceeded(
                 f"plan removes all certificates of {result.removals()} recipients, more than"
@@ -420,15 +427,13 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
     return list(range(max(batches, 1)))
 
 
-def _read_beside(
-    pool: ThreadPoolExecutor, engine: Engine, read: Callable[..., T], **kwargs: Any
-) -> Future[T]:
-    """`read` on a connection of its own in `pool`'s thread. It sees what is committed, as a
-    statement of the plan's own (read committed) transaction would."""
+def _beside(pool: ThreadPoolExecutor, engine: Engine, work: Callable[..., T], **kwargs: Any) -> Future[T]:
+    """`work` in `pool`'s thread, on a connection and in a transaction of its own. What it reads is
+    what is committed, as a statement of the plan's own (read committed) transaction would see."""
 
     def run() -> T:
-        with engine.connect() as side:
-            return read(side, **kwargs)
+        with engine.begin() as side:
+            return work(side, **kwargs)
 
     return pool.submit(run)
 
@@ -457,32 +462,27 @@ def _policy_text(policy: AccountPolicy) -> str:
     )
 
 
+def _delta_base(conn: Any, info: runs.RunInfo, policy: AccountPolicy) -> planning.DeltaBase | None:
+    """The earlier plan a delta plan of this run builds on (planning.delta_base); None: plan every user."""
+    return planning.delta_base(
+        conn,
+        run_id=info.run_id,
+        fingerprint=info.trust_fingerprint,
+        at=info.logical_date,
+        policy=_policy_text(policy),
+    )
+
+
 def _delta_scope(
-    conn: Any,
-    info: runs.RunInfo,
-    policy: AccountPolicy,
-    published: dict[str, Any],
-    superseded: bool,
-) -> tuple[planning.DeltaBase, DeltaScope] | tuple[None, None]:
+    conn: Any, info: runs.RunInfo, base: planning.DeltaBase, published: dict[str, Any]
+) -> DeltaScope:
     """After a directory read (delta or full: the merge marks the users that changed either way),
-    plan only the users whose entry, verdicts, recipient or claim changed since the previous run's
-    plan, or whose action there did not reach Exchange (planning.changes_since, plan.delta_users);
-    without a usable base (planning.delta_base), every user: (None, None)."""
-    base = None
-    if not superseded:
-        base = planning.delta_base(
-            conn,
-            run_id=info.run_id,
-            fingerprint=info.trust_fingerprint,
-            at=info.logical_date,
-            policy=_policy_text(policy),
-        )
-    if base is None:
-        return None, None
+    plan only the users whose entry, verdicts, recipient or claim changed since `base`'s plan, or
+    whose action there did not reach Exchange (planning.changes_since, plan.delta_users)."""
     changes = planning.changes_since(
         conn, base=base, run_id=info.run_id, fingerprint=info.trust_fingerprint, at=info.logical_date
     )
-    scope = delta_users(
+    return delta_users(
         planning.user_addresses(conn),
         recipients=planning.recipient_addresses(conn, run_id=info.run_id),
         published=published,
@@ -490,7 +490,6 @@ def _delta_scope(
         changed_recipients=changes.recipients,
         old_addresses=changes.old_addresses,
     )
-    return base, scope
 
 
 def _superseded(conn: Any, info: runs.RunInfo) -> bool:

@@ -14,6 +14,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -253,3 +254,63 @@ def _changed_since_analyze(conn, table: str) -> int:
         ),
         {"t": table},
     ).scalar_one()
+
+
+# 100,000 users with 1.5 values each, a verdict for each value: the first run's shape at the size
+# where a nested loop cost minutes (sql/0021).
+SYNTHETIC_FIRST_RUN = """
+WITH run AS (
+    INSERT INTO certsync.sync_run (dag_id, airflow_run_id, logical_date, mode, dry_run, trust_fingerprint)
+    VALUES ('statistics-test', 'synthetic', %(at)s, 'full', true, 'fp') RETURNING run_id
+), blobs AS (
+    INSERT INTO certsync.cert_blob (sha256, value, first_run_id)
+    SELECT sha256(int4send(i)), int4send(i), run_id FROM generate_series(1, 150000) i, run
+), users AS (
+    INSERT INTO certsync.source_user (object_guid, dn, sam_account_name, mail, user_account_control,
+                                      usn_changed, last_seen_run_id, changed_run_id)
+    SELECT md5(i::text)::uuid, 'CN=s' || i, 's' || i, 's' || i || '@x.test', 512, i, run_id, run_id
+    FROM generate_series(1, 100000) i, run
+), verdicts AS (
+    INSERT INTO certsync.cert_verdict (sha256, attribute, trust_fingerprint, ok, reason, detail,
+                                       checked_run_id, checked_at)
+    SELECT sha256(int4send(i)), 'userCertificate', 'fp', i %% 2 = 0,
+           CASE WHEN i %% 2 = 1 THEN 'expired' END, 'synthetic', run_id, %(at)s
+    FROM generate_series(1, 150000) i, run
+)
+INSERT INTO certsync.source_value (object_guid, attribute, sha256, ordinal)
+SELECT md5((1 + (i - 1) %% 100000)::text)::uuid, 'userCertificate', sha256(int4send(i)), 0
+FROM generate_series(1, 150000) i
+"""
+PLAN_TABLES = ("source_user", "source_value", "cert_blob", "cert_verdict")
+
+
+def test_a_full_plan_hash_joins_its_users_while_their_statistics_are_missing(embedded_pg) -> None:
+    """A full plan reads its users while their tables are still being analyzed beside it
+    (pipeline.plan): without statistics, its statement must join by hashing or merging, never by
+    a nested loop. A delta plan's statement, which looks each value up, does use one: it waits
+    for the statistics."""
+    full = planning.USERS_WITH_VERDICTS.format(
+        verdicts=planning.EVERY_VALUES_VERDICT, values_where="", users_where=""
+    )
+    delta = planning.USERS_WITH_VERDICTS.format(
+        verdicts=planning.EACH_VALUES_VERDICT,
+        values_where="WHERE v.object_guid = ANY(%(only)s::uuid[])",
+        users_where="WHERE u.object_guid = ANY(%(only)s::uuid[])",
+    )
+    certsync_database(embedded_pg, "certsync_merge")
+    with psycopg.connect(embedded_pg.dsn_for("certsync_merge")) as owner:  # rolled back at the end
+        owner.execute(SYNTHETIC_FIRST_RUN, {"at": WHEN})
+        for table in PLAN_TABLES:  # as right after the first extract and validation
+            owner.execute("DELETE FROM pg_statistic WHERE starelid = %s::regclass", (f"certsync.{table}",))
+            owner.execute(
+                "UPDATE pg_class SET reltuples = -1 WHERE oid = %s::regclass", (f"certsync.{table}",)
+            )
+        params = {"run_id": 1, "fp": "fp", "at": WHEN, "only": [uuid.UUID(int=1)]}
+        plans = {
+            name: "\n".join(row[0] for row in owner.execute(f"EXPLAIN {query}", params))
+            for name, query in (("full", full), ("delta", delta))
+        }
+        owner.rollback()
+    assert "Nested Loop" not in plans["full"], plans["full"]
+    assert "Hash" in plans["full"] or "Merge" in plans["full"], plans["full"]
+    assert "Nested Loop" in plans["delta"], plans["delta"]
