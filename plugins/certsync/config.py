@@ -20,7 +20,7 @@ Connections (default ids; the DAG's params and the CLI's options choose others)
 Variable
     certsync_config    JSON: trust_anchors, intermediates, crls, profile, removal_threshold,
                        publish_batch_size, validation_processes, run_lock_wait_s, publish_time_box_s,
-                       full_read_every_hours, disabled_accounts, left_scope
+                       full_read_every_hours, disabled_accounts, left_scope, plan_work_mem_mb
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ POSTGRES_CONN_ID = "certsync_postgres"
 POSTGRES_OWNER_CONN_ID = "certsync_postgres_owner"
 CONFIG_VARIABLE = "certsync_config"
 AUDIT_SIGNING_CONN_ID = "certsync_audit_signing"  # the Ed25519 key that signs audit rows
+MAX_WORK_MEM_MB = 2_097_151  # PostgreSQL's own limit for work_mem (2^31 - 1 kB)
 # Every key certsync_config may hold; anything else is refused.
 CONFIG_KEYS = (
     "trust_anchors",
@@ -66,6 +67,7 @@ CONFIG_KEYS = (
     "full_read_every_hours",
     "disabled_accounts",
     "left_scope",
+    "plan_work_mem_mb",
 )
 # What happens to the certificates of disabled accounts and of users that left the scope.
 ACCOUNT_POLICIES = ("withdraw", "keep")
@@ -241,6 +243,9 @@ class SyncSettings:
     full_read_every: timedelta | None = timedelta(hours=24)
     disabled_accounts: str = "withdraw"
     left_scope: str = "withdraw"
+    # PostgreSQL's work_mem for the plan's transaction, whose statement sorts and hashes every value
+    # with its verdict (64 MB holds them at 100,000 users); 0: the server's own setting.
+    plan_work_mem_mb: int = 64
 
 
 def _flag(value: Any) -> bool:
@@ -348,12 +353,16 @@ def database_dsn(conn: Connection) -> str:
     )
 
 
-def _int_setting(where: str, values: Mapping[str, Any], key: str, default: int, *, minimum: int) -> int:
+def _int_setting(
+    where: str, values: Mapping[str, Any], key: str, default: int, *, minimum: int, maximum: int | None = None
+) -> int:
     value = values.get(key, default)
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)  # URI-form connection extras arrive as strings
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{where}: {key} must be a whole number >= {minimum}, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{where}: {key} must be a whole number <= {maximum}, not {value!r}")
     return value
 
 
@@ -478,6 +487,9 @@ def load_settings(
         full_read_every=_hours(where, config, "full_read_every_hours", 24),
         disabled_accounts=_choice(where, config, "disabled_accounts", ACCOUNT_POLICIES),
         left_scope=_choice(where, config, "left_scope", ACCOUNT_POLICIES),
+        plan_work_mem_mb=_int_setting(
+            where, config, "plan_work_mem_mb", 64, minimum=0, maximum=MAX_WORK_MEM_MB
+        ),
     )
 
 

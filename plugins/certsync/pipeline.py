@@ -364,6 +364,7 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         # every row, hash-joined however stale the statistics (nested loops were the danger), so
         # the second or so they take at 100,000 users runs beside it.
         statistics = _beside(beside, services.engine, planning.refresh_statistics)
+        planning.use_work_mem(conn, settings.plan_work_mem_mb)
         info = runs.run_info(conn, run_id)
         superseded = _superseded(conn, info)
         published = planning.published_owners(conn)

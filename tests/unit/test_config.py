@@ -115,6 +115,11 @@ def test_connection_uri_round_trips(env: dict[str, str]) -> None:
         ),
         (
             "AIRFLOW_VAR_CERTSYNC_CONFIG",
+            '{"trust_anchors": "a", "plan_work_mem_mb": 4194304}',
+            "plan_work_mem_mb must be a whole number <= 2097151, not 4194304",
+        ),
+        (
+            "AIRFLOW_VAR_CERTSYNC_CONFIG",
             '{"trust_anchors": "a", "intermediates": "i.pem"}',
             "list of file paths",
         ),
@@ -227,11 +232,13 @@ def test_every_documented_config_key_is_accepted(env, tmp_path: Path) -> None:
         "removal_threshold": 7,
         "publish_batch_size": 3,
         "validation_processes": 1,
+        "plan_work_mem_mb": 256,
     }
     env["AIRFLOW_VAR_CERTSYNC_CONFIG"] = json.dumps(config)
     settings = load_settings(EnvSource(environ=env))
-    assert (settings.removal_threshold, settings.publish_batch_size, settings.validation_processes) == (
-        7,
-        3,
-        1,
-    )
+    assert (
+        settings.removal_threshold,
+        settings.publish_batch_size,
+        settings.validation_processes,
+        settings.plan_work_mem_mb,
+    ) == (7, 3, 1, 256)

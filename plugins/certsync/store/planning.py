@@ -132,6 +132,13 @@ def _guid_of(row: Any) -> uuid.UUID:
     return row.object_guid  # type: ignore[no-any-return]
 
 
+def use_work_mem(conn: Connection, megabytes: int) -> None:
+    """PostgreSQL's work_mem for the rest of `conn`'s transaction (0: leave the server's own).
+    Below what the users statement sorts and hashes, PostgreSQL spills it to temporary files."""
+    if megabytes:
+        conn.execute(sa.text("SELECT set_config('work_mem', :mem, true)"), {"mem": f"{megabytes}MB"})
+
+
 def refresh_statistics(conn: Connection) -> list[str]:
     """Analyze the tables the plan reads that earlier stages rewrote (sql/0021); returns their names."""
     return list(conn.execute(sa.text("SELECT certsync.refresh_plan_statistics()")).scalars())
