@@ -360,9 +360,10 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         ThreadPoolExecutor(max_workers=2, thread_name_prefix="certsync-plan") as beside,
     ):
         # Statistics of the tables earlier stages rewrote (sql/0021), on a connection of their own.
-        # A delta plan waits for them: it looks a few rows up in each table. A full plan reads
-        # every row, hash-joined however stale the statistics (nested loops were the danger), so
-        # the second or so they take at 100,000 users runs beside it.
+        # A delta plan waits for them: it looks a few rows up in each table. A full plan reads every
+        # row, and its statement hash-joins them even without statistics (the nested loop they
+        # prevent is the danger; test_source_merge checks it), so the ANALYZE, about a second at
+        # 100,000 users, runs beside it.
         statistics = _beside(beside, services.engine, planning.refresh_statistics)
         planning.use_work_mem(conn, settings.plan_work_mem_mb)
         info = runs.run_info(conn, run_id)

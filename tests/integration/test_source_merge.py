@@ -284,7 +284,7 @@ FROM generate_series(1, 150000) i
 PLAN_TABLES = ("source_user", "source_value", "cert_blob", "cert_verdict")
 
 
-def test_a_full_plan_hash_joins_its_users_while_their_statistics_are_missing(embedded_pg) -> None:
+def test_a_full_plan_hash_joins_its_users_while_their_statistics_are_missing(engine, embedded_pg) -> None:
     """A full plan reads its users while their tables are still being analyzed beside it
     (pipeline.plan): without statistics, its statement must join by hashing or merging, never by
     a nested loop. A delta plan's statement, which looks each value up, does use one: it waits
@@ -297,7 +297,6 @@ def test_a_full_plan_hash_joins_its_users_while_their_statistics_are_missing(emb
         values_where="WHERE v.object_guid = ANY(%(only)s::uuid[])",
         users_where="WHERE u.object_guid = ANY(%(only)s::uuid[])",
     )
-    certsync_database(embedded_pg, "certsync_merge")
     with psycopg.connect(embedded_pg.dsn_for("certsync_merge")) as owner:  # rolled back at the end
         owner.execute(SYNTHETIC_FIRST_RUN, {"at": WHEN})
         for table in PLAN_TABLES:  # as right after the first extract and validation
