@@ -370,9 +370,10 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         superseded = _superseded(conn, info)
         published = planning.published_owners(conn)
         base = None if superseded else _delta_base(conn, info, policy)
+        scope = None
         if base is not None:
             statistics.result()
-        scope = _delta_scope(conn, info, base, published) if base is not None else None
+            scope = _delta_scope(conn, info, base, published)
         planned = scope.users if scope else None
         planning.start_plan(conn, run_id=run_id)
         gone = planning.gone_reasons(conn)
