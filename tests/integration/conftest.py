@@ -7,6 +7,7 @@ port 389: one DC per machine (or network namespace) at a time.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -146,6 +147,28 @@ def sync_env(
         "publish_batch_size": 10,
     }
     return sync_environment(connections, config)
+
+
+@pytest.fixture(scope="module")
+def own_sync_env(
+    request: pytest.FixtureRequest, sync_env, populated_dc: SambaDC, embedded_pg: EmbeddedPostgres,
+    own_tenant, app_credential_files,
+) -> dict[str, str]:  # fmt: skip
+    """sync_env over a tenant and a database of the requesting module's own (the database named by
+    its DATABASE): for a module whose runs publish, so that no other module's runs depend on the
+    order the modules ran in."""
+    from emulator_support import app_connections
+
+    from certsync_lab.stack import sync_environment
+
+    connections = app_connections(
+        dc=populated_dc,
+        emulator=own_tenant,
+        credentials=app_credential_files,
+        pg=embedded_pg,
+        database=request.module.DATABASE,
+    )
+    return {**sync_env, **sync_environment(connections, json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]))}
 
 
 # --- the certsync DAG in this process, as dag.test() runs it ---

@@ -18,34 +18,23 @@ from certsync.config import Connection, EnvSource, connection_uri
 from tests.integration.conftest import certsync_dag
 
 pytestmark = pytest.mark.integration
-HOOKS_DATABASE = "certsync_hooks"
+DATABASE = "certsync_hooks"
 # The default connection ids, which are also the names of certsync's connection types.
 CONN_IDS = ("certsync_ldap", "certsync_exchange", "certsync_postgres")
 WRONG_SECRET = "not-the-secret-4711"
 
 
 @pytest.fixture(scope="module")
-def hooks_env(sync_env: dict[str, str], embedded_pg) -> dict[str, str]:
-    """The session's settings with a database of this module's own, so its runs count nowhere else."""
-    from certsync_lab.stack import certsync_database
-
-    return {
-        **sync_env,
-        "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(certsync_database(embedded_pg, HOOKS_DATABASE)),
-    }
-
-
-@pytest.fixture(scope="module")
-def airflow_db(hooks_env) -> None:
+def airflow_db(own_sync_env) -> None:
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
 
 
 @pytest.fixture()
-def environ(hooks_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+def environ(own_sync_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """The process environment carries exactly the connections a test sets, from nothing."""
     for key in [k for k in os.environ if k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_"))]:
         monkeypatch.delenv(key)
-    yield hooks_env
+    yield own_sync_env
 
 
 def _conn(env: dict[str, str], name: str, /, **changes) -> Connection:
@@ -216,7 +205,7 @@ def test_a_worker_without_certsync_postgres_fails_naming_it(environ, monkeypatch
 
 
 def test_a_run_reads_the_connections_its_params_name(
-    environ, monkeypatch, dag, lab_at, embedded_pg, emulator_stack
+    environ, monkeypatch, dag, lab_at, embedded_pg, own_tenant
 ) -> None:
     """Only other ids are set: the run works through its params alone (a dry run: the emulator's
     tenant stays as the other modules expect it)."""
@@ -227,10 +216,10 @@ def test_a_run_reads_the_connections_its_params_name(
     signing = "AIRFLOW_CONN_CERTSYNC_AUDIT_SIGNING"  # the audit key has no param: its id is fixed
     monkeypatch.setenv(signing, environ[signing])
     conf = {f"{name}_conn_id": f"certsync_{name}_b" for name in ("ldap", "exchange", "postgres")}
-    set_calls = _set_calls(emulator_stack)
+    set_calls = _set_calls(own_tenant)
     run = dag.test(logical_date=lab_at - timedelta(days=41, hours=5), run_conf={**conf, "dry_run": True})
     assert run.state == "success", {ti.task_id: ti.state for ti in run.get_task_instances()}
-    with psycopg.connect(embedded_pg.dsn_for(HOOKS_DATABASE)) as db:
+    with psycopg.connect(embedded_pg.dsn_for(DATABASE)) as db:
         sync_run_id, dry_run, state = db.execute(
             "SELECT run_id, dry_run, state FROM certsync.sync_run WHERE airflow_run_id = %s", (run.run_id,)
         ).fetchone()
@@ -242,7 +231,7 @@ def test_a_run_reads_the_connections_its_params_name(
         )
     assert (dry_run, state) == (True, "succeeded")
     assert actions.get("dry_run") and "published" not in actions, actions
-    assert _set_calls(emulator_stack) == set_calls
+    assert _set_calls(own_tenant) == set_calls
 
 
 def _set_calls(emulator) -> int:

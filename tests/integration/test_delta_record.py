@@ -6,7 +6,6 @@ and a tenant of its own."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,6 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
-from emulator_support import app_connections
 
 from certsync.config import EnvSource, load_settings
 from certsync.failures import RunFailed
@@ -34,7 +32,6 @@ from certsync.pipeline import (
     run_all,
     validate,
 )
-from certsync_lab.stack import sync_environment
 
 pytestmark = pytest.mark.integration
 DATABASE = "certsync_delta_record"
@@ -50,22 +47,8 @@ carry_over(Services(settings=load_settings(EnvSource())), run_id=int(sys.argv[1]
 
 
 @pytest.fixture(scope="module")
-def env(
-    sync_env: dict[str, str], populated_dc, embedded_pg, own_tenant, app_credential_files
-) -> dict[str, str]:
-    connections = app_connections(
-        dc=populated_dc,
-        emulator=own_tenant,
-        credentials=app_credential_files,
-        pg=embedded_pg,
-        database=DATABASE,
-    )
-    return sync_environment(connections, json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]))
-
-
-@pytest.fixture(scope="module")
-def services(env: dict[str, str]) -> Services:
-    return Services(settings=load_settings(EnvSource(environ=env)))
+def services(own_sync_env: dict[str, str]) -> Services:
+    return Services(settings=load_settings(EnvSource(environ=own_sync_env)))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +174,7 @@ def test_a_run_that_died_before_its_record_was_whole_is_no_base(services, db, la
 
 
 def test_a_carry_over_killed_mid_copy_leaves_nothing_and_runs_again(
-    env, services, db, lab_at, own_tenant, embedded_pg
+    own_sync_env, services, db, lab_at, own_tenant, embedded_pg
 ) -> None:
     first = _whole_run(services, db, lab_at + timedelta(days=6))
     whole = _results(db, first)
@@ -202,7 +185,7 @@ def test_a_carry_over_killed_mid_copy_leaves_nothing_and_runs_again(
         # The actions' copy waits behind this lock, after the value results were copied.
         blocker.execute("LOCK TABLE certsync.planned_action IN SHARE MODE")
         worker = subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(run_id)], env={**os.environ, **env},
+            [sys.executable, "-c", WORKER, str(run_id)], env={**os.environ, **own_sync_env},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:

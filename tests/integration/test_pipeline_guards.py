@@ -36,6 +36,8 @@ from certsync_lab.population import SeedUser
 from certsync_lab.samba import SambaDC
 
 pytestmark = pytest.mark.integration
+# Its runs publish: a database and a tenant of its own (own_sync_env).
+DATABASE = "certsync_guards"
 
 
 def _services(env: dict[str, str], **changes: str) -> Services:
@@ -49,15 +51,15 @@ def _run(services: Services, when, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def db(sync_env, embedded_pg):
-    with psycopg.connect(embedded_pg.dsn_for("certsync"), autocommit=True) as conn:
+def db(own_sync_env, embedded_pg):
+    with psycopg.connect(embedded_pg.dsn_for(DATABASE), autocommit=True) as conn:
         yield conn
 
 
 @pytest.fixture(scope="module")
-def settled(sync_env, lab_at):
+def settled(own_sync_env, lab_at):
     """One full run first, so each test starts from a tenant that equals the directory."""
-    services = _services(sync_env)
+    services = _services(own_sync_env)
     _run(services, lab_at + timedelta(days=1))
     return services
 
@@ -101,12 +103,12 @@ def _stages_to_validation(services: Services, when) -> dict[str, int]:
     return validated
 
 
-def test_validation_redoes_only_what_time_or_trust_changed(settled, sync_env, db, lab_at) -> None:
+def test_validation_redoes_only_what_time_or_trust_changed(settled, own_sync_env, db, lab_at) -> None:
     # An hour after the settled run nothing has expired: every verdict is reused.
     assert _stages_to_validation(settled, lab_at + timedelta(days=1, hours=1))["validated"] == 0
     # Another profile is another trust configuration: every distinct value is validated again.
-    config = {**json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]), "profile": "strict"}
-    strict = _services(sync_env, AIRFLOW_VAR_CERTSYNC_CONFIG=json.dumps(config))
+    config = {**json.loads(own_sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]), "profile": "strict"}
+    strict = _services(own_sync_env, AIRFLOW_VAR_CERTSYNC_CONFIG=json.dumps(config))
     distinct = db.execute(
         "SELECT count(*) FROM (SELECT DISTINCT sha256, attribute FROM certsync.source_value) d"
     )
@@ -237,11 +239,11 @@ def test_a_value_checked_at_several_times_is_planned_with_one_verdict(
     ],
 )
 def test_bad_setting_stops_before_anything_is_written(
-    settled, sync_env, db, lab_at, variable, changes, named, error
+    settled, own_sync_env, db, lab_at, variable, changes, named, error
 ):
     """A wrong setting is a ConfigError; a system that cannot be reached is Unavailable (retried)."""
     conn_id = variable.removeprefix("AIRFLOW_CONN_").lower()
-    services = _services(sync_env, **{variable: _conn_json(sync_env, conn_id, **changes)})
+    services = _services(own_sync_env, **{variable: _conn_json(own_sync_env, conn_id, **changes)})
     before = _run_count(db)
     with pytest.raises(error, match=named) as caught:
         begin(
@@ -251,12 +253,12 @@ def test_bad_setting_stops_before_anything_is_written(
     assert "wrong-password" not in str(caught.value)
 
 
-def test_missing_trust_anchor_file_is_named(sync_env) -> None:
+def test_missing_trust_anchor_file_is_named(own_sync_env) -> None:
     config = {
-        **json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]),
+        **json.loads(own_sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]),
         "trust_anchors": "/nonexistent/anchors.pem",
     }
-    services = _services(sync_env, AIRFLOW_VAR_CERTSYNC_CONFIG=json.dumps(config))
+    services = _services(own_sync_env, AIRFLOW_VAR_CERTSYNC_CONFIG=json.dumps(config))
     with pytest.raises(ConfigError, match=r"certsync_config.*anchors\.pem"):
         begin(services, dag_id="guards", airflow_run_id="bad", logical_date=None, mode="full", dry_run=False)
 
@@ -290,17 +292,17 @@ def _writable_user(
 
 
 def test_transient_failures_are_retried_and_every_attempt_audited(
-    settled, populated_dc, lab_pki, lab_population, emulator_stack, db, lab_at
+    settled, populated_dc, lab_pki, lab_population, own_tenant, db, lab_at
 ) -> None:
     when = lab_at + timedelta(days=2)
-    user = _writable_user(emulator_stack, lab_population, "UserMailbox")
+    user = _writable_user(own_tenant, lab_population, "UserMailbox")
     _give_new_certificate(populated_dc, lab_pki, user, when)
-    emulator_stack.control.inject_fault(cmdlet="Set-Mailbox", count=1, status=503)
-    emulator_stack.control.inject_fault(cmdlet="Set-Mailbox", count=1, status=429, retry_after=1)
+    own_tenant.control.inject_fault(cmdlet="Set-Mailbox", count=1, status=503)
+    own_tenant.control.inject_fault(cmdlet="Set-Mailbox", count=1, status=429, retry_after=1)
     try:
         _run(settled, when)
     finally:
-        emulator_stack.control.set_config(faults=[])
+        own_tenant.control.set_config(faults=[])
     rows = db.execute(
         "SELECT attempt, outcome, http_status FROM certsync.audit_log WHERE primary_smtp = %s AND phase = 'outcome'"
         " ORDER BY seq DESC LIMIT 3",
@@ -310,26 +312,26 @@ def test_transient_failures_are_retried_and_every_attempt_audited(
 
 
 def test_dry_run_plans_but_publishes_nothing(
-    settled, populated_dc, lab_pki, lab_population, emulator_stack, db, lab_at
+    settled, populated_dc, lab_pki, lab_population, own_tenant, db, lab_at
 ) -> None:
     when = lab_at + timedelta(days=3)
-    user = _writable_user(emulator_stack, lab_population, None, nth=1)
+    user = _writable_user(own_tenant, lab_population, None, nth=1)
     _give_new_certificate(populated_dc, lab_pki, user, when)
-    emulator_stack.control.clear_requests()
+    own_tenant.control.clear_requests()
     summary = _run(settled, when, dry_run=True)
-    assert not [r for r in emulator_stack.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
+    assert not [r for r in own_tenant.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
     assert summary["actions"].get("replace:dry_run", 0) + summary["actions"].get("add:dry_run", 0) >= 1
     _run(settled, when + timedelta(hours=1))  # a real run afterwards catches up
-    assert [r for r in emulator_stack.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
+    assert [r for r in own_tenant.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
 
 
 def test_replanning_a_published_run_changes_nothing(
-    settled, populated_dc, lab_pki, lab_population, emulator_stack, lab_at
+    settled, populated_dc, lab_pki, lab_population, own_tenant, lab_at
 ) -> None:
     """Clearing plan and publish of a finished run (or retrying them) must not publish twice."""
     when = lab_at + timedelta(days=4)
     _give_new_certificate(
-        populated_dc, lab_pki, _writable_user(emulator_stack, lab_population, None, nth=2), when
+        populated_dc, lab_pki, _writable_user(own_tenant, lab_population, None, nth=2), when
     )
     run_id = _begin(settled, when)
     extract(settled, run_id=run_id)
@@ -337,14 +339,14 @@ def test_replanning_a_published_run_changes_nothing(
     validate(settled, run_id=run_id)
     batches = plan(settled, run_id=run_id)
     assert batches
-    emulator_stack.control.clear_requests()
+    own_tenant.control.clear_requests()
     for batch in batches:
         publish(settled, run_id=run_id, batch=batch)
-    assert len(_set_calls(emulator_stack)) == 1
+    assert len(_set_calls(own_tenant)) == 1
     for batch in plan(settled, run_id=run_id):  # the clear: plan again, publish again
         publish(settled, run_id=run_id, batch=batch)
     assert plan(settled, run_id=run_id) == [0]  # one batch, with nothing left in it to send
-    assert len(_set_calls(emulator_stack)) == 1
+    assert len(_set_calls(own_tenant)) == 1
     finish(settled, run_id=run_id)  # frees the run slot for the next run
 
 
@@ -353,22 +355,22 @@ def _set_calls(emulator) -> list[dict]:
 
 
 def test_late_backfill_never_overwrites_a_newer_view(
-    settled, populated_dc, lab_pki, lab_population, emulator_stack, lab_at
+    settled, populated_dc, lab_pki, lab_population, own_tenant, lab_at
 ) -> None:
     newest = lab_at + timedelta(days=5)
     _run(settled, newest)
     older = newest - timedelta(days=2)
-    user = _writable_user(emulator_stack, lab_population, None, nth=3)
+    user = _writable_user(own_tenant, lab_population, None, nth=3)
     _give_new_certificate(populated_dc, lab_pki, user, older)  # valid at both times
-    emulator_stack.control.clear_requests()
+    own_tenant.control.clear_requests()
     summary = _run(settled, older)  # an older logical date, run late: superseded, sends nothing
-    assert _set_calls(emulator_stack) == []
+    assert _set_calls(own_tenant) == []
     assert summary["not_published_by_reason"].get("superseded") == 1, summary
     assert summary["superseded_by"] is not None
 
 
 def test_a_change_an_older_run_read_on_its_rerun_is_published_by_the_next_run(
-    settled, populated_dc, lab_pki, lab_population, emulator_stack, lab_at
+    settled, populated_dc, lab_pki, lab_population, own_tenant, lab_at
 ) -> None:
     """An operator reprocesses an older interval after a newer run planned: the rerun reads a
     directory change (a delta, under the older run's id) and is superseded, so it sends nothing.
@@ -377,37 +379,39 @@ def test_a_change_an_older_run_read_on_its_rerun_is_published_by_the_next_run(
     key = f"guards__{uuid.uuid4()}"
     run_all(settled, dag_id="guards", airflow_run_id=key, logical_date=older)
     _run(settled, newer)
-    user = _writable_user(emulator_stack, lab_population, None, nth=4)
+    user = _writable_user(own_tenant, lab_population, None, nth=4)
     _give_new_certificate(populated_dc, lab_pki, user, older)
-    emulator_stack.control.clear_requests()
+    own_tenant.control.clear_requests()
     rerun = run_all(settled, dag_id="guards", airflow_run_id=key, logical_date=older)
     assert rerun["not_published_by_reason"].get("superseded") == 1, rerun
-    assert _set_calls(emulator_stack) == []
+    assert _set_calls(own_tenant) == []
     _run(settled, later)
-    written = {r["identity"] for r in _set_calls(emulator_stack)}
+    written = {r["identity"] for r in _set_calls(own_tenant)}
     recipient = next(
         r["ExternalDirectoryObjectId"]
-        for r in emulator_stack.control.state()["recipients"]
+        for r in own_tenant.control.state()["recipients"]
         if r["PrimarySmtpAddress"].lower() == user.mail.lower()
     )
     assert written == {recipient}, written
 
 
-def test_removal_threshold_stops_mass_removal(settled, sync_env, emulator_stack, db, lab_at) -> None:
+def test_removal_threshold_stops_mass_removal(settled, own_sync_env, own_tenant, db, lab_at) -> None:
     services = _services(
-        sync_env,
+        own_sync_env,
         AIRFLOW_VAR_CERTSYNC_CONFIG=json.dumps(
-            {**json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]), "removal_threshold": 0}
+            {**json.loads(own_sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]), "removal_threshold": 0}
         ),
     )
     # Ten years on every certificate has expired: publishing would clear every recipient.
-    emulator_stack.control.clear_requests()
+    own_tenant.control.clear_requests()
     with pytest.raises(RemovalThresholdExceeded, match="removal_threshold=0"):
         _run(services, lab_at + timedelta(days=3650))
-    assert not [r for r in emulator_stack.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
+    assert not [r for r in own_tenant.control.requests() if str(r.get("cmdlet")).startswith("Set-")]
 
 
-def test_secrets_never_reach_database_rows(settled, sync_env, db, app_credential_files, populated_dc) -> None:
+def test_secrets_never_reach_database_rows(
+    settled, own_sync_env, db, app_credential_files, populated_dc
+) -> None:
     _cert, key_file, secret = app_credential_files
     key_line = key_file.read_text().splitlines()[1]
     dump = "\n".join(
@@ -421,22 +425,22 @@ def test_secrets_never_reach_database_rows(settled, sync_env, db, app_credential
 
 
 def test_client_secret_credential_works_as_well_as_a_certificate(
-    sync_env, populated_dc, emulator_stack, app_credential_files
+    own_sync_env, populated_dc, own_tenant, app_credential_files
 ) -> None:
     from certsync.config import connection_uri
     from certsync.pipeline import preflight
     from certsync_lab.stack import lab_connections
 
     _cert, _key, secret = app_credential_files
-    exchange = lab_connections(samba=populated_dc, emulator=emulator_stack, credential=secret)[
+    exchange = lab_connections(samba=populated_dc, emulator=own_tenant, credential=secret)[
         "certsync_exchange"
     ]
-    services = _services(sync_env, AIRFLOW_CONN_CERTSYNC_EXCHANGE=connection_uri(exchange))
+    services = _services(own_sync_env, AIRFLOW_CONN_CERTSYNC_EXCHANGE=connection_uri(exchange))
     assert services.settings.exchange.certificate_file is None
     assert len(preflight(services)) == 64  # the trust fingerprint: every check passed
 
 
-def test_cli_logs_and_output_carry_no_secret(sync_env, populated_dc, app_credential_files) -> None:
+def test_cli_logs_and_output_carry_no_secret(own_sync_env, populated_dc, app_credential_files) -> None:
     import os
     import subprocess
     import sys
@@ -444,7 +448,7 @@ def test_cli_logs_and_output_carry_no_secret(sync_env, populated_dc, app_credent
     _cert, key_file, secret = app_credential_files
     result = subprocess.run(
         [sys.executable, "-m", "certsync.cli", "-v", "run", "--dry-run"],
-        env={**os.environ, **sync_env},
+        env={**os.environ, **own_sync_env},
         capture_output=True,
         text=True,
         timeout=300,
@@ -456,11 +460,11 @@ def test_cli_logs_and_output_carry_no_secret(sync_env, populated_dc, app_credent
         assert secret_text not in output
 
 
-def test_exchange_refusal_of_a_synced_recipient_is_a_conflict_not_a_retry(settled, emulator_stack) -> None:
+def test_exchange_refusal_of_a_synced_recipient_is_a_conflict_not_a_retry(settled, own_tenant) -> None:
     """If a recipient turns synced after the snapshot, the write's refusal is classified as a conflict."""
     synced = next(
         r
-        for r in emulator_stack.control.state()["recipients"]
+        for r in own_tenant.control.state()["recipients"]
         if r["IsDirSynced"] and not r["IsExchangeCloudManaged"] and r["RecipientTypeDetails"] == "UserMailbox"
     )
     outcome = settled.exchange.set_certificates(

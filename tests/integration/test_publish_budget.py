@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from emulator_support import Clock, held_certificates
 
-from certsync.config import EnvSource, connection_uri, load_settings
+from certsync.config import EnvSource, load_settings
 from certsync.failures import Unavailable
 from certsync.pipeline import Services, run_all
 
@@ -23,13 +23,9 @@ SET_CMDLETS = ("Set-Mailbox", "Set-MailUser", "Set-MailContact")
 
 
 @pytest.fixture(scope="module")
-def env(sync_env: dict[str, str], embedded_pg) -> dict[str, str]:
-    from certsync_lab.stack import certsync_database
-
-    return {
-        **sync_env,
-        "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(certsync_database(embedded_pg, DATABASE)),
-    }
+def env(own_sync_env: dict[str, str]) -> dict[str, str]:
+    """The session's settings over a database and a tenant of this module's own: its runs publish."""
+    return own_sync_env
 
 
 def _services(env: dict[str, str], **config) -> Services:
@@ -50,10 +46,10 @@ def db(env, embedded_pg):
 
 
 @pytest.fixture(scope="module")
-def baseline(env, emulator_stack, clock, db) -> dict:
-    emulator_stack.control.reset_config()
+def baseline(env, own_tenant, clock, db) -> dict:
+    own_tenant.control.reset_config()
     run_all(_services(env), dag_id="budget", airflow_run_id="budget-baseline", logical_date=clock.next())
-    return held_certificates(emulator_stack)
+    return held_certificates(own_tenant)
 
 
 def _drift(env, emulator, baseline, count: int) -> list[str]:
@@ -84,31 +80,31 @@ def _unclosed(db) -> int:
 
 
 def test_exchange_down_stops_the_batch_at_once_and_the_retry_resumes(
-    env, emulator_stack, baseline, clock, db
+    env, own_tenant, baseline, clock, db
 ) -> None:
-    drifted = _drift(env, emulator_stack, baseline, count=6)
+    drifted = _drift(env, own_tenant, baseline, count=6)
     for cmdlet in SET_CMDLETS:
-        emulator_stack.control.inject_fault(cmdlet=cmdlet, count=10_000, status=503)
+        own_tenant.control.inject_fault(cmdlet=cmdlet, count=10_000, status=503)
     started = time.monotonic()
     try:
         with pytest.raises(Unavailable, match=r"looks down: \d+ requests in a row failed"):
             run_all(_services(env), dag_id="budget", airflow_run_id="budget-down", logical_date=clock.next())
         took = time.monotonic() - started
     finally:
-        emulator_stack.control.reset_config()
-    sets = [r for r in emulator_stack.control.requests() if str(r.get("cmdlet") or "").startswith("Set-")]
+        own_tenant.control.reset_config()
+    sets = [r for r in own_tenant.control.requests() if str(r.get("cmdlet") or "").startswith("Set-")]
     assert len(sets) <= 3 + 2, sets  # the breaker's threshold plus what was in flight, not 5 per action
     assert took < 60, took
     assert _unclosed(db) == 0
     run_all(_services(env), dag_id="budget", airflow_run_id="budget-after-down", logical_date=clock.next())
-    assert all(held_certificates(emulator_stack)[i] == baseline[i] for i in drifted)
+    assert all(held_certificates(own_tenant)[i] == baseline[i] for i in drifted)
 
 
 def test_a_time_boxed_run_defers_the_rest_and_the_next_run_finishes(
-    env, emulator_stack, baseline, clock, db
+    env, own_tenant, baseline, clock, db
 ) -> None:
-    drifted = _drift(env, emulator_stack, baseline, count=8)
-    emulator_stack.control.set_config(latency_ms=700)
+    drifted = _drift(env, own_tenant, baseline, count=8)
+    own_tenant.control.set_config(latency_ms=700)
     try:
         # Batches of 6 on a window of 2: the box ends inside the first batch (its last actions are
         # deferred in one statement) and before the second begins (deferred whole, nothing sent).
@@ -117,7 +113,7 @@ def test_a_time_boxed_run_defers_the_rest_and_the_next_run_finishes(
             logical_date=clock.next(),
         )  # fmt: skip
     finally:
-        emulator_stack.control.reset_config()
+        own_tenant.control.reset_config()
     deferred = sum(n for key, n in summary["actions"].items() if key.endswith(":deferred"))
     assert deferred > 0 and summary["backlog"]["deferred"] == deferred, summary
     state = db.execute("SELECT state FROM certsync.sync_run WHERE airflow_run_id = 'budget-boxed'").fetchone()
@@ -132,4 +128,4 @@ def test_a_time_boxed_run_defers_the_rest_and_the_next_run_finishes(
     assert [k for k, _ in kinds] == sorted((k for k, _ in kinds), key=send_order.__getitem__), kinds
     assert _unclosed(db) == 0
     run_all(_services(env), dag_id="budget", airflow_run_id="budget-after-box", logical_date=clock.next())
-    assert all(held_certificates(emulator_stack)[i] == baseline[i] for i in drifted)
+    assert all(held_certificates(own_tenant)[i] == baseline[i] for i in drifted)

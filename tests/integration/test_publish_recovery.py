@@ -52,20 +52,13 @@ run_all(services, dag_id="recovery", airflow_run_id=sys.argv[1], logical_date=da
 
 
 @pytest.fixture(scope="module")
-def env(sync_env: dict[str, str], embedded_pg) -> dict[str, str]:
-    from certsync_lab.stack import certsync_database
-
-    conn = certsync_database(embedded_pg, DATABASE)
+def env(own_sync_env: dict[str, str]) -> dict[str, str]:
     # One request in flight: each kill point is a point in one request's life. With several in
     # flight, which request a hold or fault catches is a race (concurrency: test_publish_budget).
-    exchange = EnvSource(environ=sync_env).connection("certsync_exchange")
+    exchange = EnvSource(environ=own_sync_env).connection("certsync_exchange")
     assert exchange is not None
     exchange = dataclasses.replace(exchange, extra={**exchange.extra, "max_concurrency": 1})
-    return {
-        **sync_env,
-        "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(conn),
-        "AIRFLOW_CONN_CERTSYNC_EXCHANGE": connection_uri(exchange),
-    }
+    return {**own_sync_env, "AIRFLOW_CONN_CERTSYNC_EXCHANGE": connection_uri(exchange)}
 
 
 def _services(env: dict[str, str], **config) -> Services:
@@ -86,12 +79,12 @@ def clock(lab_at) -> Clock:
 
 
 @pytest.fixture(scope="module")
-def baseline(env, emulator_stack, clock, db) -> dict:
+def baseline(env, own_tenant, clock, db) -> dict:
     """A clean run first: what Exchange holds afterwards is the valid certificates (the oracle)."""
-    emulator_stack.control.reset_config()
+    own_tenant.control.reset_config()
     run_all(_services(env), dag_id="recovery", airflow_run_id="baseline", logical_date=clock.next())
     assert not _open_intents(db)
-    return held_certificates(emulator_stack)
+    return held_certificates(own_tenant)
 
 
 def _drift(env, emulator, baseline, count: int = DRIFTED) -> list[str]:
@@ -195,8 +188,8 @@ def _wait_for(
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _holds_left(emulator_stack) -> int:
-    return sum(rule["count"] for rule in emulator_stack.control.config()["holds"])
+def _holds_left(own_tenant) -> int:
+    return sum(rule["count"] for rule in own_tenant.control.config()["holds"])
 
 
 def _kill(worker: subprocess.Popen) -> str:
@@ -224,8 +217,8 @@ def _closing(db, identity: str) -> list[tuple]:
     ).fetchall()
 
 
-def test_killed_before_the_intent_commits(env, db, emulator_stack, baseline, clock, embedded_pg) -> None:
-    drifted = _drift(env, emulator_stack, baseline)
+def test_killed_before_the_intent_commits(env, db, own_tenant, baseline, clock, embedded_pg) -> None:
+    drifted = _drift(env, own_tenant, baseline)
     when, key = clock.next(), f"before-intent-{uuid.uuid4()}"
     with psycopg.connect(embedded_pg.dsn_for(DATABASE)) as blocker:
         blocker.execute("SELECT pg_advisory_xact_lock(hashtext('certsync.audit_log'))")  # the chain's lock
@@ -245,65 +238,65 @@ def test_killed_before_the_intent_commits(env, db, emulator_stack, baseline, clo
         lambda: not db.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", waiting).fetchone(),
     )
     assert not _open_intents(db)  # the intent never committed ...
-    assert _set_calls(emulator_stack) == []  # ... and so nothing was sent
+    assert _set_calls(own_tenant) == []  # ... and so nothing was sent
     _resume(env, key, when)
-    calls = _check_recovered(db, emulator_stack, baseline, drifted)
+    calls = _check_recovered(db, own_tenant, baseline, drifted)
     assert len(calls) == len(drifted)
 
 
-def test_killed_between_intent_and_request(env, db, emulator_stack, baseline, clock) -> None:
-    drifted = _drift(env, emulator_stack, baseline)
+def test_killed_between_intent_and_request(env, db, own_tenant, baseline, clock) -> None:
+    drifted = _drift(env, own_tenant, baseline)
     when, key = clock.next(), f"between-{uuid.uuid4()}"
     # The first Set-Mailbox is held 5 s, then refused: the worker dies before Exchange applies anything.
-    emulator_stack.control.hold(cmdlet="Set-Mailbox", count=1, before_ms=5000, then_status=503)
+    own_tenant.control.hold(cmdlet="Set-Mailbox", count=1, before_ms=5000, then_status=503)
     try:
         worker = _worker(env, key, when)
         _wait_for("an open intent", lambda: _open_intents(db), worker=worker)
         # An intent commits just before its request leaves: kill once Exchange holds the request.
-        _wait_for("Exchange to hold the request", lambda: not _holds_left(emulator_stack), worker=worker)
+        _wait_for("Exchange to hold the request", lambda: not _holds_left(own_tenant), worker=worker)
         _kill(worker)
         # Publishing is concurrent: the held request is the one Exchange refused, whichever intent it has.
         refused = _wait_for(
             "the held request to be refused",
-            lambda: [c for c in _set_calls(emulator_stack) if c["status"] == 503],
+            lambda: [c for c in _set_calls(own_tenant) if c["status"] == 503],
             timeout_s=30,
         )
         identity = refused[0]["identity"]  # type: ignore[index]
     finally:
-        emulator_stack.control.set_config(holds=[], faults=[])
-    assert held_certificates(emulator_stack)[identity] != baseline[identity]  # not applied
+        own_tenant.control.set_config(holds=[], faults=[])
+    assert held_certificates(own_tenant)[identity] != baseline[identity]  # not applied
     _resume(env, key, when)
-    calls = _check_recovered(db, emulator_stack, baseline, drifted)
+    calls = _check_recovered(db, own_tenant, baseline, drifted)
     assert [c["status"] for c in calls if c["identity"] == identity] == [503, 200]
     assert _closing(db, identity) == [("settlement", "not_applied"), ("outcome", "accepted")]
     assert len(calls) == len(drifted) + 1
 
 
-def test_killed_after_exchange_applied_before_the_outcome(env, db, emulator_stack, baseline, clock) -> None:
-    drifted = _drift(env, emulator_stack, baseline)
+def test_killed_after_exchange_applied_before_the_outcome(env, db, own_tenant, baseline, clock) -> None:
+    drifted = _drift(env, own_tenant, baseline)
     when, key = clock.next(), f"after-apply-{uuid.uuid4()}"
-    emulator_stack.control.hold(cmdlet="Set-Mailbox", count=1, after_ms=6000)  # applied, answer late
+    own_tenant.control.hold(cmdlet="Set-Mailbox", count=1, after_ms=6000)  # applied, answer late
     try:
         worker = _worker(env, key, when)
         (_seq, identity, _certs), *_ = _wait_for("an open intent", lambda: _open_intents(db), worker=worker)
         _wait_for(
-            "Exchange to apply it", lambda: held_certificates(emulator_stack)[identity] == baseline[identity]
+            "Exchange to apply it", lambda: held_certificates(own_tenant)[identity] == baseline[identity]
         )
         _kill(worker)
         assert _open_intents(db)  # applied in Exchange, no outcome recorded
-        _wait_for("the held answer", lambda: _set_calls(emulator_stack), timeout_s=15)
+        _wait_for("the held answer", lambda: _set_calls(own_tenant), timeout_s=15)
     finally:
-        emulator_stack.control.set_config(holds=[])
+        own_tenant.control.set_config(holds=[])
     _resume(env, key, when)
-    calls = _check_recovered(db, emulator_stack, baseline, drifted)
+    calls = _check_recovered(db, own_tenant, baseline, drifted)
     assert len(calls) == len(drifted)  # the applied write was settled, not sent again
     assert _closing(db, identity) == [("settlement", "applied")]
 
 
-def test_postgres_stopped_mid_publish(env, db, emulator_stack, baseline, clock, embedded_pg) -> None:
-    drifted = _drift(env, emulator_stack, baseline)
+def test_postgres_stopped_mid_publish(env, db, own_tenant, baseline, clock, embedded_pg) -> None:
+    drifted = _drift(env, own_tenant, baseline)
     when, key = clock.next(), f"pg-restart-{uuid.uuid4()}"
-    emulator_stack.control.hold(cmdlet="Set-Mailbox", count=1, after_ms=3000)
+    own_tenant.control.hold(cmdlet="Set-Mailbox", count=1, after_ms=3000)
     db.close()
     try:
         with psycopg.connect(embedded_pg.dsn_for(DATABASE), autocommit=True) as watcher:
@@ -314,7 +307,7 @@ def test_postgres_stopped_mid_publish(env, db, emulator_stack, baseline, clock, 
         assert worker.returncode != 0
         embedded_pg.start()
     finally:
-        emulator_stack.control.set_config(holds=[])
+        own_tenant.control.set_config(holds=[])
         if not embedded_pg.running():
             embedded_pg.start()
     with psycopg.connect(embedded_pg.dsn_for(DATABASE), autocommit=True) as conn:
@@ -322,7 +315,7 @@ def test_postgres_stopped_mid_publish(env, db, emulator_stack, baseline, clock, 
         open_ids = [r[1] for r in _open_intents(conn)]
         assert identity in open_ids and len(open_ids) == len(set(open_ids)) <= len(drifted)
         _resume(env, key, when)
-        calls = _check_recovered(conn, emulator_stack, baseline, drifted)
+        calls = _check_recovered(conn, own_tenant, baseline, drifted)
         assert len(calls) == len(drifted)
         assert _closing(conn, identity) == [("settlement", "applied")]
         for other in open_ids:  # each settled by reading back, then (if not applied) sent again
@@ -336,10 +329,10 @@ def db_again(embedded_pg) -> Iterator[psycopg.Connection]:
         yield conn
 
 
-def test_client_timeout_with_a_late_applied_write(env, db_again, emulator_stack, baseline, clock) -> None:
+def test_client_timeout_with_a_late_applied_write(env, db_again, own_tenant, baseline, clock) -> None:
     db = db_again
-    drifted = _drift(env, emulator_stack, baseline)
-    emulator_stack.control.hold(cmdlet="Set-Mailbox", count=1, before_ms=(TIMEOUT_S + 1.0) * 1000)
+    drifted = _drift(env, own_tenant, baseline)
+    own_tenant.control.hold(cmdlet="Set-Mailbox", count=1, before_ms=(TIMEOUT_S + 1.0) * 1000)
     try:
         run_all(
             _services(env),
@@ -348,8 +341,8 @@ def test_client_timeout_with_a_late_applied_write(env, db_again, emulator_stack,
             logical_date=clock.next(),
         )
     finally:
-        emulator_stack.control.set_config(holds=[])
-    calls = _check_recovered(db, emulator_stack, baseline, drifted)
+        own_tenant.control.set_config(holds=[])
+    calls = _check_recovered(db, own_tenant, baseline, drifted)
     assert len(calls) == len(drifted)  # the timed-out write was applied late: read back, not resent
     settled = db.execute(
         "SELECT outcome, error_code FROM certsync.audit_log WHERE phase = 'settlement'"
@@ -358,31 +351,31 @@ def test_client_timeout_with_a_late_applied_write(env, db_again, emulator_stack,
     assert settled == [("applied", "ReadTimeout")]  # the client's own exception: no answer in time
 
 
-def test_normal_run_reads_nothing_back(env, db_again, emulator_stack, baseline, clock) -> None:
-    drifted = _drift(env, emulator_stack, baseline)
+def test_normal_run_reads_nothing_back(env, db_again, own_tenant, baseline, clock) -> None:
+    drifted = _drift(env, own_tenant, baseline)
     run_all(
         _services(env), dag_id="recovery", airflow_run_id=f"normal-{uuid.uuid4()}", logical_date=clock.next()
     )
-    _check_recovered(db_again, emulator_stack, baseline, drifted)
-    requests = emulator_stack.control.requests()
+    _check_recovered(db_again, own_tenant, baseline, drifted)
+    requests = own_tenant.control.requests()
     read_backs = [r for r in requests if r.get("cmdlet") == "Get-Recipient" and r.get("identity")]
     extra_per_changed = len(read_backs) / len(drifted)
     print(f"\nextra requests per changed recipient (normal case): {extra_per_changed}")
     assert extra_per_changed == 0
 
 
-def test_two_runs_started_together_never_interleave(env, db_again, emulator_stack, baseline, clock) -> None:
-    drifted = _drift(env, emulator_stack, baseline)
+def test_two_runs_started_together_never_interleave(env, db_again, own_tenant, baseline, clock) -> None:
+    drifted = _drift(env, own_tenant, baseline)
     first, second = clock.next(), clock.next()
     workers = [_worker(env, f"together-{i}-{uuid.uuid4()}", when) for i, when in enumerate((first, second))]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     assert any("waits for run" in o for o in outputs), outputs
-    calls = _check_recovered(db_again, emulator_stack, baseline, drifted)
+    calls = _check_recovered(db_again, own_tenant, baseline, drifted)
     assert len(calls) == len(drifted)
 
 
-def test_a_second_run_is_refused_naming_the_holder(env, db_again, emulator_stack, baseline, clock) -> None:
+def test_a_second_run_is_refused_naming_the_holder(env, db_again, own_tenant, baseline, clock) -> None:
     from certsync.store import runlock
 
     services = _services(env)
@@ -433,28 +426,26 @@ def test_a_begin_that_waited_for_another_sees_the_slot_it_claimed(env, db_again,
         )
 
 
-def test_the_same_run_key_twice_waits_and_does_not_crash(
-    env, db_again, emulator_stack, baseline, clock
-) -> None:
-    drifted = _drift(env, emulator_stack, baseline)
+def test_the_same_run_key_twice_waits_and_does_not_crash(env, db_again, own_tenant, baseline, clock) -> None:
+    drifted = _drift(env, own_tenant, baseline)
     when, key = clock.next(), f"twice-{uuid.uuid4()}"
     workers = [_worker(env, key, when) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     assert not any("UniqueViolation" in o for o in outputs)
-    calls = _check_recovered(db_again, emulator_stack, baseline, drifted)
+    calls = _check_recovered(db_again, own_tenant, baseline, drifted)
     assert len(calls) == len(drifted)
 
 
-def test_an_older_run_after_a_newer_one_is_superseded(env, db_again, emulator_stack, baseline, clock) -> None:
+def test_an_older_run_after_a_newer_one_is_superseded(env, db_again, own_tenant, baseline, clock) -> None:
     newer = clock.next()
     run_all(_services(env), dag_id="recovery", airflow_run_id=f"newer-{uuid.uuid4()}", logical_date=newer)
-    drifted = _drift(env, emulator_stack, baseline)
+    drifted = _drift(env, own_tenant, baseline)
     key = f"older-{uuid.uuid4()}"
     summary = run_all(
         _services(env), dag_id="recovery", airflow_run_id=key, logical_date=newer - timedelta(seconds=30)
     )
-    assert _set_calls(emulator_stack) == []
+    assert _set_calls(own_tenant) == []
     state = db_again.execute(
         "SELECT state FROM certsync.sync_run WHERE airflow_run_id = %s", (key,)
     ).fetchone()
@@ -463,7 +454,7 @@ def test_an_older_run_after_a_newer_one_is_superseded(env, db_again, emulator_st
     run_all(
         _services(env), dag_id="recovery", airflow_run_id=f"newest-{uuid.uuid4()}", logical_date=clock.next()
     )
-    _check_recovered(db_again, emulator_stack, baseline, drifted)
+    _check_recovered(db_again, own_tenant, baseline, drifted)
 
 
 def test_the_chain_covers_the_new_rows(env, db_again, embedded_pg, baseline) -> None:
@@ -509,7 +500,7 @@ def test_the_chain_covers_the_new_rows(env, db_again, embedded_pg, baseline) -> 
         engine.dispose()
 
 
-def test_a_plan_uses_the_verdicts_of_its_own_time(env, db_again, emulator_stack, baseline, clock) -> None:
+def test_a_plan_uses_the_verdicts_of_its_own_time(env, db_again, own_tenant, baseline, clock) -> None:
     """A newer run validates; an older run re-validates the same values at its own time before the
     newer one plans: the newer plan still uses the verdicts of its time (here, past the CRLs' next
     update, nothing is valid), never the older run's. Dry runs, so that Exchange keeps its state.

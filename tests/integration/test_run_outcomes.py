@@ -34,14 +34,13 @@ def notified(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(sync_env: dict[str, str], embedded_pg, notified: Path) -> Iterator[dict[str, str]]:
-    """The session's settings with databases of this module's own, and our file notifier."""
+def env(own_sync_env: dict[str, str], embedded_pg, notified: Path) -> Iterator[dict[str, str]]:
+    """The session's settings with databases and a tenant of this module's own, and our file notifier."""
     from certsync_lab.stack import certsync_database
 
     notifier = {"notifier": "certsync.airflow.adapter.LogNotifier", "kwargs": {"path": str(notified)}}
     changes = {
-        **sync_env,
-        "AIRFLOW_CONN_CERTSYNC_POSTGRES": connection_uri(certsync_database(embedded_pg, DATABASE)),
+        **own_sync_env,
         "AIRFLOW_CONN_OUTCOMES_FAIL": connection_uri(certsync_database(embedded_pg, FAILING_DATABASE)),
         "AIRFLOW_VAR_CERTSYNC_NOTIFIER": json.dumps(notifier),
     }
@@ -109,11 +108,11 @@ def _task_states(run) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def manual_run(dag, db, env, emulator_stack, lab_at):
+def manual_run(dag, db, env, own_tenant, lab_at):
     """`airflow dags trigger certsync` as Airflow 3 does it: no logical date, only the time it was
     queued for (set to the lab's time, for which the population was planted). One recipient is
     emptied first, so that the run has something to publish whatever ran before it."""
-    _strip_one_recipient(env, emulator_stack)
+    _strip_one_recipient(env, own_tenant)
     return _test(
         dag, logical_date=None, run_after=lab_at + timedelta(days=1), conf={"allow_mass_removal": True}
     )
@@ -157,14 +156,14 @@ def test_a_run_that_publishes_nothing_emits_no_asset_event(manual_run, dag, db, 
     assert _asset_events(run.run_id) == []
 
 
-def _strip_one_recipient(env: dict[str, str], emulator_stack) -> str:
+def _strip_one_recipient(env: dict[str, str], own_tenant) -> str:
     """Empty the certificates of one writable recipient that holds some, through Exchange itself,
     so that the next run has a change to publish; returns its id."""
     from certsync.config import EnvSource, load_settings
     from certsync.exchange.recipients import Recipient
     from certsync.pipeline import Services
 
-    for obj in emulator_stack.control.state()["recipients"]:
+    for obj in own_tenant.control.state()["recipients"]:
         recipient = Recipient.from_exchange(obj)
         writable = not obj["IsDirSynced"] or obj["IsExchangeCloudManaged"]
         if writable and obj["UserCertificate"] and recipient.cmdlet:
@@ -178,26 +177,26 @@ def _strip_one_recipient(env: dict[str, str], emulator_stack) -> str:
     raise AssertionError("no writable recipient holds a certificate")
 
 
-def _holds(emulator_stack, identity: str) -> list:
-    state = emulator_stack.control.state()["recipients"]
+def _holds(own_tenant, identity: str) -> list:
+    state = own_tenant.control.state()["recipients"]
     return next(r["UserCertificate"] for r in state if r["ExternalDirectoryObjectId"] == identity)
 
 
 def test_a_publish_failure_fails_the_dag_run_and_reaches_the_notifier(
-    manual_run, dag, env, emulator_stack, embedded_pg, notified: Path, lab_at
+    manual_run, dag, env, own_tenant, embedded_pg, notified: Path, lab_at
 ) -> None:
     """With every Set-* refused, publish records the failures and finish fails the run; once
     Exchange accepts again, the next run publishes what failed and succeeds."""
-    stripped = _strip_one_recipient(env, emulator_stack)
+    stripped = _strip_one_recipient(env, own_tenant)
     for cmdlet in SET_CMDLETS:
-        emulator_stack.control.inject_fault(
+        own_tenant.control.inject_fault(
             cmdlet=cmdlet, count=10_000, status=400, exception_type="ValidationException", text="refused"
         )
     try:
         run = _test(dag, logical_date=None, run_after=lab_at + timedelta(days=1, hours=1),
                     conf={"postgres_conn_id": "outcomes_fail"})  # fmt: skip
     finally:
-        emulator_stack.control.reset_config()
+        own_tenant.control.reset_config()
     states = _task_states(run)
     assert run.state == "failed", states
     assert states["finish"] == ("failed", 1), "finish must fail once, without retries"
@@ -215,7 +214,7 @@ def test_a_publish_failure_fails_the_dag_run_and_reaches_the_notifier(
     again = _test(dag, logical_date=None, run_after=lab_at + timedelta(days=1, hours=2),
                   conf={"postgres_conn_id": "outcomes_fail"})  # fmt: skip
     assert again.state == "success", _task_states(again)
-    assert _holds(emulator_stack, stripped)
+    assert _holds(own_tenant, stripped)
     assert _asset_events(again.run_id)[0]["published"] >= 1
 
 
@@ -386,18 +385,18 @@ def test_begin_retries_what_is_down_and_fails_at_once_on_wrong_settings(
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
 
 
-def test_token_endpoint_errors_are_retried(env, emulator_stack, lab_at) -> None:
+def test_token_endpoint_errors_are_retried(env, own_tenant, lab_at) -> None:
     from certsync import pipeline
     from certsync.config import EnvSource, load_settings
     from certsync.failures import Unavailable
 
     services = pipeline.Services(settings=load_settings(EnvSource(environ=env)))
-    emulator_stack.control.inject_fault(cmdlet="token", count=50, status=503)
+    own_tenant.control.inject_fault(cmdlet="token", count=50, status=503)
     try:
         with pytest.raises(Unavailable, match="connection 'certsync_exchange'"):
             pipeline.preflight(services)
     finally:
-        emulator_stack.control.reset_config()
+        own_tenant.control.reset_config()
 
 
 def test_postgres_gone_mid_run_is_a_clear_retryable_error(env, embedded_pg) -> None:
