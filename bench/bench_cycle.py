@@ -566,6 +566,15 @@ def churn(stack: Any, share: float, seed: int) -> dict[str, int]:
 # -- one size -----------------------------------------------------------------------------------------------
 
 
+# The values a one-process validation is timed on (cycle_limits.one_process_check): a sample spread
+# over the lab's values by their hash, a few seconds' worth.
+CHECK_SAMPLE_SIZE = 20_000
+CHECK_SAMPLE = """
+SELECT v.attribute, b.value FROM (SELECT DISTINCT attribute, sha256 FROM certsync.source_value) v
+JOIN certsync.cert_blob b USING (sha256) ORDER BY v.sha256 LIMIT :n
+"""
+
+
 def limits(stack: Any, services: Any, run_id: int, page_size: int) -> dict[str, Any]:
     import cycle_limits
     import sqlalchemy as sa
@@ -578,6 +587,11 @@ def limits(stack: Any, services: Any, run_id: int, page_size: int) -> dict[str, 
         values = [bytes(v) for (v,) in conn.execute(sa.text("SELECT value FROM certsync.cert_blob"))]
     found["parse"] = cycle_limits.raw_parse(values)
     del values
+    with services.engine.connect() as conn:
+        at = conn.execute(sa.text("SELECT logical_date FROM certsync.sync_run WHERE run_id = :r"), {"r": run_id}).scalar_one()  # fmt: skip
+        sample = [(a, bytes(v)) for a, v in conn.execute(sa.text(CHECK_SAMPLE), {"n": CHECK_SAMPLE_SIZE})]
+    found["check"] = cycle_limits.one_process_check(sample, trust=services.settings.trust.load(), at=at)
+    del sample
     found["copy"] = cycle_limits.copy_limits(stack.postgres.dsn_for("certsync"), run_id)
     found["load1_after"] = os.getloadavg()[0]
     return found

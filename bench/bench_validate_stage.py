@@ -77,22 +77,20 @@ def clear_verdicts(stack: Any) -> None:
         conn.execute("CHECKPOINT")  # the previous repetition's writes are not flushed during the next
 
 
-def reference_cpu_s(services: Any, run_id: int) -> tuple[int, float]:
+def reference_cpu_s(services: Any, run_id: int) -> tuple[int, float, float]:
     """CPU seconds of Validator.check over the same distinct values in this one process, with no
-    database, pool or verdict saving: the stage's own cost is judged against it in the same run."""
+    database, pool or verdict saving: the stage's own cost is judged against it in the same run.
+    Also the wall seconds of the stage's limit in `make bench` (cycle_limits.raw_parse)."""
+    import cycle_limits
     import sqlalchemy as sa
 
-    from certsync.certificates.validate import Validator
     from certsync.store import runs
 
     with services.engine.connect() as conn:
         at = runs.run_info(conn, run_id).logical_date
         items = [(a, bytes(v)) for a, v in conn.execute(sa.text(REFERENCE_VALUES))]
-    validator = Validator(trust=services.settings.trust.load())
-    began = time.process_time()
-    for attribute, value in items:
-        validator.check(attribute=attribute, value=value, at=at)
-    return len(items), time.process_time() - began
+    checked = cycle_limits.one_process_check(items, trust=services.settings.trust.load(), at=at)
+    return len(items), checked["cpu_s"], cycle_limits.raw_parse([value for _, value in items])["seconds"]
 
 
 REFERENCE_VALUES = """
@@ -127,13 +125,14 @@ def measure(users: int, repeat: int, profile: Path | None) -> None:
                 own = time.process_time() - own  # this process alone: reading, saving, the pool's pipes
                 sampler.sample()
             rss = sampler.peaks["validate"]
-            count, ref_s = reference_cpu_s(services, run_id)
+            count, ref_s, limit_s = reference_cpu_s(services, run_id)
             stage_s = used["certsync"] + used["postgres"]
             rate = counts["validated"] / seconds
             print(
                 f"validate {counts['validated']} values ({counts['refused']} refused) in {seconds:.2f} s,"
                 f" {rate:.0f}/s; CPU s: certsync {used['certsync']:.1f} (this process {own:.1f}) postgres {used['postgres']:.1f};"
                 f" one-process check of the {count} values {ref_s:.1f} CPU s (stage/check {stage_s / ref_s:.2f});"
+                f" limit (raw parse) {limit_s:.2f} s, ratio {limit_s / seconds:.2f};"
                 f" peak RSS MiB: certsync {rss['certsync']:.0f} postgres {rss['postgres']:.0f};"
                 f" load {os.getloadavg()[0]:.1f}",
                 flush=True,

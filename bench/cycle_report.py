@@ -38,7 +38,13 @@ def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float |
         parse = lim["parse"]
         per_value = parse["seconds"] / max(1, parse["items"])
         rate = parse["items"] / parse["seconds"]
-        return per_value * stage["items"], f"DER parse and field read, 1 process, {rate:,.0f}/s"
+        text = f"DER parse and field read, 1 process, {rate:,.0f}/s"
+        if check := lim.get("check"):  # runs before it had no one-process validation
+            checked = check["items"] / check["seconds"]
+            text += (
+                f"; one validation process {checked:,.0f}/s, so 2 can reach {2 * checked / rate:.2f} at most"
+            )
+        return per_value * stage["items"], text
     if name == "plan":
         return copy, "COPY out of the rows read + COPY in of the rows written"
     if name == "publish":
