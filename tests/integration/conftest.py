@@ -168,7 +168,7 @@ def own_sync_env(
         pg=embedded_pg,
         database=request.module.DATABASE,
     )
-    return {**sync_env, **sync_environment(connections, json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]))}
+    return sync_environment(connections, json.loads(sync_env["AIRFLOW_VAR_CERTSYNC_CONFIG"]))
 
 
 # --- the certsync DAG in this process, as dag.test() runs it ---
