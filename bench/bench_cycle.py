@@ -569,6 +569,9 @@ def churn(stack: Any, share: float, seed: int) -> dict[str, int]:
 # The values a one-process validation is timed on (cycle_limits.one_process_check): a sample spread
 # over the lab's values by their hash, a few seconds' worth.
 CHECK_SAMPLE_SIZE = 20_000
+# The DER parse and the one-process validation are timed this many times and the fastest is kept: on
+# one machine a single parse of the same values took 4.2 s in one run and 6.0 s in the next.
+CPU_LIMIT_TRIES = 3
 CHECK_SAMPLE = """
 SELECT v.attribute, b.value FROM (SELECT DISTINCT attribute, sha256 FROM certsync.source_value) v
 JOIN certsync.cert_blob b USING (sha256) ORDER BY v.sha256 LIMIT :n
@@ -585,16 +588,22 @@ def limits(stack: Any, services: Any, run_id: int, page_size: int) -> dict[str, 
     found["recipient_read"] = cycle_limits.raw_recipient_read(services.exchange)
     with services.engine.connect() as conn:
         values = [bytes(v) for (v,) in conn.execute(sa.text("SELECT value FROM certsync.cert_blob"))]
-    found["parse"] = cycle_limits.raw_parse(values)
+    found["parse"] = _fastest(cycle_limits.raw_parse, values)
     del values
     with services.engine.connect() as conn:
         at = conn.execute(sa.text("SELECT logical_date FROM certsync.sync_run WHERE run_id = :r"), {"r": run_id}).scalar_one()  # fmt: skip
         sample = [(a, bytes(v)) for a, v in conn.execute(sa.text(CHECK_SAMPLE), {"n": CHECK_SAMPLE_SIZE})]
-    found["check"] = cycle_limits.one_process_check(sample, trust=services.settings.trust.load(), at=at)
+    trust = services.settings.trust.load()
+    found["check"] = _fastest(cycle_limits.one_process_check, sample, trust=trust, at=at)
     del sample
     found["copy"] = cycle_limits.copy_limits(stack.postgres.dsn_for("certsync"), run_id)
     found["load1_after"] = os.getloadavg()[0]
     return found
+
+
+def _fastest(measure: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    best = min((measure(*args, **kwargs) for _ in range(CPU_LIMIT_TRIES)), key=lambda found: found["seconds"])
+    return {**best, "tries": CPU_LIMIT_TRIES}
 
 
 def with_time_box(env: dict[str, str], seconds: int) -> dict[str, str]:
