@@ -207,8 +207,8 @@ def test_a_worker_without_certsync_postgres_fails_naming_it(environ, monkeypatch
 def test_a_run_reads_the_connections_its_params_name(
     environ, monkeypatch, dag, lab_at, embedded_pg, own_tenant
 ) -> None:
-    """Only other ids are set: the run works through its params alone (a dry run: the emulator's
-    tenant stays as the other modules expect it)."""
+    """Only other ids are set: the run works through its params alone (a dry run: it sends Exchange
+    nothing)."""
     for conn_id in CONN_IDS:
         conn = _conn(environ, conn_id, conn_id=f"{conn_id}_b")
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}_B", connection_uri(conn))
