@@ -569,10 +569,6 @@ def churn(stack: Any, share: float, seed: int) -> dict[str, int]:
 # The values a one-process validation is timed on (cycle_limits.one_process_check): a sample spread
 # over the lab's values by their hash, a few seconds' worth.
 CHECK_SAMPLE_SIZE = 20_000
-CHECK_SAMPLE = """
-SELECT v.attribute, b.value FROM (SELECT DISTINCT attribute, sha256 FROM certsync.source_value) v
-JOIN certsync.cert_blob b USING (sha256) ORDER BY v.sha256 LIMIT :n
-"""
 # The DER parse and the one-process validation are timed this many times and the fastest is kept: on
 # one machine a single parse of the same values took 4.2 s in one run and 6.0 s in the next.
 CPU_LIMIT_TRIES = 3
@@ -582,17 +578,18 @@ def limits(stack: Any, services: Any, run_id: int, page_size: int) -> dict[str, 
     import cycle_limits
     import sqlalchemy as sa
 
+    from certsync.store import runs
+
     pw = cycle_limits.password_file(stack.home, stack.samba.password)
     found: dict[str, Any] = {"load1_before": os.getloadavg()[0]}
     found["ldapsearch"] = cycle_limits.ldapsearch(url=stack.samba.ldap_url, bind_dn=stack.samba.bind_dn, password_file=pw, base=stack.samba.users_ou, page_size=page_size)  # fmt: skip
     found["recipient_read"] = cycle_limits.raw_recipient_read(services.exchange)
     with services.engine.connect() as conn:
         values = [bytes(v) for (v,) in conn.execute(sa.text("SELECT value FROM certsync.cert_blob"))]
+        sample = cycle_limits.distinct_values(conn, limit=CHECK_SAMPLE_SIZE)
+        at = runs.run_info(conn, run_id).logical_date
     found["parse"] = _fastest(cycle_limits.raw_parse, values)
     del values
-    with services.engine.connect() as conn:
-        at = conn.execute(sa.text("SELECT logical_date FROM certsync.sync_run WHERE run_id = :r"), {"r": run_id}).scalar_one()  # fmt: skip
-        sample = [(a, bytes(v)) for a, v in conn.execute(sa.text(CHECK_SAMPLE), {"n": CHECK_SAMPLE_SIZE})]
     trust = services.settings.trust.load()
     found["check"] = _fastest(cycle_limits.one_process_check, sample, trust=trust, at=at)
     del sample

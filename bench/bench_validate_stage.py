@@ -82,20 +82,14 @@ def reference_cpu_s(services: Any, run_id: int) -> tuple[int, float, float]:
     database, pool or verdict saving: the stage's own cost is judged against it in the same run.
     Also the wall seconds of the stage's limit in `make bench` (cycle_limits.raw_parse)."""
     import cycle_limits
-    import sqlalchemy as sa
 
     from certsync.store import runs
 
     with services.engine.connect() as conn:
         at = runs.run_info(conn, run_id).logical_date
-        items = [(a, bytes(v)) for a, v in conn.execute(sa.text(REFERENCE_VALUES))]
+        items = cycle_limits.distinct_values(conn)
     checked = cycle_limits.one_process_check(items, trust=services.settings.trust.load(), at=at)
     return len(items), checked["cpu_s"], cycle_limits.raw_parse([value for _, value in items])["seconds"]
-
-
-REFERENCE_VALUES = """
-SELECT DISTINCT v.attribute, b.value FROM certsync.source_value v JOIN certsync.cert_blob b USING (sha256)
-"""
 
 
 def measure(users: int, repeat: int, profile: Path | None) -> None:

@@ -83,6 +83,20 @@ def raw_parse(values: list[bytes]) -> dict[str, Any]:
     return {"items": len(values), "seconds": time.perf_counter() - began, "not_der": failed}
 
 
+# Each distinct (attribute, value) of the source view, ordered by the value's hash: a LIMIT takes a
+# sample spread over the lab's values.
+DISTINCT_VALUES = """
+SELECT v.attribute, b.value FROM (SELECT DISTINCT attribute, sha256 FROM certsync.source_value) v
+JOIN certsync.cert_blob b USING (sha256) ORDER BY v.sha256 LIMIT %(n)s
+"""
+
+
+def distinct_values(conn: Any, limit: int | None = None) -> list[tuple[str, bytes]]:
+    """The values validation checks, as (attribute, value) pairs; `limit`: the first that many."""
+    with conn.connection.driver_connection.cursor(binary=True) as rows:
+        return [(a, bytes(v)) for a, v in rows.execute(DISTINCT_VALUES, {"n": limit})]
+
+
 def one_process_check(items: list[tuple[str, bytes]], *, trust: Any, at: Any) -> dict[str, Any]:
     """Validator.check of (attribute, value) pairs in this one process, no database or pool: what a
     validation process costs per value on this machine, beside raw_parse in the same run. Two
