@@ -188,8 +188,8 @@ def _wait_for(
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _holds_left(own_tenant) -> int:
-    return sum(rule["count"] for rule in own_tenant.control.config()["holds"])
+def _holds_left(emulator) -> int:
+    return sum(rule["count"] for rule in emulator.control.config()["holds"])
 
 
 def _kill(worker: subprocess.Popen) -> str:

@@ -156,14 +156,14 @@ def test_a_run_that_publishes_nothing_emits_no_asset_event(manual_run, dag, db, 
     assert _asset_events(run.run_id) == []
 
 
-def _strip_one_recipient(env: dict[str, str], own_tenant) -> str:
+def _strip_one_recipient(env: dict[str, str], emulator) -> str:
     """Empty the certificates of one writable recipient that holds some, through Exchange itself,
     so that the next run has a change to publish; returns its id."""
     from certsync.config import EnvSource, load_settings
     from certsync.exchange.recipients import Recipient
     from certsync.pipeline import Services
 
-    for obj in own_tenant.control.state()["recipients"]:
+    for obj in emulator.control.state()["recipients"]:
         recipient = Recipient.from_exchange(obj)
         writable = not obj["IsDirSynced"] or obj["IsExchangeCloudManaged"]
         if writable and obj["UserCertificate"] and recipient.cmdlet:
@@ -177,8 +177,8 @@ def _strip_one_recipient(env: dict[str, str], own_tenant) -> str:
     raise AssertionError("no writable recipient holds a certificate")
 
 
-def _holds(own_tenant, identity: str) -> list:
-    state = own_tenant.control.state()["recipients"]
+def _holds(emulator, identity: str) -> list:
+    state = emulator.control.state()["recipients"]
     return next(r["UserCertificate"] for r in state if r["ExternalDirectoryObjectId"] == identity)
 
 

@@ -24,11 +24,12 @@ from certsync.store import db, planning, runs, source
 from certsync_lab.stack import certsync_database
 
 WHEN = datetime(2026, 6, 1, tzinfo=UTC)
+DATABASE = "certsync_merge"
 
 
 @pytest.fixture(scope="module")
 def engine(embedded_pg):
-    engine = db.create_engine(database_dsn(certsync_database(embedded_pg, "certsync_merge")))
+    engine = db.create_engine(database_dsn(certsync_database(embedded_pg, DATABASE)))
     yield engine
     engine.dispose()
 
@@ -297,7 +298,7 @@ def test_a_full_plan_hash_joins_its_users_while_their_statistics_are_missing(eng
         values_where="WHERE v.object_guid = ANY(%(only)s::uuid[])",
         users_where="WHERE u.object_guid = ANY(%(only)s::uuid[])",
     )
-    with psycopg.connect(embedded_pg.dsn_for("certsync_merge")) as owner:  # rolled back at the end
+    with psycopg.connect(embedded_pg.dsn_for(DATABASE)) as owner:  # rolled back at the end
         owner.execute(SYNTHETIC_FIRST_RUN, {"at": WHEN})
         for table in PLAN_TABLES:  # as right after the first extract and validation
             owner.execute("DELETE FROM pg_statistic WHERE starelid = %s::regclass", (f"certsync.{table}",))
