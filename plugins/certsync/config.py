@@ -243,8 +243,8 @@ class SyncSettings:
     full_read_every: timedelta | None = timedelta(hours=24)
     disabled_accounts: str = "withdraw"
     left_scope: str = "withdraw"
-    # PostgreSQL's work_mem for the plan's transaction, whose statement sorts and hashes every value
-    # with its verdict (64 MB holds them at 100,000 users); 0: the server's own setting.
+    # PostgreSQL's work_mem for the plan's transaction; 0: the server's own setting. The plan reads
+    # its users in parts small enough for the server's default (planning.USERS_PER_PART).
     plan_work_mem_mb: int = 64
 
 

@@ -35,7 +35,7 @@ from certsync.exchange.auth import AuthError
 from certsync.exchange.client import ExchangeClient, ExchangeError
 from certsync.failures import RunFailed, Unavailable, short_message, transient_reason
 from certsync.heap import cycle_collection_paused
-from certsync.plan import AccountPolicy, DeltaScope, build_plan, delta_users
+from certsync.plan import AccountPolicy, DeltaScope, Plan, build_plan, delta_users
 from certsync.store import db, planning, publishing, retention, runlock, runs, runslot, source, validation
 from certsync.store import recipients as recipient_store
 from certsync.store.db import DatabaseError
@@ -360,10 +360,10 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         ThreadPoolExecutor(max_workers=2, thread_name_prefix="certsync-plan") as beside,
     ):
         # Statistics of the tables earlier stages rewrote (sql/0021), on a connection of their own.
-        # A delta plan waits for them: it looks a few rows up in each table. A full plan reads every
-        # row, and its statement hash-joins them even without statistics (the nested loop they
-        # prevent is the danger; test_source_merge checks it), so the ANALYZE, about a second at
-        # 100,000 users, runs beside it.
+        # A delta plan waits for them: it looks a few rows up in each table. A full plan reads its
+        # users by ranges of their key and each verdict by its key, which needs no statistics
+        # (test_source_merge checks it), so the ANALYZE, about a second at 100,000 users, runs
+        # beside it.
         statistics = _beside(beside, services.engine, planning.refresh_statistics)
         planning.use_work_mem(conn, settings.plan_work_mem_mb)
         info = runs.run_info(conn, run_id)
@@ -377,8 +377,8 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         planned = scope.users if scope else None
         planning.start_plan(conn, run_id=run_id)
         gone = planning.gone_reasons(conn)
-        # PostgreSQL needs about a second before the users statement's first row: the run's
-        # snapshot of Exchange is read meanwhile, on a connection of its own.
+        # The run's snapshot of Exchange is read on a connection of its own while PostgreSQL reads
+        # the first part of the users (sent by _started).
         recipients = _beside(
             beside,
             services.engine,
@@ -386,13 +386,20 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
             run_id=run_id,
             only=scope.recipients if scope else None,
         )
+        result = Plan()
         users = _started(
             planning.users_to_plan(
-                conn, run_id=run_id, fingerprint=info.trust_fingerprint, at=info.logical_date, only=planned
+                conn,
+                run_id=run_id,
+                fingerprint=info.trust_fingerprint,
+                at=info.logical_date,
+                only=planned,
+                plan=result,
             )
         )
-        result = build_plan(
+        build_plan(
             users,
+            into=result,
             recipients=recipients.result(),
             published=published,
             policy=policy,

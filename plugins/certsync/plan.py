@@ -122,6 +122,7 @@ class Plan:
     actions: list[Action] = field(default_factory=list)
     results: list[ValueResult] = field(default_factory=list)
     contested: set[str] = field(default_factory=set)  # recipients more than one user matched
+    stored_results: int = 0  # how many of `results` the database holds already (users_to_plan)
 
     def removals(self) -> int:
         return sum(1 for a in self.actions if a.kind == "remove")
@@ -231,14 +232,17 @@ def build_plan(
     policy: AccountPolicy | None = None,
     gone: Mapping[uuid.UUID, str] | None = None,
     claimed_elsewhere: Iterable[str] = (),
+    into: Plan | None = None,
 ) -> Plan:
     """Plan every user, then clear the recipients certsync published to that no user claims any more
     (a user left the scope, was deleted or lost its mail address). `gone` says why users left the
     source view ('deleted' or 'left_scope'); with left_scope=keep the latter keep what they have.
-    `claimed_elsewhere`: recipients claimed by users this plan leaves out (a delta plan)."""
+    `claimed_elsewhere`: recipients claimed by users this plan leaves out (a delta plan). `into`:
+    the Plan to fill (a new one by default); its results grow user by user, each user's before
+    the next is taken from `users`."""
     policy = policy or AccountPolicy()
     by_smtp = {r.primary_smtp.lower(): r for r in recipients}
-    plan = Plan()
+    plan = Plan() if into is None else into
     claimed: set[str] = set(claimed_elsewhere)
     for user in users:
         recipient, unserved = match_recipient(user, by_smtp), "recipient_not_found"

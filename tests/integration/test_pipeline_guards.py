@@ -5,6 +5,7 @@ threshold publish nothing, and secrets stay out of everything the run leaves beh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import uuid
@@ -30,6 +31,7 @@ from certsync.pipeline import (
     run_all,
     validate,
 )
+from certsync.plan import Plan, build_plan
 from certsync.store import planning, validation
 from certsync_lab.pki import Pki
 from certsync_lab.population import SeedUser
@@ -227,6 +229,54 @@ def test_a_value_checked_at_several_times_is_planned_with_one_verdict(
             " c.trust_fingerprint, c.checked_at) = (o.sha256, o.attribute, o.trust_fingerprint, o.checked_at)"
         )
         db.execute("DROP TABLE older")
+
+
+@pytest.mark.parametrize("part_size", [1, 3])
+def test_the_plan_reads_users_in_parts_and_stores_their_results_as_it_plans_them(
+    settled, db, part_size: int
+) -> None:
+    """A full plan reads its users in parts of objectGUID ranges, the next part's statements sent
+    while the plan works on this one: the users come in the same order and with the same verdicts
+    as in one part, and every result the plan gives (selected or why not), with the refused
+    values' own, is stored by the time the users run out."""
+    run_id, fingerprint, at = db.execute(
+        "SELECT run_id, trust_fingerprint, logical_date FROM certsync.sync_run WHERE planned_at IS NOT NULL"
+        " ORDER BY run_id DESC"
+    ).fetchone()
+    read = functools.partial(planning.users_to_plan, run_id=run_id, fingerprint=fingerprint, at=at)
+    with settled.engine.connect() as conn, conn.begin() as tx:
+        planning.start_plan(conn, run_id=run_id)
+        whole = list(read(conn, part_size=10**9))
+        planning.start_plan(conn, run_id=run_id)
+        result = Plan()
+        recipients = planning.recipients(conn, run_id=run_id)
+        parted: list = []
+        users = read(conn, part_size=part_size, plan=result)
+        build_plan((parted.append(u) or u for u in users), recipients=recipients, published={}, into=result)
+        stored = conn.execute(
+            sa.text(
+                "SELECT object_guid, attribute, sha256, selected, reason, rule, detail FROM certsync.value_result"
+                " WHERE run_id = :r"
+            ),
+            {"r": run_id},
+        ).all()
+        tx.rollback()
+    values = db.execute("SELECT count(*) FROM certsync.source_value").fetchone()[0]
+    assert len(whole) > 3 * part_size and any(not u.verdicts for u in whole)
+    assert [u.object_guid for u in whole] == sorted(u.object_guid for u in whole)
+    assert parted == whole
+    planned = {r.object_guid for r in result.results}
+    assert planned == {u.object_guid for u in whole if u.verdicts}
+    assert result.stored_results == len(result.results)
+    mine = [
+        (r.object_guid, r.attribute, r.sha256, r.reason is None, r.reason, r.rule, r.detail)
+        for r in result.results
+    ]
+    assert len(mine) == sum(len(u.verdicts) for u in whole)
+    rows = {tuple(row[:3]): tuple(row) for row in stored}
+    assert len(rows) == len(stored) == values
+    assert [rows.pop(key[:3]) for key in mine] == mine
+    assert rows and not any(selected for _, _, _, selected, *_ in rows.values())  # the refused values'
 
 
 @pytest.mark.parametrize(

@@ -24,47 +24,46 @@ from certsync.store.db import copy_rows
 # Each value with the verdict that holds at the run's time (made at or before it, not yet run out):
 # a backfill's verdicts for an older time, or a newer run's for a later one, are never used. A value
 # can have several such verdicts (cert_verdict's key includes checked_at: a run at a later time
-# checks it again), and the newest is the one that holds.
+# checks it again), and the newest is the one that holds; each is looked up in cert_verdict's key,
+# so the statement needs no statistics to be fast.
 # A refused value's result is its verdict's reason, whatever else holds for its user, so the
 # database records it (`refused`) and the plan reads only the other values: in one statement, one
 # snapshot for both. At 100,000 users 43% of the values were refused; reading them into Python and
 # writing their results back took a fifth of the plan's time.
-USERS_WITH_VERDICTS = """
+VALUES_TO_PLAN = """
 WITH valued AS (
     SELECT v.object_guid, v.attribute, v.ordinal, v.sha256, c.ok, c.reason, c.rule, c.detail, c.issuer,
            c.serial, c.not_before, c.not_after, c.valid_until, c.emails
     FROM certsync.source_value v
-    {verdicts}
-    {values_where}
+    LEFT JOIN LATERAL (
+        SELECT * FROM certsync.cert_verdict
+        WHERE sha256 = v.sha256 AND attribute = v.attribute AND trust_fingerprint = %(fp)s
+          AND checked_at <= %(at)s AND (valid_until IS NULL OR %(at)s < valid_until)
+        ORDER BY checked_at DESC LIMIT 1
+    ) c ON true
+    WHERE {where}
 ), refused AS (
     INSERT INTO certsync.value_result (run_id, object_guid, attribute, sha256, selected, reason, rule, detail)
     SELECT %(run_id)s, object_guid, attribute, sha256, false, reason, rule, detail FROM valued WHERE NOT ok
 )
-SELECT u.object_guid, u.mail, u.proxy_addresses, u.user_account_control, u.recipient_type_details,
-       x.attribute, x.sha256, x.ok, x.issuer, x.serial, x.not_before, x.not_after, x.valid_until, x.emails
-FROM certsync.source_user u
-LEFT JOIN valued x ON x.object_guid = u.object_guid AND x.ok IS NOT FALSE
-{users_where} ORDER BY u.object_guid, x.attribute, x.ordinal
+SELECT object_guid, attribute, sha256, ok, issuer, serial, not_before, not_after, valid_until, emails
+FROM valued WHERE ok IS NOT FALSE ORDER BY object_guid, attribute, ordinal
 """
-# For every user, picked once for all values (DISTINCT ON) so that PostgreSQL can hash them instead
-# of looking each value up.
-EVERY_VALUES_VERDICT = """
-LEFT JOIN (
-    SELECT DISTINCT ON (sha256, attribute) * FROM certsync.cert_verdict
-    WHERE trust_fingerprint = %(fp)s AND checked_at <= %(at)s AND (valid_until IS NULL OR %(at)s < valid_until)
-    ORDER BY sha256, attribute, checked_at DESC
-) c ON c.sha256 = v.sha256 AND c.attribute = v.attribute
+USERS_TO_PLAN = """
+SELECT object_guid, mail, proxy_addresses, user_account_control, recipient_type_details
+FROM certsync.source_user WHERE {where} ORDER BY object_guid
 """
-# For the few users of a delta plan, looked up per value in cert_verdict's key: picking them for
-# all values first took half a second at 100,000 users.
-EACH_VALUES_VERDICT = """
-LEFT JOIN LATERAL (
-    SELECT * FROM certsync.cert_verdict
-    WHERE sha256 = v.sha256 AND attribute = v.attribute
-      AND trust_fingerprint = %(fp)s AND checked_at <= %(at)s AND (valid_until IS NULL OR %(at)s < valid_until)
-    ORDER BY checked_at DESC LIMIT 1
-) c ON true
+STORE_RESULTS = """
+INSERT INTO certsync.value_result (run_id, object_guid, attribute, sha256, selected, reason, rule, detail)
+SELECT %(run_id)s, g, a, s, r IS NULL, r, u, d
+FROM unnest(%(guids)b::uuid[], %(attributes)b::text[], %(sha256s)b::bytea[], %(reasons)b::text[],
+            %(rules)b::text[], %(details)b::text[]) AS t (g, a, s, r, u, d)
 """
+# A full plan reads the users in parts of about this many, by ranges of objectGUID (random, so the
+# ranges hold about as many users each): the database prepares the next part while Python plans one.
+USERS_PER_PART = 5000
+IN_RANGE = "object_guid BETWEEN %(low)s AND %(high)s"
+LISTED = "object_guid = ANY(%(only)s::uuid[])"
 
 
 def _verdict(row: Any) -> Verdict:
@@ -96,36 +95,102 @@ def users_to_plan(
     fingerprint: str,
     at: datetime,
     only: Collection[uuid.UUID] | None = None,
+    plan: Plan | None = None,
+    part_size: int = USERS_PER_PART,
 ) -> Iterator[SourceUser]:
-    """Every user of the source view (or those of `only`) with the verdicts, valid at `at`, of its
-    values that are not refused, streamed; the refused values' results are stored for `run_id` by
-    the same statement (start_plan must have cleared the run's earlier ones). Streamed on `conn`'s
-    own transaction as plain named tuples, which cost a fraction of SQLAlchemy rows, binary, and
-    without a server-side cursor, which cannot hold a statement that writes: nothing else may use
-    `conn` until the users are read."""
+    """Every user of the source view (or those of `only`) in objectGUID order, with the verdicts,
+    valid at `at`, of its values that are not refused; the refused values' results are stored for
+    `run_id` as the users are read (start_plan must have cleared the run's earlier ones).
+
+    Read in parts of about `part_size` users on `conn`'s own transaction, in pipeline mode: the
+    statements of the next part are sent before this part's users are yielded, so PostgreSQL
+    reads and writes the next part while the caller plans this one. `plan` is the Plan the caller
+    fills from the users yielded, user by user: the results it gained are stored with each next
+    part, and all of them once the users run out (`plan.stored_results` counts them). Nothing
+    else may use `conn` until then."""
+    base = {"run_id": run_id, "fp": fingerprint, "at": at}
     if only is None:
-        query = USERS_WITH_VERDICTS.format(verdicts=EVERY_VALUES_VERDICT, values_where="", users_where="")
+        parts = [base | bounds for bounds in _guid_ranges(conn, part_size)]
     else:
-        query = USERS_WITH_VERDICTS.format(
-            verdicts=EACH_VALUES_VERDICT,
-            values_where="WHERE v.object_guid = ANY(%(only)s::uuid[])",
-            users_where="WHERE u.object_guid = ANY(%(only)s::uuid[])",
+        parts = [base | {"only": list(only)}]
+    where = IN_RANGE if only is None else LISTED
+    queries = (VALUES_TO_PLAN.format(where=where), USERS_TO_PLAN.format(where=where))
+    raw = conn.connection.driver_connection
+    with raw.pipeline():
+        sent = _send_part(raw, queries, parts[0])
+        for following in [*parts[1:], None]:
+            users, values = (cursor.fetchall() for cursor in sent)
+            # Sent only now: fetching a part's rows waits for every statement sent before them.
+            if plan is not None:
+                _store_results(raw, run_id, plan)
+            if following is not None:
+                sent = _send_part(raw, queries, following)
+            yield from _with_verdicts(users, values)
+        if plan is not None:
+            _store_results(raw, run_id, plan)
+
+
+def _guid_ranges(conn: Connection, part_size: int) -> list[dict[str, uuid.UUID]]:
+    """objectGUID ranges (bounds included) that split the source view into parts of about
+    `part_size` users."""
+    count = conn.execute(sa.text("SELECT count(*) FROM certsync.source_user")).scalar_one()
+    parts = max(1, -(-count // part_size))
+    starts = [(i << 128) // parts for i in range(parts + 1)]
+    return [
+        {"low": uuid.UUID(int=low), "high": uuid.UUID(int=high - 1)}
+        for low, high in itertools.pairwise(starts)
+    ]
+
+
+def _send_part(
+    raw: psycopg.Connection, queries: tuple[str, str], params: dict[str, Any]
+) -> list[psycopg.Cursor]:
+    """Send one part's statements (values first: the users come back after them); returns the
+    cursors of its users and of its values."""
+    values_query, users_query = queries
+    values = raw.cursor(row_factory=namedtuple_row, binary=True)
+    values.execute(values_query, params)
+    users = raw.cursor(row_factory=namedtuple_row, binary=True)
+    users.execute(users_query, params)
+    return [users, values]
+
+
+def _with_verdicts(users: list[Any], values: list[Any]) -> Iterator[SourceUser]:
+    """Join users and their values (both in objectGUID order) into SourceUsers."""
+    groups = itertools.groupby(values, key=_guid_of)
+    group = next(groups, None)
+    for user in users:
+        verdicts: tuple[Verdict, ...] = ()
+        while group is not None and group[0] < user.object_guid:
+            group = next(groups, None)  # values of a user deleted before its part's users were read
+        if group is not None and group[0] == user.object_guid:
+            verdicts = tuple(_verdict(r) for r in group[1])
+            group = next(groups, None)
+        yield SourceUser(
+            object_guid=user.object_guid,
+            mail=user.mail,
+            addresses=smtp_addresses(user.mail, user.proxy_addresses),
+            verdicts=verdicts,
+            disabled=bool(user.user_account_control & ACCOUNT_DISABLE),
+            recipient_type_details=user.recipient_type_details,
         )
-    params = {"run_id": run_id, "fp": fingerprint, "at": at, "only": list(only or ())}
-    # Rows come in chunks where libpq (17 and later, as psycopg's binary package has) can send them.
-    size = 5000 if psycopg.capabilities.has_stream_chunked() else 1
-    with conn.connection.driver_connection.cursor(row_factory=namedtuple_row, binary=True) as rows:
-        for guid, group in itertools.groupby(rows.stream(query, params, size=size), key=_guid_of):
-            values = list(group)
-            first = values[0]
-            yield SourceUser(
-                object_guid=guid,
-                mail=first.mail,
-                addresses=smtp_addresses(first.mail, first.proxy_addresses),
-                verdicts=tuple(_verdict(r) for r in values if r.sha256 is not None),
-                disabled=bool(first.user_account_control & ACCOUNT_DISABLE),
-                recipient_type_details=first.recipient_type_details,
-            )
+
+
+def _store_results(raw: psycopg.Connection, run_id: int, plan: Plan) -> None:
+    """Send the INSERT of the plan's results not stored yet (pipeline mode: it runs meanwhile)."""
+    new = plan.results[plan.stored_results :]
+    if not new:
+        return
+    columns = {
+        "guids": [r.object_guid for r in new],
+        "attributes": [r.attribute for r in new],
+        "sha256s": [r.sha256 for r in new],
+        "reasons": [r.reason for r in new],
+        "rules": [r.rule for r in new],
+        "details": [r.detail for r in new],
+    }
+    raw.cursor(binary=True).execute(STORE_RESULTS, {"run_id": run_id, **columns})
+    plan.stored_results += len(new)
 
 
 def _guid_of(row: Any) -> uuid.UUID:
@@ -134,7 +199,7 @@ def _guid_of(row: Any) -> uuid.UUID:
 
 def use_work_mem(conn: Connection, megabytes: int) -> None:
     """PostgreSQL's work_mem for the rest of `conn`'s transaction (0: leave the server's own).
-    Below what the users statement sorts and hashes, PostgreSQL spills it to temporary files."""
+    Below what a statement sorts and hashes, PostgreSQL spills it to temporary files."""
     if megabytes:
         conn.execute(sa.text("SELECT set_config('work_mem', :mem, true)"), {"mem": f"{megabytes}MB"})
 
@@ -268,7 +333,7 @@ def save_plan(conn: Connection, *, run_id: int, plan: Plan, batch_size: int, sup
         " FROM STDIN",
         (
             (run_id, r.object_guid, r.attribute, r.sha256, r.reason is None, r.reason, r.rule, r.detail)
-            for r in plan.results
+            for r in plan.results[plan.stored_results :]
         ),
     )
     first_no = conn.execute(
