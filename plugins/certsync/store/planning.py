@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import uuid
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -11,7 +12,6 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from psycopg.rows import namedtuple_row
 from sqlalchemy.engine import Connection
 
 from certsync.certificates.verdict import Verdict
@@ -66,25 +66,27 @@ IN_RANGE = "object_guid BETWEEN %(low)s AND %(high)s"
 LISTED = "object_guid = ANY(%(only)s::uuid[])"
 
 
-def _verdict(row: Any) -> Verdict:
-    """A valid value's verdict, as the plan uses it (refused ones never reach Python)."""
-    if row.ok is None:  # validation did not run for this value: never publish it unchecked
+def _verdict(row: tuple) -> Verdict:
+    """A valid value's verdict, as the plan uses it (refused ones never reach Python), from a row
+    of VALUES_TO_PLAN."""
+    _guid, attribute, sha256, ok, issuer, serial, not_before, not_after, valid_until, emails = row
+    if ok is None:  # validation did not run for this value: never publish it unchecked
         raise RuntimeError(
-            f"value {bytes(row.sha256).hex()} has no verdict valid at the run's time; run validation first"
+            f"value {bytes(sha256).hex()} has no verdict valid at the run's time; run validation first"
         )
     return Verdict(
-        sha256=bytes(row.sha256),
-        attribute=row.attribute,
+        sha256=bytes(sha256),
+        attribute=attribute,
         ok=True,
         reason=None,
         rule=None,
         detail="Valid.",
-        issuer=row.issuer or "",
-        serial=row.serial or "",
-        not_before=row.not_before,
-        not_after=row.not_after,
-        valid_until=row.valid_until,
-        emails=tuple(row.emails or ()),
+        issuer=issuer or "",
+        serial=serial or "",
+        not_before=not_before,
+        not_after=not_after,
+        valid_until=valid_until,
+        emails=tuple(emails or ()),
     )
 
 
@@ -148,31 +150,32 @@ def _send_part(
     """Send one part's statements (values first: the users come back after them); returns the
     cursors of its users and of its values."""
     values_query, users_query = queries
-    values = raw.cursor(row_factory=namedtuple_row, binary=True)
+    # Plain tuples, binary: named ones cost a Python call a row.
+    values = raw.cursor(binary=True)
     values.execute(values_query, params)
-    users = raw.cursor(row_factory=namedtuple_row, binary=True)
+    users = raw.cursor(binary=True)
     users.execute(users_query, params)
     return [users, values]
 
 
-def _with_verdicts(users: list[Any], values: list[Any]) -> Iterator[SourceUser]:
-    """Join users and their values (both in objectGUID order) into SourceUsers."""
-    groups = itertools.groupby(values, key=_guid_of)
+def _with_verdicts(users: list[tuple], values: list[tuple]) -> Iterator[SourceUser]:
+    """Join the rows of USERS_TO_PLAN and VALUES_TO_PLAN (both in objectGUID order) into SourceUsers."""
+    groups = itertools.groupby(values, key=operator.itemgetter(0))
     group = next(groups, None)
-    for user in users:
+    for guid, mail, proxy_addresses, account_control, type_details in users:
         verdicts: tuple[Verdict, ...] = ()
-        while group is not None and group[0] < user.object_guid:
+        while group is not None and group[0] < guid:
             group = next(groups, None)  # values of a user deleted before its part's users were read
-        if group is not None and group[0] == user.object_guid:
+        if group is not None and group[0] == guid:
             verdicts = tuple(_verdict(r) for r in group[1])
             group = next(groups, None)
         yield SourceUser(
-            object_guid=user.object_guid,
-            mail=user.mail,
-            addresses=smtp_addresses(user.mail, user.proxy_addresses),
+            object_guid=guid,
+            mail=mail,
+            addresses=smtp_addresses(mail, proxy_addresses),
             verdicts=verdicts,
-            disabled=bool(user.user_account_control & ACCOUNT_DISABLE),
-            recipient_type_details=user.recipient_type_details,
+            disabled=bool(account_control & ACCOUNT_DISABLE),
+            recipient_type_details=type_details,
         )
 
 
@@ -191,10 +194,6 @@ def _store_results(raw: psycopg.Connection, run_id: int, plan: Plan) -> None:
     }
     raw.cursor(binary=True).execute(STORE_RESULTS, {"run_id": run_id, **columns})
     plan.stored_results += len(new)
-
-
-def _guid_of(row: Any) -> uuid.UUID:
-    return row.object_guid  # type: ignore[no-any-return]
 
 
 def use_work_mem(conn: Connection, megabytes: int) -> None:
