@@ -252,21 +252,21 @@ def scaling_pair(small: dict[str, Any], large: dict[str, Any]) -> list[str]:
 def profiles(all_figures: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     for f in all_figures:
-        for run in f["runs"]:
-            for s in run["stages"]:
-                prof = s.get("profile")
-                if not prof or s["seconds"] < 1.0:
-                    continue
-                lines += [
-                    "",
-                    f"{f['users']:,} users, {run['label']} run, **{s.get('side_by_side', s['stage'])}** ({s['seconds']:.1f} s, {prof[-1]['total_samples']} samples): self time",
-                ]
-                lines += [f"- {p['self']:.0%} {p['function']}" for p in prof[:-1][:8]]
-                lines += [
-                    "  inclusive: "
-                    + "; ".join(f"{fn} {share:.0%}" for fn, share in prof[-1]["top_inclusive"][:8])
-                ]
-                lines += statement_lines(s.get("statements") or [])
+        run = f.get("profiled") or {"stages": []}
+        for s in run["stages"]:
+            prof = s.get("profile")
+            if not prof or s["seconds"] < 1.0:
+                continue
+            lines += [
+                "",
+                f"{f['users']:,} users, a first run apart from the measured ones, **{s.get('side_by_side', s['stage'])}** ({s['seconds']:.1f} s under the profilers, {prof[-1]['total_samples']} samples): self time",
+            ]
+            lines += [f"- {p['self']:.0%} {p['function']}" for p in prof[:-1][:8]]
+            lines += [
+                "  inclusive: "
+                + "; ".join(f"{fn} {share:.0%}" for fn, share in prof[-1]["top_inclusive"][:8])
+            ]
+            lines += statement_lines(s.get("statements") or [])
     return lines or ["No size was profiled (`--profile SIZE`)."]
 
 
