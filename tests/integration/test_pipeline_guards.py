@@ -235,10 +235,10 @@ def test_a_value_checked_at_several_times_is_planned_with_one_verdict(
 def test_the_plan_reads_users_in_parts_and_stores_their_results_as_it_plans_them(
     settled, db, part_size: int
 ) -> None:
-    """A full plan reads its users in parts of objectGUID ranges, the next part's statements sent
-    while the plan works on this one: the users come in the same order and with the same verdicts
-    as in one part, and every result the plan gives (selected or why not), with the refused
-    values' own, is stored by the time the users run out."""
+    """A full plan reads its users in parts of objectGUID ranges (a delta plan: of the users it
+    lists), the next part's statements sent while the plan works on this one: the users come in
+    the same order and with the same verdicts as in one part, and every result the plan gives
+    (selected or why not), with the refused values' own, is stored by the time the users run out."""
     run_id, fingerprint, at = db.execute(
         "SELECT run_id, trust_fingerprint, logical_date FROM certsync.sync_run WHERE planned_at IS NOT NULL"
         " ORDER BY run_id DESC"
@@ -247,6 +247,9 @@ def test_the_plan_reads_users_in_parts_and_stores_their_results_as_it_plans_them
     with settled.engine.connect() as conn, conn.begin() as tx:
         planning.start_plan(conn, run_id=run_id)
         whole = list(read(conn, part_size=10**9))
+        planning.start_plan(conn, run_id=run_id)
+        listed = {u.object_guid for u in whole[::2]}
+        some = list(read(conn, only=listed, part_size=part_size))  # as a delta plan reads
         planning.start_plan(conn, run_id=run_id)
         result = Plan()
         recipients = planning.recipients(conn, run_id=run_id)
@@ -265,6 +268,7 @@ def test_the_plan_reads_users_in_parts_and_stores_their_results_as_it_plans_them
     assert len(whole) > 3 * part_size and any(not u.verdicts for u in whole)
     assert [u.object_guid for u in whole] == sorted(u.object_guid for u in whole)
     assert parted == whole
+    assert some == [u for u in whole if u.object_guid in listed]
     planned = {r.object_guid for r in result.results}
     assert planned == {u.object_guid for u in whole if u.verdicts}
     assert result.stored_results == len(result.results)

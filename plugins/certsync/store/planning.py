@@ -114,7 +114,8 @@ def users_to_plan(
     if only is None:
         parts = [base | bounds for bounds in _guid_ranges(conn, part_size)]
     else:
-        parts = [base | {"only": list(only)}]
+        listed = sorted(only)
+        parts = [base | {"only": listed[i : i + part_size]} for i in range(0, max(len(listed), 1), part_size)]
     where = IN_RANGE if only is None else LISTED
     queries = (VALUES_TO_PLAN.format(where=where), USERS_TO_PLAN.format(where=where))
     raw = conn.connection.driver_connection
