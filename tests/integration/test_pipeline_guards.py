@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import uuid
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
 import ldap3
@@ -31,7 +32,7 @@ from certsync.pipeline import (
     run_all,
     validate,
 )
-from certsync.plan import Plan, build_plan
+from certsync.plan import Plan, SourceUser, build_plan
 from certsync.store import planning, validation
 from certsync_lab.pki import Pki
 from certsync_lab.population import SeedUser
@@ -253,9 +254,15 @@ def test_the_plan_reads_users_in_parts_and_stores_their_results_as_it_plans_them
         planning.start_plan(conn, run_id=run_id)
         result = Plan()
         recipients = planning.recipients(conn, run_id=run_id)
-        parted: list = []
+        parted: list[SourceUser] = []
+
+        def kept(users: Iterable[SourceUser]) -> Iterator[SourceUser]:  # what the plan was given
+            for user in users:
+                parted.append(user)
+                yield user
+
         users = read(conn, part_size=part_size, plan=result)
-        build_plan((parted.append(u) or u for u in users), recipients=recipients, published={}, into=result)
+        build_plan(kept(users), recipients=recipients, published={}, into=result)
         stored = conn.execute(
             sa.text(
                 "SELECT object_guid, attribute, sha256, selected, reason, rule, detail FROM certsync.value_result"
