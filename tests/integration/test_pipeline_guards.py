@@ -232,6 +232,11 @@ def test_a_value_checked_at_several_times_is_planned_with_one_verdict(
         db.execute("DROP TABLE older")
 
 
+RUN_RESULTS = sa.text(
+    "SELECT object_guid, attribute, sha256, selected, reason, rule, detail FROM certsync.value_result WHERE run_id = :r"
+)
+
+
 @pytest.mark.parametrize("part_size", [1, 3])
 def test_the_plan_reads_users_in_parts_and_stores_their_results_as_it_plans_them(
     settled, db, part_size: int
@@ -239,7 +244,8 @@ def test_the_plan_reads_users_in_parts_and_stores_their_results_as_it_plans_them
     """A full plan reads its users in parts of objectGUID ranges (a delta plan: of the users it
     lists), the next part's statements sent while the plan works on this one: the users come in
     the same order and with the same verdicts as in one part, and every result the plan gives
-    (selected or why not), with the refused values' own, is stored by the time the users run out."""
+    (selected or why not), with the refused values' own, is stored by the time the users run out:
+    the same rows save_plan stores for a plan of users read without it."""
     run_id, fingerprint, at = db.execute(
         "SELECT run_id, trust_fingerprint, logical_date FROM certsync.sync_run WHERE planned_at IS NOT NULL"
         " ORDER BY run_id DESC"
@@ -263,14 +269,14 @@ def test_the_plan_reads_users_in_parts_and_stores_their_results_as_it_plans_them
 
         users = read(conn, part_size=part_size, plan=result)
         build_plan(kept(users), recipients=recipients, published={}, into=result)
-        stored = conn.execute(
-            sa.text(
-                "SELECT object_guid, attribute, sha256, selected, reason, rule, detail FROM certsync.value_result"
-                " WHERE run_id = :r"
-            ),
-            {"r": run_id},
-        ).all()
+        stored = conn.execute(RUN_RESULTS, {"r": run_id}).all()
+        # Planned from users read without the plan, save_plan stores the results instead.
+        planning.start_plan(conn, run_id=run_id)
+        unread = build_plan(read(conn), recipients=recipients, published={})
+        planning.save_plan(conn, run_id=run_id, plan=unread, batch_size=100)
+        saved = conn.execute(RUN_RESULTS, {"r": run_id}).all()
         tx.rollback()
+    assert unread.stored_results == len(unread.results) and sorted(saved) == sorted(stored)
     values = db.execute("SELECT count(*) FROM certsync.source_value").fetchone()[0]
     assert len(whole) > 3 * part_size and any(not u.verdicts for u in whole)
     assert [u.object_guid for u in whole] == sorted(u.object_guid for u in whole)

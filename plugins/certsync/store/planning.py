@@ -112,11 +112,12 @@ def users_to_plan(
     else may use `conn` until then."""
     base = {"run_id": run_id, "fp": fingerprint, "at": at}
     if only is None:
+        where = IN_RANGE
         parts = [base | bounds for bounds in _guid_ranges(conn, part_size)]
     else:
+        where = LISTED
         listed = sorted(only)
         parts = [base | {"only": listed[i : i + part_size]} for i in range(0, max(len(listed), 1), part_size)]
-    where = IN_RANGE if only is None else LISTED
     queries = (VALUES_TO_PLAN.format(where=where), USERS_TO_PLAN.format(where=where))
     raw = conn.connection.driver_connection
     with raw.pipeline():
@@ -181,7 +182,7 @@ def _with_verdicts(users: list[tuple], values: list[tuple]) -> Iterator[SourceUs
 
 
 def _store_results(raw: psycopg.Connection, run_id: int, plan: Plan) -> None:
-    """Send the INSERT of the plan's results not stored yet (pipeline mode: it runs meanwhile)."""
+    """INSERT the plan's results not stored yet (in pipeline mode, sent: it runs meanwhile)."""
     new = plan.results[plan.stored_results :]
     if not new:
         return
@@ -193,7 +194,7 @@ def _store_results(raw: psycopg.Connection, run_id: int, plan: Plan) -> None:
         "rules": [r.rule for r in new],
         "details": [r.detail for r in new],
     }
-    raw.cursor(binary=True).execute(STORE_RESULTS, {"run_id": run_id, **columns})
+    raw.execute(STORE_RESULTS, {"run_id": run_id, **columns})
     plan.stored_results += len(new)
 
 
@@ -326,16 +327,9 @@ def start_plan(conn: Connection, *, run_id: int) -> None:
 
 
 def save_plan(conn: Connection, *, run_id: int, plan: Plan, batch_size: int, superseded: bool = False) -> int:
-    """Save this run's plan (after start_plan) and return the number of publish batches."""
-    copy_rows(
-        conn,
-        "COPY certsync.value_result (run_id, object_guid, attribute, sha256, selected, reason, rule, detail)"
-        " FROM STDIN",
-        (
-            (run_id, r.object_guid, r.attribute, r.sha256, r.reason is None, r.reason, r.rule, r.detail)
-            for r in plan.results[plan.stored_results :]
-        ),
-    )
+    """Save this run's plan (after start_plan): its results users_to_plan has not stored, and its
+    actions; return the number of publish batches."""
+    _store_results(conn.connection.driver_connection, run_id, plan)
     first_no = conn.execute(
         sa.text("SELECT coalesce(max(action_no), 0) + 1 FROM certsync.planned_action WHERE run_id = :r"),
         {"r": run_id},
