@@ -603,6 +603,15 @@ def _fastest(measure: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) 
     return {**best, "tries": CPU_LIMIT_TRIES}
 
 
+def lab_services(stack: Any, publish_box: int) -> Any:
+    """certsync's services on the started lab, configured as a worker is: through the environment."""
+    from certsync.config import EnvSource, load_settings
+    from certsync.pipeline import Services
+
+    os.environ.update(with_time_box(stack.environment(), publish_box))
+    return Services(settings=load_settings(EnvSource()))
+
+
 def with_time_box(env: dict[str, str], seconds: int) -> dict[str, str]:
     """The lab's settings with publish_time_box_s: a run publishes for that long and defers the
     rest to the next run (for a size whose whole first publish would not fit the time at hand)."""
@@ -615,9 +624,6 @@ def with_time_box(env: dict[str, str], seconds: int) -> dict[str, str]:
 def measure(users: int, args: argparse.Namespace) -> dict[str, Any]:
     import cycle_naive
 
-    from certsync.config import EnvSource, load_settings
-    from certsync.pipeline import Services
-
     budget = {"rate_per_s": args.rate, "burst": args.burst, "max_concurrency": args.cap}
     stack = build(users)
     figures: dict[str, Any] = {"users": users, "budget": budget, "started": datetime.now(UTC).isoformat()}
@@ -625,8 +631,7 @@ def measure(users: int, args: argparse.Namespace) -> dict[str, Any]:
     figures["build"] = json.loads((stack.home / "built.json").read_text())
     start(stack, budget)
     try:
-        os.environ.update(with_time_box(stack.environment(), args.publish_box))
-        services = Services(settings=load_settings(EnvSource()))
+        services = lab_services(stack, args.publish_box)
         figures["settings"] = {"validation_processes": services.settings.validation_processes, "publish_batch_size": services.settings.publish_batch_size, "exchange_max_concurrency": services.settings.exchange.max_concurrency, "ldap_page_size": services.settings.directory.page_size, "publish_workers": args.workers}  # fmt: skip
         if args.first_only:  # to investigate: one first run, profiled when asked
             first = first_run(stack, services, args.workers, profile=args.profile)
@@ -665,8 +670,7 @@ def measure(users: int, args: argparse.Namespace) -> dict[str, Any]:
         services.engine.dispose()
         if args.profile:
             start(stack, budget)
-            os.environ.update(with_time_box(stack.environment(), args.publish_box))
-            services = Services(settings=load_settings(EnvSource()))
+            services = lab_services(stack, args.publish_box)
             figures["profiled"] = first_run(stack, services, args.workers, profile=True)
             services.engine.dispose()
     finally:
