@@ -60,3 +60,25 @@ def test_stages_side_by_side_leave_it_on_whichever_ends_first(first_to_end: str)
     turn it off again when a has ended."""
     _side_by_side(first_to_end)
     assert gc.isenabled()
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_what_the_block_made_is_left_to_full_collections_and_its_cycles_are_collected() -> None:
+    """The objects a block made go to the oldest generation: the young collection due as soon as
+    the block ends does not scan them (else it would move them only to the middle one). A cycle the
+    block dropped is still collected by the next full collection."""
+    with cycle_collection_paused():
+        kept = [[n] for n in range(1000)]
+        dropped = _Cycle()
+    middle = gc.get_objects(generation=1)  # allocates: the due young collection runs first
+    assert not any(o is kept or o is kept[0] for o in middle)
+    del middle, dropped
+    assert any(o is kept for o in gc.get_objects(generation=2))
+    gc.collect(1)  # young collections do not reach the dropped cycle
+    assert any(isinstance(o, _Cycle) for o in gc.get_objects(generation=2))
+    assert gc.collect() >= 1
+    assert not any(isinstance(o, _Cycle) for o in gc.get_objects())
