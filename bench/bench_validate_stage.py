@@ -89,7 +89,7 @@ def reference_cpu_s(services: Any, run_id: int) -> tuple[int, float, float]:
         at = runs.run_info(conn, run_id).logical_date
         items = cycle_limits.distinct_values(conn)
     checked = cycle_limits.one_process_check(items, trust=services.settings.trust.load(), at=at)
-    return len(items), checked["cpu_s"], cycle_limits.raw_parse([value for _, value in items])["seconds"]
+    return len(items), checked["cpu_s"], cycle_limits.raw_parse(items)["seconds"]
 
 
 def measure(users: int, repeat: int, profile: Path | None) -> None:

@@ -1,6 +1,6 @@
 """What each stage's system allows, measured on the same rows in the same run (bench_cycle.py):
 a raw ldapsearch of the same entries and attributes, a raw paged read of the same recipients, a
-raw DER parse of the same values, and psql COPY of the same rows (in, and out where a stage reads)."""
+raw parse of the certificates in the same values, and psql COPY of the same rows (in, and out where a stage reads)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import os
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs7
 
+from certsync.certificates.parse import USER_SMIME_CERTIFICATE
 from certsync.directory import ATTRIBUTES
 from certsync.directory.settings import USER_FILTER
 from certsync.exchange.client import READ_CMDLETS, RECIPIENT_FIELDS
@@ -63,24 +66,32 @@ def raw_recipient_read(exchange: Any) -> dict[str, Any]:
     return {"items": count, "seconds": time.perf_counter() - began}  # fmt: skip
 
 
-def raw_parse(values: list[bytes]) -> dict[str, Any]:
-    """DER load of every value and a read of the fields any check needs (names, serial, validity,
-    extensions; cryptography decodes them lazily), one process; PKCS#7 blobs fail and are counted."""
+def raw_parse(items: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """Each (attribute, value)'s certificates loaded and the fields any check needs read (names,
+    serial, validity, extensions; cryptography decodes them lazily), one process: a
+    userCertificate as DER, a userSMIMECertificate by cryptography's PKCS#7 loader, each certificate
+    it holds. A value that does not load is counted, as validation refuses it."""
     began = time.perf_counter()
     failed = 0
-    for value in values:
-        try:
-            cert = x509.load_der_x509_certificate(value)
-            _ = (
-                cert.subject,
-                cert.issuer,
-                cert.serial_number,
-                cert.not_valid_after_utc,
-                list(cert.extensions),
-            )
-        except Exception:  # a malformed planted value counts as not parsed, as in validation
-            failed += 1
-    return {"items": len(values), "seconds": time.perf_counter() - began, "not_der": failed}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BER PKCS#7 and negative serials warn
+        for attribute, value in items:
+            try:
+                if attribute == USER_SMIME_CERTIFICATE:
+                    certs = pkcs7.load_der_pkcs7_certificates(value)
+                else:
+                    certs = [x509.load_der_x509_certificate(value)]
+                for cert in certs:
+                    _ = (
+                        cert.subject,
+                        cert.issuer,
+                        cert.serial_number,
+                        cert.not_valid_after_utc,
+                        list(cert.extensions),
+                    )
+            except Exception:  # a malformed planted value counts as not parsed, as in validation
+                failed += 1
+    return {"items": len(items), "seconds": time.perf_counter() - began, "not_parsed": failed}
 
 
 # Each distinct (attribute, value) of the source view, ordered by the value's hash: a LIMIT takes a
