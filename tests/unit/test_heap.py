@@ -13,6 +13,7 @@ from certsync.heap import cycle_collection_paused
 @pytest.fixture(autouse=True)
 def _collector_on() -> None:
     gc.enable()
+    gc.unfreeze()  # nothing frozen, as in a process not forked from a frozen heap
 
 
 def test_the_collector_is_off_inside_and_on_after_even_on_error() -> None:
@@ -82,3 +83,17 @@ def test_what_the_block_made_is_left_to_full_collections_and_its_cycles_are_coll
     assert any(isinstance(o, _Cycle) for o in gc.get_objects(generation=2))
     assert gc.collect() >= 1
     assert not any(isinstance(o, _Cycle) for o in gc.get_objects())
+
+
+def test_a_heap_frozen_before_a_fork_stays_frozen_and_the_block_joins_it() -> None:
+    """A process whose parent froze its heap before forking it (as Airflow's executors do): the
+    block does not thaw what was frozen, and what it made leaves the young generations too."""
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with cycle_collection_paused():
+            kept = [[n] for n in range(1000)]
+        assert gc.get_freeze_count() >= frozen + len(kept)
+        assert not any(o is kept for g in range(3) for o in gc.get_objects(generation=g))
+    finally:
+        gc.unfreeze()
