@@ -48,11 +48,25 @@ def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float |
             )
         return per_value * stage["items"], text
     if name == "plan":
-        return copy, "COPY out of the rows read + COPY in of the rows written"
+        return copy, "COPY out of the rows read + COPY in of the rows written" + _cpu_bound(stage, copy)
     if name == "publish":
         rate = figures["budget"]["rate_per_s"]
         return stage["items"] / rate, f"budget {rate:.0f} requests/s"
     return None, ""
+
+
+def _cpu_bound(stage: dict[str, Any], limit: float | None) -> str:
+    """The best ratio the stage's own CPU allows: certsync's and PostgreSQL's CPU seconds, spread
+    perfectly over the machine's cores, take at least their sum over the cores."""
+    cpu = stage.get("cpu_s", {})
+    used = cpu.get("certsync", 0.0) + cpu.get("postgres", 0.0)
+    cores = psutil.cpu_count() or 1
+    if not limit or used <= 0:
+        return ""
+    return (
+        f"; certsync and PostgreSQL used {used:.1f} CPU s, at least {used / cores:.2f} s on"
+        f" {cores} cores, so {limit * cores / used:.2f} at most"
+    )
 
 
 def _rss(stage: dict[str, Any]) -> float:
