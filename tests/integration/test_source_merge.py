@@ -302,6 +302,7 @@ def test_the_plan_reads_its_users_by_key_while_their_statistics_are_missing(engi
         "values": planning.VALUES_TO_PLAN.format(where=planning.IN_RANGE),
         "users": planning.USERS_TO_PLAN.format(where=planning.IN_RANGE),
         "listed values": planning.VALUES_TO_PLAN.format(where=planning.LISTED),
+        "listed users": planning.USERS_TO_PLAN.format(where=planning.LISTED),
     }
     with psycopg.connect(embedded_pg.dsn_for(DATABASE)) as owner:  # rolled back at the end
         owner.execute(SYNTHETIC_FIRST_RUN, {"at": WHEN})
@@ -336,4 +337,5 @@ def test_the_plan_reads_its_users_by_key_while_their_statistics_are_missing(engi
     for name in ("values", "listed values", "values, generic", "listed values, generic"):
         assert "Index Scan Backward using cert_verdict_pkey" in plans[name], plans[name]
         assert "source_value_pkey" in plans[name], plans[name]
-    assert "source_user_pkey" in plans["users"] and "source_user_pkey" in plans["users, generic"], plans
+    for name in ("users", "users, generic", "listed users", "listed users, generic"):
+        assert "source_user_pkey" in plans[name], plans[name]
