@@ -60,9 +60,9 @@ def _cpu_bound(stage: dict[str, Any], limit: float | None) -> str:
     perfectly over the machine's cores, take at least their sum over the cores."""
     cpu = stage.get("cpu_s", {})
     used = cpu.get("certsync", 0.0) + cpu.get("postgres", 0.0)
-    cores = psutil.cpu_count() or 1
     if not limit or used <= 0:
         return ""
+    cores = psutil.cpu_count() or 1
     return (
         f"; certsync and PostgreSQL used {used:.1f} CPU s, at least {used / cores:.2f} s on"
         f" {cores} cores, so {limit * cores / used:.2f} at most"
