@@ -41,12 +41,17 @@ def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float |
         text = f"parse and field read of the values' certificates (PKCS#7 by cryptography's loader), 1 process, {rate:,.0f}/s"
         if parse.get("tries", 1) > 1:  # earlier runs timed it once
             text += f" (the fastest of {parse['tries']})"
+        limit = per_value * stage["items"]
         if check := lim.get("check"):  # runs before it had no one-process validation
             checked = check["items"] / check["seconds"]
             text += (
                 f"; one validation process {checked:,.0f}/s, so 2 can reach {2 * checked / rate:.2f} at most"
             )
-        return per_value * stage["items"], text
+            # The check's own CPU for the stage's values, with nothing around it, stands in for
+            # certsync's: the bound says what the check costs, whatever the pool adds.
+            per_check = check.get("cpu_s", check["seconds"]) / max(1, check["items"])
+            text += _cpu_bound(stage, limit, certsync=per_check * stage["items"], who="the check alone")
+        return limit, text
     if name == "plan":
         return copy, "COPY out of the rows read + COPY in of the rows written" + _cpu_bound(stage, copy)
     if name == "publish":
@@ -55,16 +60,19 @@ def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float |
     return None, ""
 
 
-def _cpu_bound(stage: dict[str, Any], limit: float | None) -> str:
-    """The best ratio the stage's own CPU allows: certsync's and PostgreSQL's CPU seconds, spread
-    perfectly over the machine's cores, take at least their sum over the cores."""
+def _cpu_bound(
+    stage: dict[str, Any], limit: float | None, *, certsync: float | None = None, who: str = "certsync"
+) -> str:
+    """The best ratio the stage's own CPU allows: certsync's (or `certsync` CPU seconds, said to be
+    `who`'s) and PostgreSQL's CPU seconds, spread perfectly over the machine's cores, take at least
+    their sum over the cores."""
     cpu = stage.get("cpu_s", {})
-    used = cpu.get("certsync", 0.0) + cpu.get("postgres", 0.0)
+    used = (cpu.get("certsync", 0.0) if certsync is None else certsync) + cpu.get("postgres", 0.0)
     if not limit or used <= 0:
         return ""
     cores = psutil.cpu_count() or 1
     return (
-        f"; certsync and PostgreSQL used {used:.1f} CPU s, at least {used / cores:.2f} s on"
+        f"; {who} and PostgreSQL used {used:.1f} CPU s, at least {used / cores:.2f} s on"
         f" {cores} cores, so {limit * cores / used:.2f} at most"
     )
 
