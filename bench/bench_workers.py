@@ -295,7 +295,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=REPO / ".certsync" / "test-cache" / "samba",
         help="folder of the provisioned domain's tarball (the integration tests' cache by default)",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "workers.json")
+    parser.add_argument(
+        "--out", type=Path, help="figures file (default: bench/workers-USERS.json, which RESULTS.md shows)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep each stack's folder (logs, volumes)")
     return parser.parse_args(argv)
 
@@ -312,7 +314,8 @@ def main(argv: list[str]) -> int:
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "runs": [measure(int(n), directory=directory, args=args) for n in args.workers.split(",")],
     }
-    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    out = args.out or REPO / "bench" / f"workers-{args.users}.json"
+    out.write_text(json.dumps(figures, indent=2) + "\n")
     print(render(figures))
     return 0 if all(run["state"] == "success" for run in figures["runs"]) else 1
 

@@ -12,7 +12,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 NOTES = Path(__file__).with_name("RESULTS-notes.md")
-WORKERS = Path(__file__).with_name("workers.json")  # bench_workers.py: one Celery worker against two
+WORKERS = "workers-*.json"  # bench_workers.py, per size: one Celery worker against two
 
 TARGET_FULL_S = 90.0
 TARGET_DELTA_S = 15.0
@@ -308,7 +308,7 @@ def statement_lines(statements: list[dict[str, Any]]) -> list[str]:
 def workers_section(figures: dict[str, Any]) -> list[str]:
     """The same DAG run on the compose profile with one Celery worker and with two (bench_workers.py)."""
     lines = [
-        "## One Celery worker against two (`bench_workers.py`)",
+        f"## One Celery worker against two, {figures['users']:,} users (`bench_workers.py`)",
         "",
         f"The DAG triggered through the REST API on the compose profile in namespaces, {figures['users']:,} users,"
         f" `publish_batch_size` {figures['publish_batch_size']}, {figures['cpus']} cores, measured"
@@ -348,8 +348,9 @@ def write(path: Path, figure_files: list[Path]) -> None:
     for f in all_figures:
         lines += [*size_section(f), ""]
     lines += ["## Scaling", "", *scaling(all_figures), "", "## Profiles (py-spy)", *profiles(all_figures), ""]
-    if WORKERS.exists():
-        lines += [*workers_section(json.loads(WORKERS.read_text())), ""]
+    workers = [json.loads(p.read_text()) for p in Path(__file__).parent.glob(WORKERS)]
+    for figures in sorted(workers, key=lambda f: f["users"]):
+        lines += [*workers_section(figures), ""]
     if NOTES.exists():  # figures measured apart from make bench, kept across regenerations
         lines += [NOTES.read_text()]
     # Profiles name processes by their command lines: paths shown relative to the checkout.
