@@ -50,29 +50,32 @@ def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float |
             # The check's own CPU for the stage's values, with nothing around it, stands in for
             # certsync's: the bound says what the check costs, whatever the pool adds.
             per_check = check.get("cpu_s", check["seconds"]) / max(1, check["items"])
-            text += _cpu_bound(stage, limit, certsync=per_check * stage["items"], who="the check alone")
+            used = per_check * stage["items"] + _cpu_of(stage, "postgres")
+            text += _cpu_bound(limit, used, "the check alone and PostgreSQL")
         return limit, text
     if name == "plan":
-        return copy, "COPY out of the rows read + COPY in of the rows written" + _cpu_bound(stage, copy)
+        used = _cpu_of(stage, "certsync") + _cpu_of(stage, "postgres")
+        return copy, "COPY out of the rows read + COPY in of the rows written" + _cpu_bound(
+            copy, used, "certsync and PostgreSQL"
+        )
     if name == "publish":
         rate = figures["budget"]["rate_per_s"]
         return stage["items"] / rate, f"budget {rate:.0f} requests/s"
     return None, ""
 
 
-def _cpu_bound(
-    stage: dict[str, Any], limit: float | None, *, certsync: float | None = None, who: str = "certsync"
-) -> str:
-    """The best ratio the stage's own CPU allows: certsync's (or `certsync` CPU seconds, said to be
-    `who`'s) and PostgreSQL's CPU seconds, spread perfectly over the machine's cores, take at least
-    their sum over the cores."""
-    cpu = stage.get("cpu_s", {})
-    used = (cpu.get("certsync", 0.0) if certsync is None else certsync) + cpu.get("postgres", 0.0)
+def _cpu_of(stage: dict[str, Any], tree: str) -> float:
+    return stage.get("cpu_s", {}).get(tree, 0.0)
+
+
+def _cpu_bound(limit: float | None, used: float, who: str) -> str:
+    """The best ratio `used` CPU seconds (`who`'s) allow: spread perfectly over the machine's
+    cores, they take at least their sum over the cores."""
     if not limit or used <= 0:
         return ""
     cores = psutil.cpu_count() or 1
     return (
-        f"; {who} and PostgreSQL used {used:.1f} CPU s, at least {used / cores:.2f} s on"
+        f"; {who} used {used:.1f} CPU s, at least {used / cores:.2f} s on"
         f" {cores} cores, so {limit * cores / used:.2f} at most"
     )
 
