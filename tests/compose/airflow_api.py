@@ -59,7 +59,15 @@ def wait_for_run(
 
 
 def task_instances(api: Api, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-    """Every task instance of the run (mapped ones one per map index), as the API gives them."""
-    response = api.call("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000")
-    response.raise_for_status()
-    return list(response.json()["task_instances"])
+    """Every task instance of the run (mapped ones one per map index), as the API gives them.
+
+    Read page by page: the server caps a page at its `maximum_page_limit` (100 by default) whatever
+    `limit` asks, so a run with more (a publish mapped over 200 batches) would be cut short."""
+    found: list[dict[str, Any]] = []
+    while True:
+        response = api.call("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances?offset={len(found)}")
+        response.raise_for_status()
+        page = response.json()
+        found += page["task_instances"]
+        if not page["task_instances"] or len(found) >= page["total_entries"]:
+            return found

@@ -123,15 +123,22 @@ class SchedulerLab:
         return dict(self.api("GET", f"/dags/certsync/dagRuns/{quote(run_id, safe='')}"))
 
     def dag_runs(self, *, run_type: str | None = None) -> list[dict[str, Any]]:
-        runs = self.api("GET", "/dags/certsync/dagRuns?limit=100&order_by=run_after")["dag_runs"]
+        runs = self._whole_page("/dags/certsync/dagRuns?limit=100&order_by=run_after", "dag_runs")
         return [r for r in runs if run_type is None or r["run_type"] == run_type]
 
     def task_instances(self, run_id: str) -> list[dict[str, Any]]:
-        return list(
-            self.api("GET", f"/dags/certsync/dagRuns/{quote(run_id, safe='')}/taskInstances")[
-                "task_instances"
-            ]
+        return self._whole_page(
+            f"/dags/certsync/dagRuns/{quote(run_id, safe='')}/taskInstances", "task_instances"
         )
+
+    def _whole_page(self, path: str, key: str) -> list[dict[str, Any]]:
+        """A listing's one page, which must hold all of it: the server caps pages at 100 entries,
+        and these labs' runs stay far below that; a test must not judge a list cut short."""
+        page = self.api("GET", path)
+        assert len(page[key]) == page["total_entries"], (
+            f"{path}: {page['total_entries']} entries, one page read"
+        )
+        return list(page[key])
 
     def wait_for_run(self, run_id: str, *, timeout: float = 180.0) -> str:
         """The run's terminal state; fails naming every task's state when time runs out."""
