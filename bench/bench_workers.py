@@ -1,7 +1,7 @@
 """The certsync DAG on the compose stack's Celery profile: one run with one worker, then the same run
 with two (`docker compose --profile celery up --scale airflow-worker=2`), each on a fresh stack.
 
-    .venv/bin/python bench/bench_workers.py --users 5000 --publish-batch-size 200
+    .venv/bin/python bench/bench_workers.py --users 20000 --publish-batch-size 200
 
 The stack runs as docker-compose.yml describes it, service by service in namespaces
 (tests/compose/namespaces.py; needs root, no outer `unshare -n`). Both runs start from the same
@@ -40,6 +40,7 @@ sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
 
 from bench_cycle import Periodic, tree_cpu_s  # noqa: E402
 
+from certsync.config import DEFAULT_PUBLISH_BATCH_SIZE  # noqa: E402
 from tests.compose.airflow_api import Api, task_instances, trigger, wait_for_dag, wait_for_run  # noqa: E402
 from tests.compose.namespaces import NamespaceStack, compose_up, volume_dir  # noqa: E402
 
@@ -281,7 +282,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--publish-batch-size", type=int, default=200)
+    parser.add_argument("--publish-batch-size", type=int, default=DEFAULT_PUBLISH_BATCH_SIZE)
     parser.add_argument("--workers", default="1,2", help="worker counts to measure in turn")
     parser.add_argument("--workdir", type=Path, default=REPO / ".certsync" / "bench-workers")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds a run may take")

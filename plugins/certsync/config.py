@@ -216,6 +216,12 @@ class SettingNames:
                 raise ConfigError(f"{name} must be a connection or variable id, not {value!r}")
 
 
+# Each publish batch is a mapped task, and Airflow spends about 1.8 s scheduling and starting one
+# whatever its size: at 100,000 users on one 2-slot Celery worker, 243 batches of 200 published in
+# 420 s and 49 of 1,000 in 189 s (bench/README.md, "One Celery worker or two").
+DEFAULT_PUBLISH_BATCH_SIZE = 1000
+
+
 @dataclass(frozen=True)
 class SyncSettings:
     directory: DirectorySettings
@@ -224,7 +230,7 @@ class SyncSettings:
     names: SettingNames = field(default_factory=SettingNames)
     database_dsn: str = field(default="", repr=False)
     removal_threshold: int = 500
-    publish_batch_size: int = 200
+    publish_batch_size: int = DEFAULT_PUBLISH_BATCH_SIZE
     validation_processes: int = 2
     # How long a stage waits for another run to finish before it is refused (0: refuse at once).
     run_lock_wait_s: int = 600
@@ -476,7 +482,9 @@ def load_settings(
         names=names,
         database_dsn=database_dsn(_require(source.connection(postgres_conn_id), postgres_conn_id)),
         removal_threshold=_int_setting(where, config, "removal_threshold", 500, minimum=0),
-        publish_batch_size=_int_setting(where, config, "publish_batch_size", 200, minimum=1),
+        publish_batch_size=_int_setting(
+            where, config, "publish_batch_size", DEFAULT_PUBLISH_BATCH_SIZE, minimum=1
+        ),
         validation_processes=_int_setting(where, config, "validation_processes", 2, minimum=1),
         run_lock_wait_s=_int_setting(where, config, "run_lock_wait_s", 600, minimum=0),
         publish_time_box_s=_int_setting(where, config, "publish_time_box_s", 0, minimum=0),
