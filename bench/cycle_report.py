@@ -87,9 +87,8 @@ def _rss(stage: dict[str, Any]) -> float:
 def _cpu(stage: dict[str, Any]) -> str:
     """CPU seconds of certsync's, PostgreSQL's and the lab's (Samba, emulator) process trees, and
     the cores they kept busy on average: a stage near the machine's cores is bound by its CPU."""
-    cpu = stage.get("cpu_s", {})
-    mine, db = cpu.get("certsync", 0.0), cpu.get("postgres", 0.0)
-    lab = cpu.get("samba", 0.0) + cpu.get("emulator", 0.0)
+    mine, db = _cpu_of(stage, "certsync"), _cpu_of(stage, "postgres")
+    lab = _cpu_of(stage, "samba") + _cpu_of(stage, "emulator")
     span = stage["window_s"] if "side_by_side" in stage else stage["seconds"]
     busy = (mine + db + lab) / span if span > 0 else None
     return f"{mine:.1f}, {db:.1f}, {lab:.1f} | {_n(busy, 2)}"
