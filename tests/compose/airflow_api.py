@@ -4,6 +4,7 @@ then /api/v2 to wait for the DAG, trigger a run, follow it and read its task ins
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -58,16 +59,25 @@ def wait_for_run(
     raise AssertionError(f"run {run_id} did not finish within {timeout:.0f} s")
 
 
-def task_instances(api: Api, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-    """Every task instance of the run (mapped ones one per map index), as the API gives them.
-
-    Read page by page: the server caps a page at its `maximum_page_limit` (100 by default) whatever
-    `limit` asks, so a run with more (a publish mapped over 200 batches) would be cut short."""
+def every_entry(get: Callable[[str], Any], path: str, key: str) -> list[dict[str, Any]]:
+    """Every entry of an API v2 listing (`get(path)` answers one page as JSON), page by page: the
+    server caps a page at its `maximum_page_limit` (100 by default) whatever `limit` asks, so a
+    run with more task instances (a publish mapped over 200 batches) would be cut short."""
     found: list[dict[str, Any]] = []
+    joiner = "&" if "?" in path else "?"
     while True:
-        response = api.call("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances?offset={len(found)}")
-        response.raise_for_status()
-        page = response.json()
-        found += page["task_instances"]
-        if not page["task_instances"] or len(found) >= page["total_entries"]:
+        page = get(f"{path}{joiner}offset={len(found)}")
+        found += page[key]
+        if not page[key] or len(found) >= page["total_entries"]:
             return found
+
+
+def task_instances(api: Api, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    """Every task instance of the run (mapped ones one per map index), as the API gives them."""
+
+    def get(path: str) -> Any:
+        response = api.call("GET", path)
+        response.raise_for_status()
+        return response.json()
+
+    return every_entry(get, f"dags/{dag_id}/dagRuns/{run_id}/taskInstances", "task_instances")

@@ -9,6 +9,7 @@ test session stays in its own namespace.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ import sqlalchemy as sa
 
 from certsync_lab.agreement import emulator_disagreements
 from certsync_lab.emulator.control import EmulatorControl
+from tests.compose.airflow_api import every_entry
 from tests.netns import join_netns
 
 T = TypeVar("T")
@@ -123,22 +125,14 @@ class SchedulerLab:
         return dict(self.api("GET", f"/dags/certsync/dagRuns/{quote(run_id, safe='')}"))
 
     def dag_runs(self, *, run_type: str | None = None) -> list[dict[str, Any]]:
-        runs = self._whole_page("/dags/certsync/dagRuns?limit=100&order_by=run_after", "dag_runs")
+        runs = every_entry(
+            functools.partial(self.api, "GET"), "/dags/certsync/dagRuns?order_by=run_after", "dag_runs"
+        )
         return [r for r in runs if run_type is None or r["run_type"] == run_type]
 
     def task_instances(self, run_id: str) -> list[dict[str, Any]]:
-        return self._whole_page(
-            f"/dags/certsync/dagRuns/{quote(run_id, safe='')}/taskInstances", "task_instances"
-        )
-
-    def _whole_page(self, path: str, key: str) -> list[dict[str, Any]]:
-        """A listing's one page, which must hold all of it: the server caps pages at 100 entries,
-        and these labs' runs stay far below that; a test must not judge a list cut short."""
-        page = self.api("GET", path)
-        assert len(page[key]) == page["total_entries"], (
-            f"{path}: {page['total_entries']} entries, one page read"
-        )
-        return list(page[key])
+        path = f"/dags/certsync/dagRuns/{quote(run_id, safe='')}/taskInstances"
+        return every_entry(functools.partial(self.api, "GET"), path, "task_instances")
 
     def wait_for_run(self, run_id: str, *, timeout: float = 180.0) -> str:
         """The run's terminal state; fails naming every task's state when time runs out."""
