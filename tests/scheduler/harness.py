@@ -35,6 +35,8 @@ from tests.netns import join_netns
 
 T = TypeVar("T")
 TERMINAL = frozenset({"success", "failed"})
+FAILED_TRIES = frozenset({"failed", "up_for_retry"})  # tries that ran and failed
+FAILED_LOG_LINES = 30
 CERT_ATTRIBUTES = ("userCertificate", "userSMIMECertificate")
 
 
@@ -65,6 +67,14 @@ def _process_titles() -> Iterator[tuple[int, str]]:
             except OSError:
                 continue
             yield int(proc.name), raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def _log_line(event: dict[str, Any]) -> str:
+    """One structured log event as text, with the exception it carries (Airflow's error_detail)."""
+    line = " ".join(str(event.get(k) or "") for k in ("timestamp", "level", "logger", "event")).strip()
+    for error in event.get("error_detail") or ():
+        line += f"\n    {error.get('exc_type')}: {error.get('exc_value')}"
+    return line
 
 
 def iso(moment: datetime) -> str:
@@ -160,8 +170,31 @@ class SchedulerLab:
         raise AssertionError(f"{task_id} of {run_id} never {sorted(wanted)}: {self.describe_tasks(run_id)}")
 
     def describe_tasks(self, run_id: str) -> str:
+        """Every task's state and try, then the end of each failed try's log: a scheduler test that
+        fails once in many runs must say why from its message (its lab is gone by then)."""
         tis = sorted(self.task_instances(run_id), key=lambda t: (t["start_date"] or "", t["task_id"]))
-        return ", ".join(f"{t['task_id']}[{t['map_index']}]={t['state']}(try {t['try_number']})" for t in tis)
+        states = ", ".join(
+            f"{t['task_id']}[{t['map_index']}]={t['state']}(try {t['try_number']})" for t in tis
+        )
+        logs = [
+            f"\n--- {t['task_id']}[{t['map_index']}] try {t['try_number']} ({t['state']}), its log's end:\n"
+            + "\n".join(self.task_log(t)[-FAILED_LOG_LINES:])
+            for t in tis
+            if t["state"] in FAILED_TRIES
+        ]
+        return states + "".join(logs)
+
+    def task_log(self, ti: dict[str, Any]) -> list[str]:
+        """The log of a task instance's latest try, one line per event (the API's structured log)."""
+        path = (
+            f"/dags/certsync/dagRuns/{quote(ti['dag_run_id'], safe='')}/taskInstances/{ti['task_id']}"
+            f"/logs/{ti['try_number']}?full_content=true&map_index={ti['map_index']}"
+        )
+        try:
+            content = self.api("GET", path)["content"]
+        except AssertionError as exc:  # describing a failure must not hide it
+            return [f"(no log: {exc})"]
+        return [entry if isinstance(entry, str) else _log_line(entry) for entry in content]
 
     def clear_tasks(self, logical_date: datetime, *, task_regex: str | None = None) -> None:
         """`airflow tasks clear` of the run at `logical_date`: all its tasks, or those whose id the

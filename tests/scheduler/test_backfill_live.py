@@ -9,6 +9,7 @@ so far when it plans.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
@@ -85,6 +86,10 @@ def test_failed_backfill_interval_shows_failed_and_reprocess_failed_publishes_on
     assert lab.wait_for_run(run_id, timeout=RUN_TIMEOUT_S) == "failed", lab.describe_tasks(run_id)
     record = lab.sync_run(run_id)
     assert record is not None and record["state"] == "failed", record
+    # A failed run's description ends with its failed tries' logs: finish's names the failed actions.
+    described = lab.describe_tasks(run_id)
+    finish_log = re.split(r"--- finish\[-1\] try \d+ \(failed\)", described)[1:]
+    assert finish_log and f"run {record['run_id']} failed: " in finish_log[0], described
     refused = lab.writes(since)
     assert refused and all(w["status"] == 400 for w in refused), refused
     failed = lab.query(
