@@ -646,13 +646,15 @@ def measure(users: int, args: argparse.Namespace) -> dict[str, Any]:
             )
             steady = cycle.run(label="steady", mode="full")
             print(render_run(steady), flush=True)
-            figures["churn"] = churn(stack, args.churn, seed=int(time.time()))
+            # The churn reads every entry with its certificates: apart too, as the limits.
+            seed = int(time.time())
+            figures["churn"] = cycle.apart("churn", lambda _: churn(stack, args.churn, seed=seed))
             delta = cycle.run(label="delta", mode="delta")
             print(render_run(delta), flush=True)
             # Minutes apart, each delta read reaches back over the first run's whole publish
             # (changed_overlap_minutes, 30). Runs further apart than the overlap, as hourly runs
             # are, read only what changed since: the same churn again, with the overlap passed.
-            figures["churn_later"] = churn(stack, args.churn, seed=int(time.time()) + 1)
+            figures["churn_later"] = cycle.apart("churn", lambda _: churn(stack, args.churn, seed=seed + 1))
             cycle.services = overlap_passed(services)
             later = cycle.run(label="delta_later", mode="delta")
             print(render_run(later), flush=True)
