@@ -190,9 +190,9 @@ class SchedulerLab:
             f"/dags/certsync/dagRuns/{quote(ti['dag_run_id'], safe='')}/taskInstances/{ti['task_id']}"
             f"/logs/{ti['try_number']}?full_content=true&map_index={ti['map_index']}"
         )
-        try:
+        try:  # describing a failure must not hide it: an unreadable log is only named
             content = self.api("GET", path)["content"]
-        except AssertionError as exc:  # describing a failure must not hide it
+        except (AssertionError, KeyError, ValueError, httpx.HTTPError) as exc:
             return [f"(no log: {exc})"]
         return [entry if isinstance(entry, str) else _log_line(entry) for entry in content]
 
