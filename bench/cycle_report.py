@@ -24,23 +24,30 @@ def _n(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _fastest_of(limit: dict[str, Any]) -> str:
+    """How a limit was timed, for its text: earlier runs timed each limit but the parse once."""
+    return f" (the fastest of {limit['tries']})" if limit.get("tries", 1) > 1 else ""
+
+
 def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float | None, str]:
     """Seconds the stage's system needs for the same rows (measured in the same run), and what."""
     lim, name = figures["limits"], stage["stage"]
     copy = lim["copy"].get(name, {}).get("seconds")
     if name == "extract":
         raw = lim["ldapsearch"]["seconds"]
-        return max(raw, copy), f"ldapsearch {raw:.1f} s, COPY {copy:.1f} s (overlapped: the larger)"
+        text = f"ldapsearch {raw:.1f} s, COPY {copy:.1f} s (overlapped: the larger)"
+        return max(raw, copy), text + _fastest_of(lim["ldapsearch"])
     if name == "read_recipients":
         raw = lim["recipient_read"]["seconds"]
-        return max(raw, copy), f"raw paged Get-* {raw:.1f} s, COPY {copy:.1f} s"
+        return max(raw, copy), f"raw paged Get-* {raw:.1f} s, COPY {copy:.1f} s" + _fastest_of(
+            lim["recipient_read"]
+        )
     if name == "validate":
         parse = lim["parse"]
         per_value = parse["seconds"] / max(1, parse["items"])
         rate = parse["items"] / parse["seconds"]
         text = f"parse and field read of the values' certificates (PKCS#7 by cryptography's loader), 1 process, {rate:,.0f}/s"
-        if parse.get("tries", 1) > 1:  # earlier runs timed it once
-            text += f" (the fastest of {parse['tries']})"
+        text += _fastest_of(parse)
         limit = per_value * stage["items"]
         if check := lim.get("check"):  # runs before it had no one-process validation
             checked = check["items"] / check["seconds"]
@@ -55,9 +62,8 @@ def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float |
         return limit, text
     if name == "plan":
         used = _cpu_of(stage, "certsync") + _cpu_of(stage, "postgres")
-        return copy, "COPY out of the rows read + COPY in of the rows written" + _cpu_bound(
-            copy, used, "certsync and PostgreSQL"
-        )
+        text = "COPY out of the rows read + COPY in of the rows written" + _fastest_of(lim["copy"][name])
+        return copy, text + _cpu_bound(copy, used, "certsync and PostgreSQL")
     if name == "publish":
         rate = figures["budget"]["rate_per_s"]
         return stage["items"] / rate, f"budget {rate:.0f} requests/s"
