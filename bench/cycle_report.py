@@ -25,7 +25,8 @@ def _n(value: float | None, digits: int = 0) -> str:
 
 
 def _fastest_of(limit: dict[str, Any]) -> str:
-    """How a limit was timed, for its text: earlier runs timed each limit but the parse once."""
+    """How a limit was timed, for its text: before 4 December only the parse and the check were
+    timed more than once."""
     return f" (the fastest of {limit['tries']})" if limit.get("tries", 1) > 1 else ""
 
 
@@ -33,15 +34,14 @@ def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float |
     """Seconds the stage's system needs for the same rows (measured in the same run), and what."""
     lim, name = figures["limits"], stage["stage"]
     copy = lim["copy"].get(name, {}).get("seconds")
+    copied = f"COPY {copy:.1f} s{_fastest_of(lim['copy'].get(name, {}))}" if copy is not None else ""
     if name == "extract":
         raw = lim["ldapsearch"]["seconds"]
-        text = f"ldapsearch {raw:.1f} s, COPY {copy:.1f} s (overlapped: the larger)"
-        return max(raw, copy), text + _fastest_of(lim["ldapsearch"])
+        text = f"ldapsearch {raw:.1f} s{_fastest_of(lim['ldapsearch'])}, {copied} (overlapped: the larger)"
+        return max(raw, copy), text
     if name == "read_recipients":
         raw = lim["recipient_read"]["seconds"]
-        return max(raw, copy), f"raw paged Get-* {raw:.1f} s, COPY {copy:.1f} s" + _fastest_of(
-            lim["recipient_read"]
-        )
+        return max(raw, copy), f"raw paged Get-* {raw:.1f} s{_fastest_of(lim['recipient_read'])}, {copied}"
     if name == "validate":
         parse = lim["parse"]
         per_value = parse["seconds"] / max(1, parse["items"])
