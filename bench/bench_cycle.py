@@ -582,18 +582,23 @@ def limits(stack: Any, services: Any, run_id: int, page_size: int) -> dict[str, 
 
     pw = cycle_limits.password_file(stack.home, stack.samba.password)
     found: dict[str, Any] = {"load1_before": os.getloadavg()[0]}
-    found["ldapsearch"] = _fastest(cycle_limits.ldapsearch, url=stack.samba.ldap_url, bind_dn=stack.samba.bind_dn, password_file=pw, base=stack.samba.users_ou, page_size=page_size)  # fmt: skip
-    found["recipient_read"] = _fastest(cycle_limits.raw_recipient_read, services.exchange)
+    found["ldapsearch"] = cycle_limits.fastest(cycle_limits.ldapsearch, tries=LIMIT_TRIES, url=stack.samba.ldap_url, bind_dn=stack.samba.bind_dn, password_file=pw, base=stack.samba.users_ou, page_size=page_size)  # fmt: skip
+    found["recipient_read"] = cycle_limits.fastest(
+        cycle_limits.raw_recipient_read, services.exchange, tries=LIMIT_TRIES
+    )
     with services.engine.connect() as conn:
         items = cycle_limits.distinct_values(conn)
         at = runs.run_info(conn, run_id).logical_date
-    found["parse"] = _fastest(cycle_limits.raw_parse, items)
+    found["parse"] = cycle_limits.fastest(cycle_limits.raw_parse, items, tries=LIMIT_TRIES)
     trust = services.settings.trust.load()
-    found["check"] = _fastest(cycle_limits.one_process_check, items[:CHECK_SAMPLE_SIZE], trust=trust, at=at)
+    found["check"] = cycle_limits.fastest(
+        cycle_limits.one_process_check, items[:CHECK_SAMPLE_SIZE], tries=LIMIT_TRIES, trust=trust, at=at
+    )
     del items
-    found["copy"] = _fastest_copies(stack.postgres.dsn_for("certsync"), run_id)
+    dsn = stack.postgres.dsn_for("certsync")
+    found["copy"] = cycle_limits.copy_limits(dsn, run_id, tries=LIMIT_TRIES)
     found["load1_after"] = os.getloadavg()[0]
-    _settle(stack.postgres.dsn_for("certsync"))
+    _settle(dsn)
     return found
 
 
@@ -607,28 +612,6 @@ def _settle(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CHECKPOINT")
     os.sync()
-
-
-def _fastest(measure: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    best = min((measure(*args, **kwargs) for _ in range(LIMIT_TRIES)), key=lambda found: found["seconds"])
-    return {**best, "tries": LIMIT_TRIES}
-
-
-def _fastest_copies(dsn: str, run_id: int) -> dict[str, dict[str, Any]]:
-    """cycle_limits.copy_limits with each stage's COPYs timed LIMIT_TRIES times: a stage's limit is the
-    sum of each COPY's fastest."""
-    import cycle_limits
-
-    tries = [cycle_limits.copy_limits(dsn, run_id) for _ in range(LIMIT_TRIES)]
-    found: dict[str, dict[str, Any]] = {}
-    for stage, first in tries[0].items():
-        parts = {name: min((t[stage]["parts"][name] for t in tries), key=lambda p: p["seconds"]) for name in first["parts"]}  # fmt: skip
-        found[stage] = {
-            "seconds": sum(p["seconds"] for p in parts.values()),
-            "parts": parts,
-            "tries": LIMIT_TRIES,
-        }
-    return found
 
 
 def lab_services(stack: Any, publish_box: int) -> Any:
