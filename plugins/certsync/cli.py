@@ -248,7 +248,7 @@ def validate(files, anchors, intermediates, crls, profile, attribute, at, emails
             verdict = validator.check(attribute=attribute, value=value, at=at)
             verdict = with_email_check(verdict, emails, every_rule=True) if emails else verdict
             refused += not verdict.ok
-            fields = {k: v for k, v in verdict.__dict__.items() if k not in ("sha256", "more_failures")}
+            fields = {k: v for k, v in verdict._asdict().items() if k not in ("sha256", "more_failures")}
             failures = [failure._asdict() for failure in verdict.failures]
             record = {
                 "file": str(path),

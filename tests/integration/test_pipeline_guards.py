@@ -4,7 +4,6 @@ threshold publish nothing, and secrets stay out of everything the run leaves beh
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -169,7 +168,7 @@ def test_saved_verdicts_hold_every_field_and_a_retry_replaces_them(settled, db, 
     columns = "sha256, attribute, ok, reason, rule, detail, subject, issuer, serial, not_before, not_after, valid_until, emails"  # fmt: skip
     with settled.engine.connect() as conn:
         for detail in ("first try", None):
-            saving = [dataclasses.replace(v, detail=detail or v.detail) for v in verdicts]
+            saving = [v._replace(detail=detail or v.detail) for v in verdicts]
             with conn.begin():
                 saved = validation.save_verdicts(conn, verdicts=saving, fingerprint="copy-test", run_id=run_id, at=lab_at)  # fmt: skip
     stored = db.execute(

@@ -3,7 +3,6 @@ however many blobs package it."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -82,7 +81,7 @@ def test_the_packaging_that_holds_longest_is_kept(pki, planted, trust_files):
     validator = _enterprise(trust_files)
     leaf = planted["valid-rsa"].value
     first = validator.check(attribute="userSMIMECertificate", value=pki.pkcs7_certs_only([leaf]), at=pki.now)
-    longer = dataclasses.replace(first, sha256=b"\x01" * 32, valid_until=None)
+    longer = first._replace(sha256=b"\x01" * 32, valid_until=None)
     assert select_values([first, longer]).kept == (longer,)
     other = validator.check(attribute="userCertificate", value=planted["valid-ec-p256"].value, at=pki.now)
     assert {v.sha256 for v in select_values([first, other]).kept} == {first.sha256, other.sha256}

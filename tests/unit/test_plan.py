@@ -3,7 +3,6 @@ recipient holds, with conflicts and unknown recipients reported instead of writt
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -157,8 +156,7 @@ def _world(rng, *, users: int, addresses: list[str]) -> tuple[list[SourceUser], 
         for mail in [rng.choice([*addresses, None])]
     ]
     recipients = [
-        dataclasses.replace(
-            _recipient(*rng.sample(pool, rng.randint(0, 2)), smtp=smtp, synced=rng.random() < 0.2),
+        _recipient(*rng.sample(pool, rng.randint(0, 2)), smtp=smtp, synced=rng.random() < 0.2)._replace(
             recipient_id=f"r{n}",
         )
         for n, smtp in enumerate(rng.sample(addresses, len(addresses) - 2))
@@ -173,8 +171,7 @@ def _applied(plan, recipients: list[Recipient], published: dict) -> tuple[list[R
     for action in plan.actions:
         if action.kind in ("add", "replace", "remove"):
             rid = action.recipient.recipient_id
-            by_id[rid] = dataclasses.replace(
-                by_id[rid],
+            by_id[rid] = by_id[rid]._replace(
                 user_certificate=action.user_certificate,
                 user_smime_certificate=action.user_smime_certificate,
             )
@@ -187,8 +184,8 @@ def _changed(rng, people, recipients, addresses):
     changed: set[uuid.UUID] = set()
     people = list(people)
     for i in rng.sample(range(len(people)), 3):
-        people[i] = dataclasses.replace(
-            people[i], mail=(m := rng.choice(addresses)), addresses=(m,), verdicts=people[i].verdicts[:1]
+        people[i] = people[i]._replace(
+            mail=(m := rng.choice(addresses)), addresses=(m,), verdicts=people[i].verdicts[:1]
         )
         changed.add(people[i].object_guid)
     del people[rng.randrange(len(people))]
@@ -203,10 +200,10 @@ def _changed(rng, people, recipients, addresses):
     changed.add(fresh.object_guid)
     recipients = list(recipients)
     for i in rng.sample(range(len(recipients)), 2):
-        recipients[i] = dataclasses.replace(recipients[i], user_certificate=())  # drift
+        recipients[i] = recipients[i]._replace(user_certificate=())  # drift
     gone = rng.randrange(len(recipients))
     free = sorted(set(addresses) - {r.primary_smtp for r in recipients} | {recipients[gone].primary_smtp})
-    recipients[gone] = dataclasses.replace(recipients[0], recipient_id="r-new", primary_smtp=rng.choice(free))
+    recipients[gone] = recipients[0]._replace(recipient_id="r-new", primary_smtp=rng.choice(free))
     return people, recipients, changed
 
 

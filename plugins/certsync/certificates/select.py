@@ -12,8 +12,8 @@ identified by its issuer and serial number (RFC 5280 4.1.2.2: unique per issuer)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from certsync.certificates.reasons import Reason
 from certsync.certificates.verdict import Verdict
@@ -23,8 +23,7 @@ _OLDEST = datetime.min.replace(tzinfo=UTC)
 _FOREVER = datetime.max.replace(tzinfo=UTC)
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):
     kept: tuple[Verdict, ...]
     dropped: tuple[tuple[Verdict, Reason], ...]
 
