@@ -359,12 +359,6 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         cycle_collection_paused(),
         ThreadPoolExecutor(max_workers=2, thread_name_prefix="certsync-plan") as beside,
     ):
-        # Statistics of the tables earlier stages rewrote (sql/0021), on a connection of their own.
-        # A delta plan waits for them: it looks a few rows up in each table. A full plan reads its
-        # users by ranges of their key and each verdict by its key, which needs no statistics
-        # (test_source_merge checks it), so the ANALYZE, about a second at 100,000 users, runs
-        # beside it.
-        statistics = _beside(beside, services.engine, planning.refresh_statistics)
         planning.use_work_mem(conn, settings.plan_work_mem_mb)
         info = runs.run_info(conn, run_id)
         superseded = _superseded(conn, info)
@@ -372,7 +366,7 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         base = None if superseded else _delta_base(conn, info, policy)
         scope = None
         if base is not None:
-            statistics.result()
+            _refresh_statistics(services.engine)
             scope = _delta_scope(conn, info, base, published)
         planned = scope.users if scope else None
         planning.start_plan(conn, run_id=run_id)
@@ -406,8 +400,6 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
             gone=gone,
             claimed_elsewhere=scope.claimed_elsewhere if scope else (),
         )
-        if analyzed := statistics.result():
-            log.info("analyzed %s, rewritten since their statistics were taken", ", ".join(analyzed))
         if result.removals() > settings.removal_threshold and not allow_mass_removal and not superseded:
             raise RemovalThresholdExceeded(
                 f"plan removes all certificates of {result.removals()} recipients, more than"
@@ -435,6 +427,17 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
     # Never an empty list: Airflow marks a task mapped over nothing `removed`, and a later clear or
     # reprocess of the run does not expand it again, so the batches of a re-plan would never be sent.
     return list(range(max(batches, 1)))
+
+
+def _refresh_statistics(engine: Engine) -> None:
+    """Statistics of the tables earlier stages rewrote (sql/0021), for a delta plan: it looks a few
+    rows up in each table. A full plan reads its users by ranges of their key and each verdict by
+    its key, which needs no statistics (test_source_merge checks it): it leaves the ANALYZE, about
+    a second of a core at 100,000 users, to autovacuum after it, not beside it on the same cores."""
+    with engine.begin() as side:  # its own transaction: the statistics are committed at once
+        analyzed = planning.refresh_statistics(side)
+    if analyzed:
+        log.info("analyzed %s, rewritten since their statistics were taken", ", ".join(analyzed))
 
 
 def _beside(pool: ThreadPoolExecutor, engine: Engine, work: Callable[..., T], **kwargs: Any) -> Future[T]:
