@@ -230,8 +230,8 @@ def test_a_rerun_of_a_run_keeps_the_values_its_earlier_try_merged(engine) -> Non
 
 
 def test_a_plan_analyzes_the_tables_a_stage_rewrote_and_only_those(engine) -> None:
-    """A first run plans seconds after writing its tables, before autovacuum analyzed them, and
-    PostgreSQL without statistics joined the verdicts by a nested loop (sql/0021). The plan's
+    """A run plans seconds after writing its tables, before autovacuum analyzed them, and
+    PostgreSQL without statistics joined the verdicts by a nested loop (sql/0021). A delta plan's
     refresh analyzes a table rewritten since its statistics, then none until it changes again."""
     rng = random.Random(13)
     with engine.begin() as conn:
@@ -294,8 +294,8 @@ PARAMETER_TYPES = {
 
 
 def test_the_plan_reads_its_users_by_key_while_their_statistics_are_missing(engine, embedded_pg) -> None:
-    """A full plan reads its users while their tables are still being analyzed beside it
-    (pipeline.plan): without statistics, each part's statements must read users and values by
+    """A full plan reads its users before their tables are analyzed (pipeline.plan leaves the
+    ANALYZE to autovacuum): without statistics, each part's statements must read users and values by
     their keys' ranges and look each verdict up by cert_verdict's key, never scan a whole table
     (once per part, that would grow with the square of the users)."""
     statements = {
