@@ -34,9 +34,9 @@ SHARED_TYPE_BITS = 4 | 16 | 32 | 8589934592 | 17179869184 | 34359738368
 
 
 class SourceUser(NamedTuple):
-    """A user of the source view as the plan reads it. This record and those below are NamedTuples,
-    not frozen dataclasses, which cost four times as much to make: a plan makes one per user and
-    per value."""
+    """A user of the source view as the plan reads it. It, ValueResult and Action are NamedTuples,
+    not frozen dataclasses, which took twice as long to make: a plan makes one per user and per
+    value."""
 
     object_guid: uuid.UUID
     mail: str | None

@@ -22,7 +22,8 @@ class Failure(NamedTuple):
 class Verdict(NamedTuple):
     """Immutable and picklable: crosses process boundaries and is stored per value sha256. A
     NamedTuple, not a frozen dataclass: a plan makes one per valid value and a validation one per
-    value, and a frozen dataclass sets each of its 14 fields by a call of its own (4 times slower).
+    value, and a frozen dataclass sets each of its 14 fields by a call of its own (2.0 us to make
+    one, against 0.7 us).
 
     A refused verdict's reason, rule and detail are its first failing rule; `more_failures` holds
     the others when the validator was asked for every rule (the pipeline stops at the first)."""
