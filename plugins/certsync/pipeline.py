@@ -357,7 +357,7 @@ def plan(services: Services, *, run_id: int, allow_mass_removal: bool = False) -
         services.run_lock(run_id, "plan"),
         services.engine.begin() as conn,
         cycle_collection_paused(),
-        ThreadPoolExecutor(max_workers=2, thread_name_prefix="certsync-plan") as beside,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="certsync-plan") as beside,
     ):
         planning.use_work_mem(conn, settings.plan_work_mem_mb)
         info = runs.run_info(conn, run_id)
