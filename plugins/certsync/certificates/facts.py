@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
@@ -14,8 +14,9 @@ SMTP_UTF8_MAILBOX = ObjectIdentifier("1.3.6.1.5.5.7.8.9")
 MAX_NAME_CHARS = 512
 
 
-@dataclass(frozen=True)
-class Facts:
+class Facts(NamedTuple):
+    """A NamedTuple, not a frozen dataclass: validation makes one per value (see Verdict)."""
+
     subject: str
     serial: str
     serial_number: int

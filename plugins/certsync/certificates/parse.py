@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from cryptography import x509
 
@@ -33,17 +32,19 @@ MS_ENCRYPTION_KEY_PREFERENCE = "1.3.6.1.4.1.311.16.4"
 SMIME_ENCRYPTION_KEY_PREFERENCE = "1.2.840.113549.1.9.16.2.11"  # asn1crypto's "encrypt_key_pref"
 
 
-@dataclass(frozen=True)
-class Parsed:
+class Parsed(NamedTuple):
+    """One value read: its leaf and the other certificates, or why it could not be. A NamedTuple,
+    not a frozen dataclass: validation makes one per value (see Verdict)."""
+
     attribute: str
     sha256: bytes
     leaf: bytes | None = None
     extra: tuple[bytes, ...] = ()
     error: Reason | None = None
     detail: str = ""
-    certificate: x509.Certificate | None = field(default=None, repr=False, compare=False)
-    serial_number: int | None = field(default=None, repr=False, compare=False)
-    extra_certificates: tuple[x509.Certificate, ...] = field(default=(), repr=False, compare=False)
+    certificate: x509.Certificate | None = None
+    serial_number: int | None = None
+    extra_certificates: tuple[x509.Certificate, ...] = ()
 
     @property
     def ok(self) -> bool:
