@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
 import psycopg
@@ -63,8 +63,11 @@ def _whole_run(services: Services, db, when: datetime) -> int:
     return db.execute("SELECT run_id FROM certsync.sync_run WHERE airflow_run_id = %s", (key,)).fetchone()[0]
 
 
-def _planned_run(services: Services, when: datetime) -> tuple[int, list[int]]:
-    """A run up to its saved plan, stage by stage as the DAG runs them."""
+def _planned_run(
+    services: Services, when: datetime, *, before_plan: Callable[[int], object] | None = None
+) -> tuple[int, list[int]]:
+    """A run up to its saved plan, stage by stage as the DAG runs them (`before_plan`: called with
+    the run's id between validate and plan)."""
     run_id = begin(
         services,
         dag_id="record",
@@ -76,6 +79,8 @@ def _planned_run(services: Services, when: datetime) -> tuple[int, list[int]]:
     extract(services, run_id=run_id)
     read_recipients(services, run_id=run_id)
     validate(services, run_id=run_id)
+    if before_plan is not None:
+        before_plan(run_id)
     return run_id, plan(services, run_id=run_id)
 
 
@@ -220,3 +225,52 @@ def _waiting_on(db, statement: str, worker: subprocess.Popen, timeout_s: float =
         assert worker.poll() is None, f"the worker ended first: {worker.communicate()[0][-4000:]}"
         time.sleep(0.05)
     raise AssertionError(f"nothing waited in {statement!r} within {timeout_s:.0f} s")
+
+
+PLAN_TABLES = ("cert_verdict", "exo_recipient", "source_user", "source_value")  # sql/0021
+
+
+def test_a_delta_plan_analyzes_the_tables_rewritten_before_it(services, db, lab_at) -> None:
+    """sql/0021: a plan can start seconds after a stage rewrote a table it reads, before autovacuum
+    analyzed it, and without statistics PostgreSQL joined the verdicts by a nested loop. A delta
+    plan refreshes them first (pipeline._refresh_statistics). Autovacuum is off for those tables
+    here, so only the plan can have analyzed them."""
+    base = _whole_run(services, db, lab_at + timedelta(days=7))
+    stale = []
+
+    def rewrite_the_verdicts(_run_id: int) -> None:
+        # As a re-validation under new trust files would: every verdict changed since its statistics.
+        rows = db.execute("UPDATE certsync.cert_verdict SET detail = detail").rowcount
+        db.execute("SELECT pg_stat_force_next_flush()")  # this session reports its counts at once
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _statistics(db)["cert_verdict"][1] < rows:
+            time.sleep(0.2)
+        stale.append(_statistics(db))
+
+    for table in PLAN_TABLES:
+        db.execute(f"ALTER TABLE certsync.{table} SET (autovacuum_enabled = off)")
+    try:
+        run_id, batches = _planned_run(
+            services, lab_at + timedelta(days=7, hours=1), before_plan=rewrite_the_verdicts
+        )
+        after = _statistics(db)
+    finally:
+        for table in PLAN_TABLES:
+            db.execute(f"ALTER TABLE certsync.{table} RESET (autovacuum_enabled)")
+    assert _scope(db, run_id)[:2] == ("delta", base)
+    (before,) = stale
+    assert before["cert_verdict"][1] >= 60, before  # all of them: over 50 rows and a tenth of the table
+    assert after["cert_verdict"] == (before["cert_verdict"][0] + 1, 0), (before, after)
+    for batch in batches:
+        publish(services, run_id=run_id, batch=batch)
+    finish(services, run_id=run_id)
+
+
+def _statistics(db) -> dict[str, tuple[int, int]]:
+    """Per table the plan reads: (times analyzed by an ANALYZE statement, rows changed since)."""
+    rows = db.execute(
+        "SELECT relname, analyze_count, n_mod_since_analyze FROM pg_stat_user_tables"
+        " WHERE schemaname = 'certsync' AND relname = ANY(%s)",
+        (list(PLAN_TABLES),),
+    )
+    return {name: (int(count), int(changed)) for name, count, changed in rows}
