@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from certsync.certificates.parse import USER_SMIME_CERTIFICATE
@@ -67,11 +69,13 @@ def raw_recipient_read(exchange: Any) -> dict[str, Any]:
     return {"items": count, "seconds": time.perf_counter() - began}  # fmt: skip
 
 
-def raw_parse(items: list[tuple[str, bytes]]) -> dict[str, Any]:
+def raw_parse(items: list[tuple[str, bytes]], *, signers: dict[bytes, Any] | None = None) -> dict[str, Any]:
     """Each (attribute, value)'s certificates loaded and the fields any check needs read (names,
     serial, validity, extensions; cryptography decodes them lazily), one process: a
     userCertificate as DER, a userSMIMECertificate by cryptography's PKCS#7 loader, each certificate
-    it holds. A value that does not load is counted, as validation refuses it."""
+    it holds. A value that does not load is counted, as validation refuses it. With `signers`
+    (issuer_keys), each certificate that a configured CA issued also has its signature checked
+    with that CA's key, nothing else: the one check a validation cannot skip."""
     began = time.perf_counter()
     failed = 0
     with warnings.catch_warnings():
@@ -90,9 +94,32 @@ def raw_parse(items: list[tuple[str, bytes]]) -> dict[str, Any]:
                         cert.not_valid_after_utc,
                         list(cert.extensions),
                     )
+                    if signers is not None:
+                        _signature_checked(cert, signers)
             except Exception:  # a malformed planted value counts as not parsed, as in validation
                 failed += 1
     return {"items": len(items), "seconds": time.perf_counter() - began, "not_parsed": failed}
+
+
+def issuer_keys(trust: Any) -> dict[bytes, Any]:
+    """The public key of each configured anchor and intermediate, by its subject's encoding."""
+    return {ca.subject.public_bytes(): ca.public_key() for ca in (*trust.anchors, *trust.intermediates)}
+
+
+def _signature_checked(cert: x509.Certificate, signers: dict[bytes, Any]) -> None:
+    key = signers.get(cert.issuer.public_bytes())
+    if key is None:  # an unknown issuer: validation refuses it without a signature check
+        return
+    signature, signed = cert.signature, cert.tbs_certificate_bytes
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, signed, cert.signature_algorithm_parameters, cert.signature_hash_algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, signed, cert.signature_algorithm_parameters)
+        else:
+            key.verify(signature, signed)
+    except InvalidSignature:  # checked, and refused by validation; the value was parsed
+        pass
 
 
 # Each distinct (attribute, value) of the source view, ordered by the value's hash: a LIMIT takes a
