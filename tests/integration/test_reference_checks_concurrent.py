@@ -1,6 +1,6 @@
 """sql/0028: the per-statement reference checks (0022, 0025) hold when a delete and an insert of
 rows naming what it deletes run at the same time, as the foreign keys they replaced did: whichever
-comes second waits for the first to end, then sees its rows."""
+comes second waits for the first to end, then sees its rows. sql/0029: and against TRUNCATE."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ from certsync_lab.postgres import EmbeddedPostgres
 pytestmark = pytest.mark.integration
 
 WAIT_S = 10.0
+VERDICT = (
+    "INSERT INTO certsync.cert_verdict (sha256, attribute, trust_fingerprint, ok, detail, checked_run_id,"
+    " checked_at) VALUES (%s, 'userCertificate', 'fp', true, 'Valid.', %s, now())"
+)
 
 
 @dataclass(frozen=True)
@@ -127,11 +131,7 @@ def test_a_verdict_naming_a_certificate_being_deleted_waits_then_is_refused(name
         deleter.execute("DELETE FROM certsync.cert_blob WHERE sha256 = %s", (named.blob,))
         insert = Blocked(
             named.app,
-            lambda c: c.execute(
-                "INSERT INTO certsync.cert_verdict (sha256, attribute, trust_fingerprint, ok, detail,"
-                " checked_run_id, checked_at) VALUES (%s, 'userCertificate', 'fp', true, 'Valid.', %s, now())",
-                (named.blob, named.run),
-            ),
+            lambda c: c.execute(VERDICT, (named.blob, named.run)),
         )
         assert insert.waiting(observer), (
             "the insert did not wait for the transaction deleting its certificate"
@@ -190,3 +190,31 @@ def test_reference_checks_refuse_a_snapshot_kept_for_the_transaction(named: Name
         conn.execute(f"SET TRANSACTION ISOLATION LEVEL {level}")
         with pytest.raises(psycopg.errors.FeatureNotSupported, match=r"delete from certsync\.source_user"):
             conn.execute("DELETE FROM certsync.source_user")
+
+
+def test_a_certificate_or_user_that_values_name_cannot_be_truncated_alone(named: Named) -> None:
+    """sql/0029: TRUNCATE deletes no row one by one; it is refused while rows naming the table
+    remain, unless the same command truncates them too, as with the keys."""
+    with psycopg.connect(named.owner) as conn:
+        _name_the_certificate(conn, named)
+        conn.execute(VERDICT, (named.blob, named.run))
+        conn.commit()
+        for truncated, table, naming in (
+            ("cert_blob", "cert_blob", "source_value"),
+            ("source_user", "source_user", "source_value"),
+            ("cert_blob, certsync.source_value", "cert_blob", "cert_verdict"),
+        ):
+            with pytest.raises(
+                psycopg.errors.ForeignKeyViolation,
+                match=rf"truncating certsync\.{table} leaves the rows of certsync\.{naming}",
+            ):
+                conn.execute(f"TRUNCATE certsync.{truncated}")
+            conn.rollback()
+        assert conn.execute("SELECT count(*) FROM certsync.cert_blob").fetchone() == (1,)
+        conn.execute(
+            "TRUNCATE certsync.cert_blob, certsync.source_user, certsync.source_value, certsync.cert_verdict"
+        )
+        conn.commit()
+        assert conn.execute(
+            "SELECT (SELECT count(*) FROM certsync.cert_blob), (SELECT count(*) FROM certsync.source_user)"
+        ).fetchone() == (0, 0)
