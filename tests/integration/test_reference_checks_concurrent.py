@@ -1,6 +1,6 @@
 """sql/0028: the per-statement reference checks (0022, 0025) hold when a delete and an insert of
 rows naming what it deletes run at the same time, as the foreign keys they replaced did: whichever
-comes second waits for the first to end, then sees its rows. sql/0029: and against TRUNCATE."""
+comes second waits for the first to end, then sees its rows. sql/0029 and 0030: TRUNCATE and a changed key are refused, as with the keys."""
 
 from __future__ import annotations
 
@@ -218,3 +218,23 @@ def test_a_certificate_or_user_that_values_name_cannot_be_truncated_alone(named:
         assert conn.execute(
             "SELECT (SELECT count(*) FROM certsync.cert_blob), (SELECT count(*) FROM certsync.source_user)"
         ).fetchone() == (0, 0)
+
+
+def test_the_keys_rows_name_never_change(named: Named) -> None:
+    """sql/0030: a run's number, a certificate's SHA-256 and a user's objectGUID are refused a new
+    value (a key refused it while rows named it); the rest of those rows may change."""
+    with psycopg.connect(named.app) as conn:
+        for table, key, value in (
+            ("sync_run", "run_id", None),  # an identity: the only new value it takes is DEFAULT
+            ("cert_blob", "sha256", hashlib.sha256(b"other").digest()),
+            ("source_user", "object_guid", uuid.uuid4()),
+        ):
+            with pytest.raises(
+                psycopg.errors.ForeignKeyViolation,
+                match=rf"certsync\.{table}\.{key} is a key other rows name",
+            ):
+                new = "DEFAULT" if value is None else "%s"
+                conn.execute(f"UPDATE certsync.{table} SET {key} = {new}", () if value is None else (value,))  # noqa: S608 - fixed names
+            conn.rollback()
+        conn.execute("UPDATE certsync.source_user SET display_name = 'A', object_guid = object_guid")
+        assert conn.execute("SELECT display_name FROM certsync.source_user").fetchone() == ("A",)
