@@ -1,6 +1,7 @@
 """sql/0028: the per-statement reference checks (0022, 0025) hold when a delete and an insert of
 rows naming what it deletes run at the same time, as the foreign keys they replaced did: whichever
-comes second waits for the first to end, then sees its rows. sql/0029 and 0030: TRUNCATE and a changed key are refused, as with the keys."""
+comes second waits for the first to end, then sees its rows. sql/0029 and 0030: TRUNCATE and a
+changed key are refused, as with the keys."""
 
 from __future__ import annotations
 
