@@ -225,17 +225,16 @@ def test_the_keys_rows_name_never_change(named: Named) -> None:
     """sql/0030: a run's number, a certificate's SHA-256 and a user's objectGUID are refused a new
     value (a key refused it while rows named it); the rest of those rows may change."""
     with psycopg.connect(named.app) as conn:
-        for table, key, value in (
-            ("sync_run", "run_id", None),  # an identity: the only new value it takes is DEFAULT
-            ("cert_blob", "sha256", hashlib.sha256(b"other").digest()),
-            ("source_user", "object_guid", uuid.uuid4()),
+        for table, key, new, params in (
+            ("sync_run", "run_id", "DEFAULT", ()),  # an identity: the only new value it may take
+            ("cert_blob", "sha256", "%s", (hashlib.sha256(b"other").digest(),)),
+            ("source_user", "object_guid", "%s", (uuid.uuid4(),)),
         ):
             with pytest.raises(
                 psycopg.errors.ForeignKeyViolation,
                 match=rf"certsync\.{table}\.{key} is a key other rows name",
             ):
-                new = "DEFAULT" if value is None else "%s"
-                conn.execute(f"UPDATE certsync.{table} SET {key} = {new}", () if value is None else (value,))  # noqa: S608 - fixed names
+                conn.execute(f"UPDATE certsync.{table} SET {key} = {new}", params)  # noqa: S608 - fixed names
             conn.rollback()
         conn.execute("UPDATE certsync.source_user SET display_name = 'A', object_guid = object_guid")
         assert conn.execute("SELECT display_name FROM certsync.source_user").fetchone() == ("A",)
