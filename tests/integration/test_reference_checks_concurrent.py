@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 
 from certsync.store import db
 from certsync_lab.postgres import EmbeddedPostgres
@@ -238,3 +239,26 @@ def test_the_keys_rows_name_never_change(named: Named) -> None:
             conn.rollback()
         conn.execute("UPDATE certsync.source_user SET display_name = 'A', object_guid = object_guid")
         assert conn.execute("SELECT display_name FROM certsync.source_user").fetchone() == ("A",)
+
+
+def test_certsync_writes_under_read_committed_whatever_the_login_defaults_to(named: Named) -> None:
+    """A login whose default is REPEATABLE READ has its own sessions refused, not certsync's."""
+    with psycopg.connect(named.owner, autocommit=True) as conn:
+        conn.execute(
+            psycopg.sql.SQL(
+                "ALTER ROLE {} IN DATABASE {} SET default_transaction_isolation = 'repeatable read'"
+            ).format(psycopg.sql.Identifier(db.APP_ROLE), psycopg.sql.Identifier(conn.info.dbname))
+        )
+    with psycopg.connect(named.app) as conn, pytest.raises(psycopg.errors.FeatureNotSupported):
+        _name_the_certificate(conn, named)
+    engine = db.create_engine(named.app)
+    try:
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT current_setting('transaction_isolation')")).scalar() == (
+                "read committed"
+            )
+            _name_the_certificate(conn.connection.driver_connection, named)
+    finally:
+        engine.dispose()
+    with _observer(named) as observer:
+        assert observer.execute("SELECT count(*) FROM certsync.source_value").fetchone() == (1,)

@@ -54,8 +54,16 @@ def _safe(dsn: str) -> str:
 
 def create_engine(dsn: str) -> Engine:
     """An engine for the run-time login (certsync_app): the audit log's grants bind it. A stage can
-    hold a few sessions at once: the run's lease, the run lock (and a whole CLI run's), and its work."""
-    return sa.create_engine(_sqlalchemy_url(dsn), pool_pre_ping=True, pool_size=2, max_overflow=4)
+    hold a few sessions at once: the run's lease, the run lock (and a whole CLI run's), and its work.
+    Its transactions are READ COMMITTED whatever the login's default_transaction_isolation says:
+    the reference checks (sql/0028) need a new snapshot per statement and refuse the other levels."""
+    return sa.create_engine(
+        _sqlalchemy_url(dsn),
+        pool_pre_ping=True,
+        pool_size=2,
+        max_overflow=4,
+        isolation_level="READ COMMITTED",
+    )
 
 
 def hash_list(values: Iterable[bytes] | None) -> tuple[bytes, ...]:
