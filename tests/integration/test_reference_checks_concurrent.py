@@ -16,8 +16,10 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from certsync.config import database_dsn
 from certsync.store import db
 from certsync_lab.postgres import EmbeddedPostgres
+from certsync_lab.stack import certsync_database
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +43,9 @@ class Named:
 
 @pytest.fixture
 def named(embedded_pg: EmbeddedPostgres) -> Iterator[Named]:
-    owner = embedded_pg.ensure_database(f"refs_{uuid.uuid4().hex[:8]}")
-    db.migrate(owner)
+    name = f"refs_{uuid.uuid4().hex[:8]}"
+    app = database_dsn(certsync_database(embedded_pg, name))  # migrated, as `certsync db upgrade` does
+    owner = embedded_pg.dsn_for(name)
     blob = hashlib.sha256(b"a").digest()
     with psycopg.connect(owner) as conn:
         (run,) = conn.execute(
@@ -58,9 +61,7 @@ def named(embedded_pg: EmbeddedPostgres) -> Iterator[Named]:
             " VALUES (gen_random_uuid(), 'CN=a', 'a', 512, 1, %s, %s) RETURNING object_guid",
             (run, run),
         ).fetchone()
-    yield Named(
-        owner, owner.replace("postgresql://postgres@", f"postgresql://{db.APP_ROLE}@"), run, blob, user
-    )
+    yield Named(owner, app, run, blob, user)
 
 
 class Blocked:
