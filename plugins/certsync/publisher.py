@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from certsync.audit import writer as audit_writer
@@ -74,8 +75,9 @@ def settle(
     by_run_id: int,
     task_try: int,
     lost: Outcome | None = None,
-) -> bool:
-    """Read the intent's recipient back and record the settlement; True when the write was applied.
+) -> bool | None:
+    """Read the intent's recipient back and record the settlement; True when the write was applied,
+    None when another task settled the intent meanwhile (two cleared batches can both list it open).
     `lost` is the answer this process got (a timeout, a gateway error) when it is still running;
     without it, the request came from a process that died, and a request still on its way gets the
     client timeout to arrive or fail before the recipient is read."""
@@ -85,19 +87,31 @@ def settle(
             time.sleep(grace)
     applied, found = _read_back(services, intent)
     why = f"{lost.code or 'no answer'}: {(lost.detail or '')[:500]}; " if lost else "answer lost; "
-    with services.engine.begin() as conn:
-        publishing.record_settlement(
-            conn,
-            intent=intent,
-            applied=applied,
-            by_run_id=by_run_id,
-            task_try=task_try,
-            detail=why + found,
-            status=lost.status if lost else None,
-            code=lost.code if lost else None,
+    try:
+        with services.engine.begin() as conn:
+            publishing.record_settlement(
+                conn,
+                intent=intent,
+                applied=applied,
+                by_run_id=by_run_id,
+                task_try=task_try,
+                detail=why + found,
+                status=lost.status if lost else None,
+                code=lost.code if lost else None,
+            )
+            if applied:
+                publishing.settle_applied(
+                    conn, intent=intent, snapshot_run_ids=tuple({intent.run_id, by_run_id})
+                )
+    except sa.exc.IntegrityError as exc:
+        if not publishing.closed_meanwhile(exc):
+            raise
+        log.warning(
+            "request %s (run %s) was settled by another task meanwhile",
+            intent.client_request_id,
+            intent.run_id,
         )
-        if applied:
-            publishing.settle_applied(conn, intent=intent, snapshot_run_ids=tuple({intent.run_id, by_run_id}))
+        return None
     log.warning(
         "request %s (run %s, %s to %s) settled by read-back: %s",
         intent.client_request_id,
@@ -111,10 +125,11 @@ def settle(
 
 def settle_open_intents(services: Services, lock: RunLock, *, task_try: int) -> dict[str, int]:
     """Settle every intent nobody closed, except those a live sibling task of this run may still
-    be sending. Returns counts of applied / not applied / left to a live task."""
+    be sending. Returns counts of applied / not applied / left to a live task / settled by another
+    task meanwhile."""
     with services.engine.connect() as conn:
         intents = publishing.open_intents(conn)
-    counts = {"applied": 0, "not_applied": 0, "in_flight": 0}
+    counts = {"applied": 0, "not_applied": 0, "in_flight": 0, "settled_elsewhere": 0}
     for intent in intents:
         stage = f"publish:{intent.batch}"
         # Other runs cannot be working now (this run holds the run slot); a batch of this run can.
@@ -127,7 +142,7 @@ def settle_open_intents(services: Services, lock: RunLock, *, task_try: int) -> 
         finally:
             if guarded:
                 lock.release_stage(stage)
-        counts["applied" if applied else "not_applied"] += 1
+        counts["settled_elsewhere" if applied is None else "applied" if applied else "not_applied"] += 1
     if intents:
         log.warning("open intents settled before sending anything: %s", counts)
     return counts

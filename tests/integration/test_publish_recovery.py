@@ -29,8 +29,10 @@ import psycopg
 import pytest
 from emulator_support import Clock, held_certificates
 
+from certsync import publisher
 from certsync.config import EnvSource, connection_uri, load_settings
 from certsync.pipeline import Services, run_all
+from certsync.store import publishing
 
 pytestmark = pytest.mark.integration
 DATABASE = "certsync_recovery"
@@ -272,9 +274,10 @@ def test_killed_between_intent_and_request(env, db, own_tenant, baseline, clock)
     assert len(calls) == len(drifted) + 1
 
 
-def test_killed_after_exchange_applied_before_the_outcome(env, db, own_tenant, baseline, clock) -> None:
+def _killed_after_apply(env, db, own_tenant, baseline, key: str, when: datetime) -> tuple[list[str], str]:
+    """A run killed after Exchange applied its first write and before the answer came: the drifted
+    mailboxes, and the recipient of the intent left open."""
     drifted = _drift(env, own_tenant, baseline)
-    when, key = clock.next(), f"after-apply-{uuid.uuid4()}"
     own_tenant.control.hold(cmdlet="Set-Mailbox", count=1, after_ms=6000)  # applied, answer late
     try:
         worker = _worker(env, key, when)
@@ -287,10 +290,32 @@ def test_killed_after_exchange_applied_before_the_outcome(env, db, own_tenant, b
         _wait_for("the held answer", lambda: _set_calls(own_tenant), timeout_s=15)
     finally:
         own_tenant.control.set_config(holds=[])
+    return drifted, identity
+
+
+def test_killed_after_exchange_applied_before_the_outcome(env, db, own_tenant, baseline, clock) -> None:
+    when, key = clock.next(), f"after-apply-{uuid.uuid4()}"
+    drifted, identity = _killed_after_apply(env, db, own_tenant, baseline, key, when)
     _resume(env, key, when)
     calls = _check_recovered(db, own_tenant, baseline, drifted)
     assert len(calls) == len(drifted)  # the applied write was settled, not sent again
     assert _closing(db, identity) == [("settlement", "applied")]
+
+
+def test_an_intent_another_task_settled_meanwhile_is_left_to_it(env, db, own_tenant, baseline, clock) -> None:
+    """Two cleared publish tasks of a run can both list an intent open; the one that settles it
+    second finds it closed (the audit log refuses a second closing row) and goes on."""
+    when, key = clock.next(), f"settled-twice-{uuid.uuid4()}"
+    drifted, identity = _killed_after_apply(env, db, own_tenant, baseline, key, when)
+    services = _services(env)
+    with services.engine.connect() as conn:
+        (intent,) = publishing.open_intents(conn)  # as both tasks read it
+    assert publisher.settle(services, intent, by_run_id=intent.run_id, task_try=2) is True
+    assert publisher.settle(services, intent, by_run_id=intent.run_id, task_try=2) is None
+    assert _closing(db, identity) == [("settlement", "applied")]
+    _resume(env, key, when)
+    calls = _check_recovered(db, own_tenant, baseline, drifted)
+    assert len(calls) == len(drifted)
 
 
 def test_postgres_stopped_mid_publish(env, db, own_tenant, baseline, clock, embedded_pg) -> None:

@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -224,6 +225,15 @@ def record_outcome(conn: Connection, *, intent: Intent, outcome: Outcome, task_t
             "code": outcome.code,
             "detail": outcome.audit_detail,
         },
+    )
+
+
+def closed_meanwhile(exc: sa.exc.IntegrityError) -> bool:
+    """Whether `exc` is the audit log refusing a second closing row for an intent (sql/0014's
+    audit_pairing): another task settled it after this one listed it open."""
+    orig = exc.orig
+    return isinstance(orig, psycopg.errors.UniqueViolation) and (orig.diag.message_primary or "").endswith(
+        "is already closed"
     )
 
 
