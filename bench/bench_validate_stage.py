@@ -1,7 +1,7 @@
 """The validate stage alone, on a bench lab's real values, repeated with its verdicts cleared.
 
     unshare -n bash -c 'ip link set lo up; .venv/bin/python bench/bench_validate_stage.py --users 20000 --setup'
-    .venv/bin/python bench/bench_validate_stage.py --users 20000 --repeat 3 [--profile DIR]
+    .venv/bin/python bench/bench_validate_stage.py --users 20000 --repeat 3 [--profile DIR | --no-database]
 
 `--setup` starts the lab (bench_cycle's: a new PostgreSQL cluster, the directory as built), runs
 begin and extract once and stops it; the run stays open, its id kept in the lab's
@@ -9,17 +9,22 @@ validate-run.json. Every later call starts only PostgreSQL (and the emulator the
 owner) and runs `pipeline.validate` on that run `--repeat` times, printing wall and CPU seconds of
 the bench process tree (itself and its validation workers) and of PostgreSQL's, the peak RSS of
 each and the load average. With `--profile DIR`, each repetition is recorded by py-spy (workers
-included) and its top frames printed. Figures are printed, never asserted.
+included) and its top frames printed. With `--no-database`, the same values are read once and each
+repetition only checks them on the stage's pool, nothing read or saved meanwhile: what the stage
+would take if the database cost nothing. Figures are printed, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import resource
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,18 +97,31 @@ def reference_cpu_s(services: Any, run_id: int) -> tuple[int, float, float]:
     return len(items), checked["cpu_s"], cycle_limits.raw_parse(items)["seconds"]
 
 
-def measure(users: int, repeat: int, profile: Path | None) -> None:
-    from certsync import pipeline
+@contextlib.contextmanager
+def lab_run(users: int) -> Iterator[tuple[Any, Any, int]]:
+    """The kept lab's stack, certsync's Services on it and the run --setup began, with PostgreSQL
+    (and the emulator the settings name; validate never calls it) running until the block ends."""
     from certsync.config import EnvSource, load_settings
     from certsync.pipeline import Services
 
     stack = bench_cycle.build(users)
     run_id = json.loads((stack.home / "validate-run.json").read_text())["run_id"]
     stack.postgres.start()
-    stack.emulator.start()  # the settings name its endpoint; validate never calls it
+    stack.emulator.start()
     try:
         os.environ.update(stack.environment())
         services = Services(settings=load_settings(EnvSource()))
+        yield stack, services, run_id
+        services.engine.dispose()
+    finally:
+        stack.emulator.stop()
+        stack.postgres.stop()
+
+
+def measure(users: int, repeat: int, profile: Path | None) -> None:
+    from certsync import pipeline
+
+    with lab_run(users) as (stack, services, run_id):
         # The emulator is this process's child: a root of its own keeps it out of certsync's tree.
         roots = {k: v for k, v in bench_cycle.service_pids(stack).items() if k != "samba"}
         for i in range(repeat):
@@ -134,10 +152,46 @@ def measure(users: int, repeat: int, profile: Path | None) -> None:
             if out is not None:
                 for frame in bench_cycle.summarise_profile(out, top=15):
                     print("   ", frame)
-        services.engine.dispose()
-    finally:
-        stack.emulator.stop()
-        stack.postgres.stop()
+
+
+def without_database(users: int, repeat: int) -> None:
+    """The stage's pool on the same values with no database: the values read once beforehand, each
+    repetition checking all of them on `validation_processes` workers, encoded as the stage saves
+    them, and nothing saved. What the stage would take if reading and saving cost nothing."""
+    import cycle_limits
+
+    from certsync.certificates.parallel import ValidationPool
+    from certsync.certificates.verdict import verdict_rows
+    from certsync.store import runs
+
+    with lab_run(users) as (_, services, run_id), services.engine.connect() as conn:
+        at = runs.run_info(conn, run_id).logical_date
+        items = cycle_limits.distinct_values(conn)
+    settings, chunk = services.settings, 10_000  # the stage's chunk (validation.pending_chunks)
+    for _ in range(repeat):
+        workers_cpu = _children_cpu_s()
+        began, own = time.perf_counter(), time.process_time()
+        with ValidationPool(trust=settings.trust, at=at, processes=settings.validation_processes) as pool:
+            parts = [
+                pool.submit(items[i : i + chunk], encode=verdict_rows) for i in range(0, len(items), chunk)
+            ]
+            checked = sum(len(part.result()) for part in parts)
+        seconds, own = time.perf_counter() - began, time.process_time() - own
+        workers_cpu = _children_cpu_s() - workers_cpu
+        check_s = cycle_limits.one_process_check(items, trust=settings.trust.load(), at=at)["cpu_s"]
+        limit_s = cycle_limits.raw_parse(items)["seconds"]
+        print(
+            f"no database: {checked} values in {seconds:.2f} s; CPU s: workers {workers_cpu:.1f} (one-process"
+            f" check {check_s:.1f}) this process {own:.1f}; limit (raw parse) {limit_s:.2f} s,"
+            f" ratio {limit_s / seconds:.2f}; load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's ended children (the pool's workers, once it shut down)."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 def main(argv: list[str]) -> int:
@@ -148,10 +202,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--setup", action="store_true", help="begin and extract a run to validate")
     parser.add_argument("--repeat", type=int, default=2, help="validate this many times")
     parser.add_argument("--profile", type=Path, help="py-spy each repetition into this directory")
+    parser.add_argument("--no-database", action="store_true", help="the pool alone on the same values")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.setup:
         setup(args.users)
+        return 0
+    if args.no_database:
+        without_database(args.users, args.repeat)
         return 0
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
