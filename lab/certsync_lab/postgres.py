@@ -15,11 +15,13 @@ import functools
 import logging
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -50,9 +52,14 @@ class EmbeddedPostgresError(RuntimeError):
 class EmbeddedPostgres:
     """Start, reuse and stop a PostgreSQL server whose cluster lives in `data_dir`."""
 
-    def __init__(self, *, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, *, data_dir: Path, port: int | None = None, settings: Mapping[str, str] | None = None
+    ) -> None:
+        """`settings`: server parameters (`shared_buffers` ...) given on the command line of a
+        server this object starts; a server already running keeps its own."""
         self.data_dir = Path(data_dir).expanduser().absolute()
         self._requested_port = port
+        self._settings = dict(settings or {})
         self._port: int | None = None
         self._started_here = False
         self.start_seconds: float | None = None
@@ -176,7 +183,9 @@ class EmbeddedPostgres:
         return port
 
     def _pg_ctl_start(self, port: int) -> None:
-        options = f"-p {port} -h 127.0.0.1 -k ''"
+        # pg_ctl hands the options to a shell: each setting is quoted for it.
+        settings = "".join(f" -c {shlex.quote(f'{k}={v}')}" for k, v in self._settings.items())
+        options = f"-p {port} -h 127.0.0.1 -k ''{settings}"
         server_log = self.data_dir / "server.log"
         cmd = [self._bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-t", str(START_TIMEOUT_S)]
         try:

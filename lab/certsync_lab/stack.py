@@ -65,13 +65,14 @@ class LabStack:
     seed: int = 7
     shares: Shares = DEMO_SHARES
     use_certificate: bool = True
+    postgres_settings: dict[str, str] = field(default_factory=dict)  # server parameters
     postgres: EmbeddedPostgres = field(init=False)
     samba: SambaDC = field(init=False)
     emulator: EmulatorProcess = field(init=False)
 
     def __post_init__(self) -> None:
         self.home = self.home.resolve()
-        self.postgres = EmbeddedPostgres(data_dir=self.home / "postgres")
+        self.postgres = EmbeddedPostgres(data_dir=self.home / "postgres", settings=self.postgres_settings)
         self.samba = SambaDC(home=self.home / "samba", cache_dir=self.home / "cache")
         self.emulator = EmulatorProcess(home=self.home / "emulator")
 

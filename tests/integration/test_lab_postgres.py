@@ -66,6 +66,15 @@ def test_explicit_port_is_used(tmp_path: Path) -> None:
         assert other.dsn.endswith(f":{free}/postgres")
 
 
+def test_settings_reach_the_server_it_starts(tmp_path: Path) -> None:
+    # A value with a space and a quote must arrive whole through pg_ctl's shell.
+    settings = {"shared_buffers": "48MB", "application_name": "lab's server"}
+    with EmbeddedPostgres(data_dir=tmp_path / "pg", settings=settings) as pg:
+        with psycopg.connect(pg.dsn) as conn:
+            shown = {name: conn.execute(f"SHOW {name}").fetchone()[0] for name in settings}
+        assert shown == settings
+
+
 def test_refuses_a_foreign_non_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "pg").mkdir()
     (tmp_path / "pg" / "notes.txt").write_text("not a cluster")
