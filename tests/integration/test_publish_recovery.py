@@ -160,13 +160,15 @@ def _no_worker_outlives_its_test() -> Iterator[None]:
             _kill(worker)
 
 
-def _worker(env: dict[str, str], run_key: str, when: datetime, **config) -> subprocess.Popen:
+def _worker(
+    env: dict[str, str], run_key: str, when: datetime, *, timeout_s: float = TIMEOUT_S, **config
+) -> subprocess.Popen:
     config_env = {}
     if config:
         merged = {**json.loads(env["AIRFLOW_VAR_CERTSYNC_CONFIG"]), **config}
         config_env = {"AIRFLOW_VAR_CERTSYNC_CONFIG": json.dumps(merged)}
     worker = subprocess.Popen(
-        [sys.executable, "-c", WORKER, run_key, when.isoformat(), str(TIMEOUT_S)],
+        [sys.executable, "-c", WORKER, run_key, when.isoformat(), str(timeout_s)],
         env={**os.environ, **env, **config_env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -392,10 +394,20 @@ def test_normal_run_reads_nothing_back(env, db_again, own_tenant, baseline, cloc
 def test_two_runs_started_together_never_interleave(env, db_again, own_tenant, baseline, clock) -> None:
     drifted = _drift(env, own_tenant, baseline)
     first, second = clock.next(), clock.next()
-    workers = [_worker(env, f"together-{i}-{uuid.uuid4()}", when) for i, when in enumerate((first, second))]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
-    assert any("waits for run" in o for o in outputs), outputs
+    # The first run's first write is held in Exchange while the second run starts, so the second
+    # finds the first still at work however slowly a loaded machine starts it (started side by
+    # side, one once began only after the other had finished).
+    held_s = 20.0
+    own_tenant.control.hold(cmdlet="Set-Mailbox", count=1, before_ms=held_s * 1000)
+    try:
+        one = _worker(env, f"together-0-{uuid.uuid4()}", first, timeout_s=held_s + 30)
+        _wait_for("Exchange to hold the first run's write", lambda: not _holds_left(own_tenant), worker=one)
+        two = _worker(env, f"together-1-{uuid.uuid4()}", second)
+        outputs = [w.communicate(timeout=600)[0] for w in (one, two)]
+    finally:
+        own_tenant.control.set_config(holds=[])
+    assert [one.returncode, two.returncode] == [0, 0], outputs
+    assert "waits for run" in outputs[1], outputs[1][-3000:]
     calls = _check_recovered(db_again, own_tenant, baseline, drifted)
     assert len(calls) == len(drifted)
 
