@@ -82,19 +82,30 @@ def clear_verdicts(stack: Any) -> None:
         conn.execute("CHECKPOINT")  # the previous repetition's writes are not flushed during the next
 
 
-def reference_cpu_s(services: Any, run_id: int) -> tuple[int, float, float]:
-    """CPU seconds of Validator.check over the same distinct values in this one process, with no
-    database, pool or verdict saving: the stage's own cost is judged against it in the same run.
-    Also the wall seconds of the stage's limit in `make bench` (cycle_limits.raw_parse)."""
+def run_values(services: Any, run_id: int) -> tuple[datetime, list[tuple[str, bytes]]]:
+    """The run's validation time and the distinct (attribute, value) pairs the stage checks."""
     import cycle_limits
 
     from certsync.store import runs
 
     with services.engine.connect() as conn:
-        at = runs.run_info(conn, run_id).logical_date
-        items = cycle_limits.distinct_values(conn)
+        return runs.run_info(conn, run_id).logical_date, cycle_limits.distinct_values(conn)
+
+
+def yardsticks(services: Any, items: list[tuple[str, bytes]], at: datetime) -> tuple[float, float]:
+    """CPU seconds of Validator.check over `items` in this one process, with no database, pool or
+    verdict saving (the stage's own cost is judged against it in the same run), and the wall
+    seconds of the stage's limit in `make bench` (cycle_limits.raw_parse)."""
+    import cycle_limits
+
     checked = cycle_limits.one_process_check(items, trust=services.settings.trust.load(), at=at)
-    return len(items), checked["cpu_s"], cycle_limits.raw_parse(items)["seconds"]
+    return checked["cpu_s"], cycle_limits.raw_parse(items)["seconds"]
+
+
+def reference_cpu_s(services: Any, run_id: int) -> tuple[int, float, float]:
+    """The count of the run's values and the yardsticks of the stage on them."""
+    at, items = run_values(services, run_id)
+    return len(items), *yardsticks(services, items, at)
 
 
 @contextlib.contextmanager
@@ -158,15 +169,11 @@ def without_database(users: int, repeat: int) -> None:
     """The stage's pool on the same values with no database: the values read once beforehand, each
     repetition checking all of them on `validation_processes` workers, encoded as the stage saves
     them, and nothing saved. What the stage would take if reading and saving cost nothing."""
-    import cycle_limits
-
     from certsync.certificates.parallel import ValidationPool
     from certsync.certificates.verdict import verdict_rows
-    from certsync.store import runs
 
-    with lab_run(users) as (_, services, run_id), services.engine.connect() as conn:
-        at = runs.run_info(conn, run_id).logical_date
-        items = cycle_limits.distinct_values(conn)
+    with lab_run(users) as (_, services, run_id):
+        at, items = run_values(services, run_id)
     settings, chunk = services.settings, 10_000  # the stage's chunk (validation.pending_chunks)
     for _ in range(repeat):
         workers_cpu = _children_cpu_s()
@@ -178,8 +185,7 @@ def without_database(users: int, repeat: int) -> None:
             checked = sum(len(part.result()) for part in parts)
         seconds, own = time.perf_counter() - began, time.process_time() - own
         workers_cpu = _children_cpu_s() - workers_cpu
-        check_s = cycle_limits.one_process_check(items, trust=settings.trust.load(), at=at)["cpu_s"]
-        limit_s = cycle_limits.raw_parse(items)["seconds"]
+        check_s, limit_s = yardsticks(services, items, at)
         print(
             f"no database: {checked} values in {seconds:.2f} s; CPU s: workers {workers_cpu:.1f} (one-process"
             f" check {check_s:.1f}) this process {own:.1f}; limit (raw parse) {limit_s:.2f} s,"
