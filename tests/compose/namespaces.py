@@ -256,12 +256,14 @@ exec setpriv --reuid=postgres --regid=postgres --init-groups -- "$PGBIN/postgres
 
 @dataclass
 class Runtime:
-    """How a service runs here: argv, environment and extra bind mounts (host path, target, ro)."""
+    """How a service runs here: argv, environment, extra bind mounts (host path, target, ro) and
+    the scripts to write before it starts (path, text)."""
 
     argv: list[str]
     env: dict[str, str]
     mounts: list[tuple[Path, str, bool]] = field(default_factory=list)
     workdir: str = "/"
+    scripts: dict[Path, str] = field(default_factory=dict)
 
 
 def runtime_for(service: Service, *, scripts: Path) -> Runtime:
@@ -282,8 +284,7 @@ def runtime_for(service: Service, *, scripts: Path) -> Runtime:
         pgbin = postgres_bin()
         env |= {"PATH": f"{pgbin}:{SYSTEM_PATH}", "PGBIN": str(pgbin)} | service.environment()
         entrypoint = scripts / "postgres-entrypoint.sh"
-        entrypoint.write_text(POSTGRES_ENTRYPOINT)
-        return Runtime(argv=["/bin/sh", str(entrypoint)], env=env)
+        return Runtime(argv=["/bin/sh", str(entrypoint)], env=env, scripts={entrypoint: POSTGRES_ENTRYPOINT})
     if image.startswith("redis:"):
         argv = service.command() or ["redis-server"]
         # The official image's entrypoint turns protected mode off when no config file is given.
@@ -528,7 +529,10 @@ class NamespaceStack:
     def _start(self, service: Service) -> None:
         runtime = self._runtime(service)
         directory = self._service_dir(service.name)
-        (directory / "setup.sh").write_text(SETUP_SCRIPT)
+        # Written here only: `exec` (health checks among them) asks for the runtime again while the
+        # service starts, and rewriting a script its shell is about to read once left it empty.
+        for path, text in {directory / "setup.sh": SETUP_SCRIPT, **runtime.scripts}.items():
+            path.write_text(text)
         (directory / "mounts").write_text(self._mount_table(service, runtime))
         env = runtime.env | {
             "CS_HOSTNAME": service.hostname,
@@ -594,9 +598,10 @@ class NamespaceStack:
         return True
 
     def _all_ready(self) -> bool:
-        if len(self.running) < len(self.services):
-            return False
-        return all(self._ready(run) for run in self.running.values())
+        # Every started service is looked at, so one that died fails the start at once rather than
+        # after the timeout its dependents would wait for it.
+        ready = [self._ready(run) for run in self.running.values()]
+        return len(self.running) == len(self.services) and all(ready)
 
     def _ready(self, run: Running) -> bool:
         code = run.exit_code()
