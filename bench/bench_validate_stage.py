@@ -5,8 +5,10 @@
 
 `--setup` starts the lab (bench_cycle's: a new PostgreSQL cluster, the directory as built), runs
 begin and extract once and stops it; the run stays open, its id kept in the lab's
-validate-run.json. Every later call starts only PostgreSQL (and the emulator the settings name), empties certsync.cert_verdict (as the
-owner) and runs `pipeline.validate` on that run `--repeat` times, printing wall and CPU seconds of
+validate-run.json with the cluster's system identifier (make bench makes a new cluster for each
+first run; then --setup is needed again, and the bench says so). Every later call starts only
+PostgreSQL (and the emulator the settings name), empties certsync.cert_verdict (as the owner) and
+runs `pipeline.validate` on that run `--repeat` times, printing wall and CPU seconds of
 the bench process tree (itself and its validation workers) and of PostgreSQL's, the peak RSS of
 each and the load average. With `--profile DIR`, each repetition is recorded by py-spy (workers
 included) and its top frames printed. With `--no-database`, the same values are read once and each
@@ -65,11 +67,21 @@ def setup(users: int) -> None:
         now = datetime.now(UTC)
         run_id = pipeline.begin(services, dag_id=bench_cycle.DAG_ID, airflow_run_id=f"validate bench {now.isoformat()}", logical_date=now, mode="full", dry_run=False)  # fmt: skip
         counts = pipeline.extract(services, run_id=run_id)
+        cluster = cluster_id(services)
         services.engine.dispose()
     finally:
         stack.down()
-    (stack.home / "validate-run.json").write_text(json.dumps({"run_id": run_id, "extract": counts}))
+    kept = {"run_id": run_id, "cluster": cluster, "extract": counts}
+    (stack.home / "validate-run.json").write_text(json.dumps(kept))
     print(f"run {run_id}: {counts}")
+
+
+def cluster_id(services: Any) -> int:
+    """The PostgreSQL cluster's system identifier: a new one for each cluster initdb makes."""
+    import sqlalchemy as sa
+
+    with services.engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT system_identifier FROM pg_control_system()")).scalar_one())
 
 
 def clear_verdicts(stack: Any) -> None:
@@ -116,13 +128,18 @@ def lab_run(users: int) -> Iterator[tuple[Any, Any, int]]:
     from certsync.pipeline import Services
 
     stack = bench_cycle.build(users)
-    run_id = json.loads((stack.home / "validate-run.json").read_text())["run_id"]
+    kept = json.loads((stack.home / "validate-run.json").read_text())
     stack.postgres.start()
     stack.emulator.start()
     try:
         os.environ.update(stack.environment())
         services = Services(settings=load_settings(EnvSource()))
-        yield stack, services, run_id
+        if kept.get("cluster") != cluster_id(services):
+            # make bench makes a new cluster for each first run: the kept run id is another's, or none
+            raise SystemExit(
+                f"run {kept['run_id']} was set up in a database since replaced: run --setup again"
+            )
+        yield stack, services, kept["run_id"]
         services.engine.dispose()
     finally:
         stack.emulator.stop()
