@@ -27,6 +27,7 @@ from certsync.audit.rows import db_rows
 from certsync.audit.signing import AuditSigner, SigningKey
 from certsync.audit.verify import Report, verify_rows
 from certsync.cli import main
+from certsync.store import publishing
 from certsync.store.db import APP_ROLE, AUDITOR_ROLE
 from certsync_lab.stack import certsync_database
 
@@ -448,3 +449,30 @@ def test_a_cut_at_a_checkpoint_keeps_what_remains_verifiable(history) -> None:
     assert _first(bare) == (cut + 1, "deleted")
     # A run's checkpoint is no cut: rows deleted up to it are still named.
     assert _first(run_checkpoint_only) == (cut + 1, "deleted")
+
+
+def test_a_refused_closing_row_names_its_rule(history) -> None:
+    """sql/0031: a second closing row of an intent is refused as audit_log_closed_once (by which a
+    publish task knows another settled the intent meanwhile), a row closing no intent of its
+    request as audit_log_pairing; neither is written."""
+    signing = history["app"].execution_options(**{writer.SIGNER_OPTION: AuditSigner(key=SECOND)})
+    with history["owner"].connect() as conn:
+        closed = conn.execute(
+            sa.text(
+                "SELECT min(seq) FROM certsync.audit_log WHERE phase = 'intent' AND client_request_id = :c"
+            ),
+            {"c": uuid.UUID(int=1000)},  # the first key's first intent, closed by the row after it
+        ).scalar_one()
+    refusals = {}
+    for label, n in (("again", 0), ("another request", 1)):
+        with pytest.raises(sa.exc.IntegrityError) as caught, signing.begin() as conn:
+            closing = {**_fields(history["run_id"], n, phase="outcome"), "intent_seq": closed}
+            writer.append(conn, {**closing, "recipient_id": "r-0"})
+        refusals[label] = caught.value
+    assert refusals["again"].orig.diag.constraint_name == "audit_log_closed_once"
+    assert publishing.closed_meanwhile(refusals["again"])
+    assert refusals["another request"].orig.diag.constraint_name == "audit_log_pairing"
+    assert not publishing.closed_meanwhile(refusals["another request"])
+    with history["owner"].connect() as conn:
+        last = conn.execute(sa.text("SELECT max(seq) FROM certsync.audit_log")).scalar_one()
+    assert last == history["last"]

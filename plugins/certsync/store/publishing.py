@@ -16,6 +16,9 @@ from certsync.exchange.outcomes import Outcome
 from certsync.store.db import execute_or_hold, hash_list
 from certsync.store.runs import RunInfo
 
+# The name under which the audit log refuses a second closing row for one intent (sql/0031).
+INTENT_CLOSED_ONCE = "audit_log_closed_once"
+
 
 @dataclass(frozen=True, kw_only=True)
 class PendingAction:
@@ -229,11 +232,11 @@ def record_outcome(conn: Connection, *, intent: Intent, outcome: Outcome, task_t
 
 
 def closed_meanwhile(exc: sa.exc.IntegrityError) -> bool:
-    """Whether `exc` is the audit log refusing a second closing row for an intent (sql/0014's
+    """Whether `exc` is the audit log refusing a second closing row for an intent (sql/0031's
     audit_pairing): another task settled it after this one listed it open."""
     orig = exc.orig
-    return isinstance(orig, psycopg.errors.UniqueViolation) and (orig.diag.message_primary or "").endswith(
-        "is already closed"
+    return (
+        isinstance(orig, psycopg.errors.UniqueViolation) and orig.diag.constraint_name == INTENT_CLOSED_ONCE
     )
 
 
