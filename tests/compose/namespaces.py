@@ -266,7 +266,7 @@ class Runtime:
     scripts: dict[Path, str] = field(default_factory=dict)
 
 
-def runtime_for(service: Service, *, scripts: Path) -> Runtime:
+def runtime_for(service: Service, *, script_dir: Path) -> Runtime:
     image = str(service.spec.get("image", ""))
     env = {"HOSTNAME": service.hostname, "HOME": "/root"}
     if "build" in service.spec:
@@ -283,7 +283,7 @@ def runtime_for(service: Service, *, scripts: Path) -> Runtime:
     if image.startswith("postgres:"):
         pgbin = postgres_bin()
         env |= {"PATH": f"{pgbin}:{SYSTEM_PATH}", "PGBIN": str(pgbin)} | service.environment()
-        entrypoint = scripts / "postgres-entrypoint.sh"
+        entrypoint = script_dir / "postgres-entrypoint.sh"
         return Runtime(argv=["/bin/sh", str(entrypoint)], env=env, scripts={entrypoint: POSTGRES_ENTRYPOINT})
     if image.startswith("redis:"):
         argv = service.command() or ["redis-server"]
@@ -485,7 +485,7 @@ class NamespaceStack:
     # internals
 
     def _runtime(self, service: Service) -> Runtime:
-        return runtime_for(service, scripts=self._service_dir(service.name))
+        return runtime_for(service, script_dir=self._service_dir(service.name))
 
     def _service_dir(self, name: str) -> Path:
         path = self.workdir / "services" / name
