@@ -188,10 +188,11 @@ def without_database(users: int, repeat: int) -> None:
     them, and nothing saved. What the stage would take if reading and saving cost nothing."""
     from certsync.certificates.parallel import ValidationPool
     from certsync.certificates.verdict import verdict_rows
+    from certsync.store import validation
 
     with lab_run(users) as (_, services, run_id):
         at, items = run_values(services, run_id)
-    settings, chunk = services.settings, 10_000  # the stage's chunk (validation.pending_chunks)
+    settings, chunk = services.settings, validation.CHUNK
     for _ in range(repeat):
         workers_cpu = _children_cpu_s()
         began, own = time.perf_counter(), time.process_time()

@@ -63,8 +63,12 @@ ON CONFLICT (sha256, attribute, trust_fingerprint, checked_at) DO UPDATE SET
 """
 
 
+# Values read, checked and saved at a time by the validate stage.
+CHUNK = 10_000
+
+
 def pending_chunks(
-    conn: Connection, *, fingerprint: str, at: datetime, shard: int, shards: int, size: int = 10_000
+    conn: Connection, *, fingerprint: str, at: datetime, shard: int, shards: int, size: int = CHUNK
 ) -> Iterator[list[tuple[str, bytes]]]:
     """(attribute, value) pairs to validate, `size` at a time from a server-side cursor, so memory
     does not grow with the directory; a value is content-addressed, so each comes once."""
