@@ -80,6 +80,34 @@ def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float |
     return None, ""
 
 
+# Stages whose work is the same in every first run of a size; publish is not, as the repeated first
+# runs publish for a few seconds only (bench_cycle.FIRST_RUNS).
+REPEATED = ("extract", "read_recipients", "validate", "plan")
+
+
+def fastest_first(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float, int]:
+    """The stage's fastest time over the size's first runs, per item and for the first run's items
+    (the delta runs' churn stays in the directory, so a later first run has a few values fewer),
+    and how many runs there were (figures kept before the first run was repeated: its own time, 1)."""
+    repeats = figures.get("first_repeats") or []
+    if stage["stage"] not in REPEATED or not repeats or not stage["items"]:
+        return stage["seconds"], 1
+    same = [s for run in repeats for s in run["stages"] if s["stage"] == stage["stage"] and s["items"]]
+    per_item = min(s["seconds"] / s["items"] for s in [stage, *same])
+    return per_item * stage["items"], 1 + len(repeats)
+
+
+def first_ratios(figures: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """Each first-run stage with a limit: its name, its ratio in the first run, and its ratio at its
+    fastest over the first runs."""
+    found = []
+    for s in _run(figures, "first")["stages"]:
+        limit, _ = stage_limit(figures, s)
+        if limit is not None and s["seconds"] > 0:
+            found.append((s["stage"], limit / s["seconds"], limit / fastest_first(figures, s)[0]))
+    return found
+
+
 def _cpu_of(stage: dict[str, Any], tree: str) -> float:
     return stage.get("cpu_s", {}).get(tree, 0.0)
 
@@ -114,8 +142,8 @@ def run_table(figures: dict[str, Any], run: dict[str, Any], *, with_limits: bool
     head = "| stage | s | items | items/s | certsync peak PSS MiB | load1 | CPU s: certsync, PostgreSQL, lab | cores busy |"
     sep = "|---|---|---|---|---|---|---|---|"
     if with_limits:
-        head += " limit s | ratio | limit measured as |"
-        sep += "---|---|---|"
+        head += " limit s | ratio | fastest of the first runs s (ratio) | limit measured as |"
+        sep += "---|---|---|---|"
     lines = [head, sep]
     for s in run["stages"]:
         rate = s["items"] / s["seconds"] if s["items"] and s["seconds"] > 0 else None
@@ -124,7 +152,9 @@ def run_table(figures: dict[str, Any], run: dict[str, Any], *, with_limits: bool
         if with_limits:
             limit, what = stage_limit(figures, s)
             ratio = limit / s["seconds"] if limit is not None and s["seconds"] > 0 else None
-            row += f" {_n(limit, 2)} | {_n(ratio, 2)} | {what} |"
+            fastest, runs = fastest_first(figures, s)
+            best = f"{fastest:.2f} of {runs} ({limit / fastest:.2f})" if runs > 1 and limit else "-"
+            row += f" {_n(limit, 2)} | {_n(ratio, 2)} | {best} | {what} |"
         lines.append(row)
     lines.append(
         f"| **cycle** | **{cycle_s(run):.2f}** | | | {max(_rss(s) for s in run['stages']):.0f} | | | |"
@@ -226,20 +256,34 @@ def targets(all_figures: list[dict[str, Any]]) -> list[str]:
             f"| {users} | full cycle without the Exchange budget <= {TARGET_FULL_S:.0f} s | first run {t['first_without_publish']:.1f} s, second full run {t['steady_without_publish']:.1f} s | {'yes' if t['first_without_publish'] <= TARGET_FULL_S else 'no'} |"
         )
         lines.append(delta_target(f, t, users))
-        ratios = []
-        for s in _run(f, "first")["stages"]:
-            limit, _ = stage_limit(f, s)
-            if limit is not None and s["seconds"] > 0:
-                ratios.append((s["stage"], limit / s["seconds"]))
-        low = [f"{n} {r:.2f}" for n, r in ratios if r < TARGET_RATIO]
-        lines.append(
-            f"| {users} | every stage >= {TARGET_RATIO} of its limit | {', '.join(f'{n} {r:.2f}' for n, r in ratios)} | {'yes' if not low else 'no: ' + ', '.join(low)} |"
-        )
+        lines.append(ratio_target(f, users))
         peak = max(_rss(s) for r in f["runs"] for s in r["stages"])
         lines.append(
             f"| {users} | certsync peak memory (PSS) < 1 GiB | {peak:.0f} MiB | {'yes' if peak < TARGET_RSS_MIB else 'no'} |"
         )
     return lines
+
+
+def ratio_target(figures: dict[str, Any], users: str) -> str:
+    """Every stage against its limit: at its fastest over the first runs, as each limit is the
+    fastest of its tries, and in the first run alone."""
+    ratios = first_ratios(figures)
+    runs = 1 + len(figures.get("first_repeats") or [])
+
+    def listed(which: int) -> str:
+        return ", ".join(f"{r[0]} {r[which]:.2f}" for r in ratios)
+
+    def met(which: int) -> str:
+        low = [f"{r[0]} {r[which]:.2f}" for r in ratios if r[which] < TARGET_RATIO]
+        return "yes" if not low else "no: " + ", ".join(low)
+
+    if runs == 1:
+        return f"| {users} | every stage >= {TARGET_RATIO} of its limit | {listed(1)} | {met(1)} |"
+    return (
+        f"| {users} | every stage >= {TARGET_RATIO} of its limit | the fastest of {runs} first runs (each limit"
+        f" is the fastest of its tries): {listed(2)}; the first run alone: {listed(1)} | {met(2)};"
+        f" the first run alone: {met(1)} |"
+    )
 
 
 def delta_target(figures: dict[str, Any], t: dict[str, float], users: str) -> str:
