@@ -580,7 +580,7 @@ LIMIT_TRIES = 3
 # A first run is timed this many times, each on a new database and the tenant as seeded, and each
 # stage's fastest time is set against its limit (itself the fastest of LIMIT_TRIES): one time against
 # the fastest of three would count this shared machine's noise against the stage alone (the same
-# 100,000-user first plan took 2.51-4.11 s in nine first runs in a row on one machine). The first
+# 100,000-user first plan took 2.51-4.11 s in nine first runs within an hour on one machine). The first
 # publishes in full; the others for REPEAT_PUBLISH_BOX_S, as only the first's publish is set
 # against the budget.
 FIRST_RUNS = LIMIT_TRIES
