@@ -85,16 +85,20 @@ def stage_limit(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float |
 REPEATED = ("extract", "read_recipients", "validate", "plan")
 
 
+def first_runs(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """The size's first runs: the measured one, then its repeats (none in figures kept before them)."""
+    return [_run(figures, "first"), *(figures.get("first_repeats") or [])]
+
+
 def fastest_first(figures: dict[str, Any], stage: dict[str, Any]) -> tuple[float, int]:
-    """The stage's fastest time over the size's first runs, per item and for the first run's items
-    (the delta runs' churn stays in the directory, so a later first run has a few values fewer),
-    and how many runs there were (figures kept before the first run was repeated: its own time, 1)."""
-    repeats = figures.get("first_repeats") or []
-    if stage["stage"] not in REPEATED or not repeats or not stage["items"]:
+    """The first run's `stage` at its fastest over the size's first runs, per item and for the first
+    run's items (the delta runs' churn stays in the directory, so a later first run has a few values
+    fewer), and how many runs that was taken over (1: the stage's own time)."""
+    runs = first_runs(figures)
+    if stage["stage"] not in REPEATED or len(runs) == 1 or not stage["items"]:
         return stage["seconds"], 1
-    same = [s for run in repeats for s in run["stages"] if s["stage"] == stage["stage"] and s["items"]]
-    per_item = min(s["seconds"] / s["items"] for s in [stage, *same])
-    return per_item * stage["items"], 1 + len(repeats)
+    same = [s for run in runs for s in run["stages"] if s["stage"] == stage["stage"] and s["items"]]
+    return min(s["seconds"] / s["items"] for s in same) * stage["items"], len(runs)
 
 
 def first_ratios(figures: dict[str, Any]) -> list[tuple[str, float, float]]:
@@ -267,8 +271,7 @@ def targets(all_figures: list[dict[str, Any]]) -> list[str]:
 def ratio_target(figures: dict[str, Any], users: str) -> str:
     """Every stage against its limit: at its fastest over the first runs, as each limit is the
     fastest of its tries, and in the first run alone."""
-    ratios = first_ratios(figures)
-    runs = 1 + len(figures.get("first_repeats") or [])
+    ratios, runs = first_ratios(figures), len(first_runs(figures))
 
     def listed(which: int) -> str:
         return ", ".join(f"{r[0]} {r[which]:.2f}" for r in ratios)
