@@ -14,6 +14,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from certsync.certificates.reasons import Reason
 from certsync.certificates.verdict import Verdict
 from certsync.config import database_dsn
 from certsync.directory import DirectoryUser
@@ -87,9 +88,9 @@ def _refused(attribute: str, value: bytes) -> Verdict:
         sha256=hashlib.sha256(value).digest(),
         attribute=attribute,
         ok=False,
-        reason="malformed",
+        reason=Reason.MALFORMED.value,
         rule="enterprise.parse",
-        detail=f"The value is not a certificate. cannot parse {attribute}: ValueError: {value[:150].hex()}",
+        detail=f"{Reason.MALFORMED.sentence} cannot parse {attribute}: ValueError: {value[:150].hex()}",
     )
 
 
