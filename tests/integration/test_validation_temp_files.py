@@ -1,7 +1,8 @@
 """The validate stage's statements fit PostgreSQL's default work_mem: reading a chunk of 10,000
-pending values and saving its verdicts writes no temporary files (a FETCH's rows and a COPY's
-transition table go to disk past work_mem). PostgreSQL only: the values are staged as the extract
-stages them, and their verdicts made as the validator makes a parse failure's."""
+pending values and saving its verdicts, or saving them again, writes no temporary files (a FETCH's
+rows, a COPY's transition table and an upsert's sort go to disk past work_mem). PostgreSQL only:
+the values are staged as the extract stages them, and their verdicts made as the validator makes a
+parse failure's."""
 
 from __future__ import annotations
 
@@ -83,14 +84,14 @@ def _flushed(conn: sa.Connection) -> None:
     conn.commit()
 
 
-def _refused(attribute: str, value: bytes) -> Verdict:
+def _refused(attribute: str, value: bytes, *, why: str = "ValueError") -> Verdict:
     return Verdict(
         sha256=hashlib.sha256(value).digest(),
         attribute=attribute,
         ok=False,
         reason=Reason.MALFORMED.value,
         rule="enterprise.parse",
-        detail=f"{Reason.MALFORMED.sentence} cannot parse {attribute}: ValueError: {value[:150].hex()}",
+        detail=f"{Reason.MALFORMED.sentence} cannot parse {attribute}: {why}: {value[:150].hex()}",
     )
 
 
@@ -106,18 +107,23 @@ def test_the_counter_sees_a_statement_past_work_mem(engine, superuser) -> None:
 
 def test_validating_a_chunk_writes_no_temporary_files(engine, superuser, run_id) -> None:
     """Every pending value read in chunks of 10,000, and their verdicts saved a chunk at a time,
-    as the validate stage does it."""
+    as the validate stage does it; then saved again, as a retried try does (its COPY meets the
+    earlier verdicts and an upsert replaces them)."""
     before = _temp_files(superuser)
     sizes = []
     with engine.connect() as reading, engine.connect() as saving:
         for chunk in validation.pending_chunks(reading, fingerprint="-", at=WHEN, shard=0, shards=1):
             sizes.append(len(chunk))
-            verdicts = [_refused(attribute, value) for attribute, value in chunk]
-            validation.save_verdicts(saving, verdicts=verdicts, fingerprint="-", run_id=run_id, at=WHEN)
-            saving.commit()
+            for why in ("ValueError", "retried"):
+                verdicts = [_refused(attribute, value, why=why) for attribute, value in chunk]
+                validation.save_verdicts(saving, verdicts=verdicts, fingerprint="-", run_id=run_id, at=WHEN)
+                saving.commit()
         _flushed(reading)
         _flushed(saving)
-    saved = superuser.execute("SELECT count(*) FROM certsync.cert_verdict WHERE trust_fingerprint = '-'")
+    saved = superuser.execute(
+        "SELECT count(*) FILTER (WHERE detail LIKE '%: retried: %'), count(*) FROM certsync.cert_verdict"
+        " WHERE trust_fingerprint = '-'"
+    )
     assert sizes == [validation.CHUNK, USERS * VALUES_EACH - validation.CHUNK]
-    assert saved.fetchone()[0] == USERS * VALUES_EACH
+    assert saved.fetchone() == (USERS * VALUES_EACH, USERS * VALUES_EACH)
     assert _temp_files(superuser) == before

@@ -65,10 +65,11 @@ ON CONFLICT (sha256, attribute, trust_fingerprint, checked_at) DO UPDATE SET
 
 # Values read, checked and saved at a time by the validate stage.
 CHUNK = 10_000
-# Rows per FETCH and per verdict COPY. PostgreSQL holds a FETCH's rows whole before it sends them,
-# and gives each COPY's reference checks (sql/0022) its rows as a transition table: past work_mem
-# (4 MB by default) both go to temporary files. A 100,000-user first run wrote 233 MB of them
-# with a statement per chunk, 8 MB (the pending query's DISTINCT) with a statement per 2,000 rows.
+# Rows per FETCH and per verdict COPY or upsert. PostgreSQL holds a FETCH's rows whole before it
+# sends them, gives each COPY's reference checks (sql/0022) its rows as a transition table, and
+# sorts an upsert's: past work_mem (4 MB by default) each goes to temporary files. A 100,000-user
+# first run wrote 233 MB of them with a statement per chunk, 8 MB (the pending query's DISTINCT)
+# with a statement per 2,000 rows.
 STATEMENT_ROWS = 2_000
 
 
@@ -99,21 +100,23 @@ def pending_chunks(
 def save_rows(
     conn: Connection, *, rows: Sequence[VerdictRow], fingerprint: str, run_id: int, at: datetime
 ) -> int:
-    """Store verdict rows (from verdict_rows) checked by `run_id` at `at`, STATEMENT_ROWS per COPY;
-    returns how many."""
+    """Store verdict rows (from verdict_rows) checked by `run_id` at `at`, STATEMENT_ROWS a
+    statement; returns how many."""
     if not rows:
         return 0
+    parts = [rows[start : start + STATEMENT_ROWS] for start in range(0, len(rows), STATEMENT_ROWS)]
     try:
         with conn.begin_nested():
-            for start in range(0, len(rows), STATEMENT_ROWS):
-                part = rows[start : start + STATEMENT_ROWS]
+            for part in parts:
                 copy_rows(
                     conn, COPY_VERDICTS, ((*row[:2], fingerprint, *row[2:], run_id, at) for row in part)
                 )
     except psycopg.errors.UniqueViolation:
         conn.execute(sa.text(NEW_VERDICTS))
-        copy_rows(conn, COPY_NEW, rows)
-        conn.execute(sa.text(UPSERT), {"fp": fingerprint, "run_id": run_id, "at": at})
+        for part in parts:  # the upsert sorts its rows (DISTINCT ON): a part at a time, too
+            copy_rows(conn, COPY_NEW, part)
+            conn.execute(sa.text(UPSERT), {"fp": fingerprint, "run_id": run_id, "at": at})
+            conn.execute(sa.text("TRUNCATE new_verdict"))
         conn.execute(sa.text("DROP TABLE new_verdict"))  # another save may follow in this transaction
     return len(rows)
 
