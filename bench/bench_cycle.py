@@ -701,10 +701,7 @@ def measure(users: int, args: argparse.Namespace) -> dict[str, Any]:
         services.engine.dispose()
         figures["first_repeats"] = repeat_first_runs(stack, budget, args)
         if args.profile:
-            start(stack, budget)
-            services = lab_services(stack, args.publish_box)
-            figures["profiled"] = first_run(stack, services, args.workers, profile=True)
-            services.engine.dispose()
+            figures["profiled"] = first_run_anew(stack, budget, args.workers, args.publish_box, profile=True)
     finally:
         stack.down()
     figures["finished"] = datetime.now(UTC).isoformat()
@@ -715,12 +712,21 @@ def repeat_first_runs(stack: Any, budget: dict[str, Any], args: argparse.Namespa
     """The first run again, `--first-runs` - 1 times, each on a new database (see FIRST_RUNS)."""
     repeats = []
     for _ in range(args.first_runs - 1):
-        start(stack, budget)
-        services = lab_services(stack, REPEAT_PUBLISH_BOX_S)
-        repeats.append(first_run(stack, services, args.workers, profile=False))
+        repeats.append(first_run_anew(stack, budget, args.workers, REPEAT_PUBLISH_BOX_S, profile=False))
         print(render_run(repeats[-1]), flush=True)
-        services.engine.dispose()
     return repeats
+
+
+def first_run_anew(
+    stack: Any, budget: dict[str, Any], workers: int, publish_box: int, *, profile: bool
+) -> dict[str, Any]:
+    """A first run on a new database and the tenant as seeded (start), publishing for `publish_box` s."""
+    start(stack, budget)
+    services = lab_services(stack, publish_box)
+    try:
+        return first_run(stack, services, workers, profile=profile)
+    finally:
+        services.engine.dispose()
 
 
 def first_run(stack: Any, services: Any, workers: int, *, profile: bool) -> dict[str, Any]:
