@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_cycle
 
-log = logging.getLogger("bench_plan_stage")
 BETWEEN = ("none", "checkpoint", "restart")
 
 
