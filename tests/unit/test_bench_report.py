@@ -66,3 +66,27 @@ def test_figures_of_a_single_first_run_are_judged_on_it(report: ModuleType) -> N
     assert report.ratio_target(figures, "100") == (
         "| 100 | every stage >= 0.5 of its limit | plan 0.40, publish 0.50 | no: plan 0.40 |"
     )
+
+
+def _size(users: int, first_s: float, repeats: list[float]) -> dict[str, Any]:
+    figures = _figures(first_s, [(s, 100) for s in repeats])
+    for run in [figures["runs"][0], *figures.get("first_repeats", [])]:
+        run["stages"][0]["items"] = users  # the plan's users; the publish keeps its actions
+    return {**figures, "users": users}
+
+
+def test_scaling_shows_each_first_run_stage_at_its_fastest_beside_the_first_run(report: ModuleType) -> None:
+    # 500 users: the first run planned at 0.03 s a user, its repeats at 0.02, as the 100 users did.
+    small, large = _size(100, 2.0, [2.2, 2.1]), _size(500, 15.0, [10.0, 11.0])
+    rows = report.scaling_pair(small, large)
+    assert "| first | plan | 2.00 | 15.00 | 100 | 500 | 1.50 |" in rows
+    assert "| first, fastest of 3 and 3 | plan | 2.00 | 10.00 | 100 | 500 | 1.00 |" in rows
+    # The publish is not repeated: its first run is its only measure.
+    assert not [row for row in rows if row.startswith("| first, fastest") and "publish" in row]
+
+
+def test_scaling_has_no_fastest_rows_without_repeated_first_runs(report: ModuleType) -> None:
+    rows = report.scaling_pair(_size(100, 2.0, []), _size(500, 15.0, [10.0]))
+    assert [row for row in rows if "| plan |" in row] == [
+        "| first | plan | 2.00 | 15.00 | 100 | 500 | 1.50 |"
+    ]
