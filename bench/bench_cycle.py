@@ -42,6 +42,8 @@ SAMPLE_EVERY_S = 0.25
 # (the whole 100,000-user database is about 600 MB). With the default 128 MB, alternated first runs
 # at 100,000 users planned in 3.56-4.50 s against 3.13-3.95 s with these (bench/README.md).
 POSTGRES_SETTINGS = {"shared_buffers": "1GB"}
+# The emulator's budget unless --rate, --burst and --cap say otherwise (the stage benches use it as is).
+BUDGET = {"rate_per_s": 200.0, "burst": 20, "max_concurrency": 8}
 log = logging.getLogger("bench_cycle")
 
 
@@ -777,9 +779,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--users", type=int, action="append", help="a size to measure (repeatable; default 20,000 and 100,000)")  # fmt: skip
-    parser.add_argument("--rate", type=float, default=200.0, help="the emulator's budget, Set-*/Get-* requests per second")  # fmt: skip
-    parser.add_argument("--burst", type=int, default=20, help="the budget's token bucket depth")
-    parser.add_argument("--cap", type=int, default=8, help="the emulator's per-tenant concurrency cap")
+    parser.add_argument("--rate", type=float, default=BUDGET["rate_per_s"], help="the emulator's budget, Set-*/Get-* requests per second")  # fmt: skip
+    parser.add_argument("--burst", type=int, default=BUDGET["burst"], help="the budget's token bucket depth")
+    parser.add_argument(
+        "--cap", type=int, default=BUDGET["max_concurrency"], help="the emulator's per-tenant concurrency cap"
+    )
     parser.add_argument("--workers", type=int, default=1, help="publish batches at once (1: as run_all)")
     parser.add_argument(
         "--churn", type=float, default=0.01, help="share of users changed before the delta run"

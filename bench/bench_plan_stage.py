@@ -69,7 +69,7 @@ def measure(users: int, repeat: int, between: str) -> None:
     from certsync import pipeline
 
     stack = bench_cycle.build(users)
-    bench_cycle.start(stack, {"rate_per_s": 200.0, "burst": 20, "max_concurrency": 8})
+    bench_cycle.start(stack, bench_cycle.BUDGET)
     try:
         services = bench_cycle.lab_services(stack, 0)
         run_id = validated_run(services)

@@ -60,7 +60,7 @@ def setup(users: int) -> None:
 
     stack = bench_cycle.build(users)
     relocate_samba(stack)
-    bench_cycle.start(stack, {"rate_per_s": 200.0, "burst": 20, "max_concurrency": 8})
+    bench_cycle.start(stack, bench_cycle.BUDGET)
     try:
         os.environ.update(stack.environment())
         services = Services(settings=load_settings(EnvSource()))
