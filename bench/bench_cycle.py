@@ -391,9 +391,8 @@ class Cycle:
         from certsync import pipeline
 
         stages: list[dict[str, Any]] = []
-        now = datetime.now(UTC)
         with self.stage(stages, label, "begin", "runs") as row:
-            run_id = pipeline.begin(self.services, dag_id=DAG_ID, airflow_run_id=f"bench {label} {now.isoformat()}", logical_date=now, mode=mode, dry_run=False)  # fmt: skip
+            run_id = begin_run(self.services, f"bench {label}", mode=mode)
             row["items"] = 1
 
         def extract(row: dict[str, Any]) -> None:
@@ -717,6 +716,14 @@ def repeat_first_runs(stack: Any, budget: dict[str, Any], args: argparse.Namespa
         repeats.append(first_run_anew(stack, budget, args.workers, REPEAT_PUBLISH_BOX_S, profile=False))
         print(render_run(repeats[-1]), flush=True)
     return repeats
+
+
+def begin_run(services: Any, label: str, *, mode: str = "full") -> int:
+    """pipeline.begin of a run logically now, named `label` and the time (a new name each call)."""
+    from certsync import pipeline
+
+    now = datetime.now(UTC)
+    return pipeline.begin(services, dag_id=DAG_ID, airflow_run_id=f"{label} {now.isoformat()}", logical_date=now, mode=mode, dry_run=False)  # fmt: skip
 
 
 def first_run_anew(

@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +47,7 @@ def validated_run(services: Any) -> int:
     """A run through validate, as a first run goes (extract and read_recipients one after the other)."""
     from certsync import pipeline
 
-    now = datetime.now(UTC)
-    run_id = pipeline.begin(services, dag_id=bench_cycle.DAG_ID, airflow_run_id=f"plan bench {now.isoformat()}", logical_date=now, mode="full", dry_run=False)  # fmt: skip
+    run_id = bench_cycle.begin_run(services, "plan bench")
     pipeline.extract(services, run_id=run_id)
     pipeline.read_recipients(services, run_id=run_id)
     pipeline.validate(services, run_id=run_id)

@@ -27,7 +27,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,7 @@ def setup(users: int) -> None:
     try:
         os.environ.update(stack.environment())
         services = Services(settings=load_settings(EnvSource()))
-        now = datetime.now(UTC)
-        run_id = pipeline.begin(services, dag_id=bench_cycle.DAG_ID, airflow_run_id=f"validate bench {now.isoformat()}", logical_date=now, mode="full", dry_run=False)  # fmt: skip
+        run_id = bench_cycle.begin_run(services, "validate bench")
         counts = pipeline.extract(services, run_id=run_id)
         cluster = cluster_id(services)
         services.engine.dispose()
