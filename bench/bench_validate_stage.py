@@ -55,15 +55,12 @@ def relocate_samba(stack: Any) -> None:
 
 def setup(users: int) -> None:
     from certsync import pipeline
-    from certsync.config import EnvSource, load_settings
-    from certsync.pipeline import Services
 
     stack = bench_cycle.build(users)
     relocate_samba(stack)
     bench_cycle.start(stack, bench_cycle.BUDGET)
     try:
-        os.environ.update(stack.environment())
-        services = Services(settings=load_settings(EnvSource()))
+        services = bench_cycle.lab_services(stack, 0)
         run_id = bench_cycle.begin_run(services, "validate bench")
         counts = pipeline.extract(services, run_id=run_id)
         cluster = cluster_id(services)
@@ -123,16 +120,12 @@ def reference_cpu_s(services: Any, run_id: int) -> tuple[int, float, float]:
 def lab_run(users: int) -> Iterator[tuple[Any, Any, int]]:
     """The kept lab's stack, certsync's Services on it and the run --setup began, with PostgreSQL
     (and the emulator the settings name; validate never calls it) running until the block ends."""
-    from certsync.config import EnvSource, load_settings
-    from certsync.pipeline import Services
-
     stack = bench_cycle.build(users)
     kept = json.loads((stack.home / "validate-run.json").read_text())
     stack.postgres.start()
     stack.emulator.start()
     try:
-        os.environ.update(stack.environment())
-        services = Services(settings=load_settings(EnvSource()))
+        services = bench_cycle.lab_services(stack, 0)
         if kept.get("cluster") != cluster_id(services):
             # make bench makes a new cluster for each first run: the kept run id is another's, or none
             raise SystemExit(
