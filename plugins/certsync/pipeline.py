@@ -26,7 +26,7 @@ from certsync.audit import checkpoints
 from certsync.audit import partitions as audit_partitions
 from certsync.audit import writer as audit_writer
 from certsync.audit.signing import AUDIT_SIGNING_CONN_ID
-from certsync.certificates.parallel import ValidationPool
+from certsync.certificates.parallel import Checking, ValidationPool
 from certsync.certificates.trust import TrustConfigError
 from certsync.config import ConfigError, SyncSettings
 from certsync.directory import DirectoryError, DirectoryReader
@@ -304,13 +304,6 @@ def read_recipients(services: Services, *, run_id: int, task_try: int = 1) -> di
     }
 
 
-# Up to this many pending values are checked in the task's own process (the pool's workers would
-# take longer to start); more are split between the validation processes by range of SHA-256, each
-# reading its values and saving their verdicts itself, so neither crosses a pipe: at 100,000 users
-# the stage took 6.8-7.6 s so, against 7.4-7.9 s with this process reading and saving for them.
-CHECKED_HERE = 500
-
-
 def validate(services: Services, *, run_id: int, shard: int = 0, shards: int = 1) -> dict[str, int]:
     """Validate the values of one shard that have no verdict for this trust configuration valid at
     the run's time."""
@@ -319,36 +312,39 @@ def validate(services: Services, *, run_id: int, shard: int = 0, shards: int = 1
 
 
 def _validate(services: Services, *, run_id: int, shard: int, shards: int) -> dict[str, int]:
-    settings = services.settings
     with services.engine.connect() as conn:
         info = runs.run_info(conn, run_id)
-        fingerprint, at = info.trust_fingerprint, info.logical_date
-        spread = settings.validation_processes > 1 and validation.pending_at_least(
-            conn, fingerprint=fingerprint, at=at, shard=shard, shards=shards, count=CHECKED_HERE + 1
-        )
+    saved = refused = 0
     pool = ValidationPool(
-        trust=settings.trust, at=at, processes=settings.validation_processes, fingerprint=fingerprint
+        trust=services.settings.trust,
+        at=info.logical_date,
+        processes=services.settings.validation_processes,
+        fingerprint=info.trust_fingerprint,
     )
-    with pool:
-        if spread:
-            # Each process takes a sub-shard: shards s*n .. s*n+n-1 of shards*n make up shard s.
-            n = settings.validation_processes
-            log.info(
-                "shard %d/%d: more than %d values pending, %d processes each reading and saving a range",
-                shard, shards, CHECKED_HERE, n,
-            )  # fmt: skip
-            parts = [
-                pool.run(validation.validate_shard, dsn=services.dsn, fingerprint=fingerprint, at=at,
-                         run_id=run_id, shard=shard * n + k, shards=shards * n)
-                for k in range(n)
-            ]  # fmt: skip
-            counts = [part.result() for part in parts]
-            saved, refused = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        else:
-            saved, refused = validation.check_and_save(
-                services.engine, check=pool.check, fingerprint=fingerprint, at=at, run_id=run_id,
-                shard=shard, shards=shards,
-            )  # fmt: skip
+
+    # Read, check and save a chunk at a time: memory stays bounded, and a killed try keeps the
+    # verdicts it saved (the next one validates only what is still pending). While the workers
+    # check one chunk, this process reads the next and saves the one before.
+    def save(checking: Checking) -> None:
+        nonlocal saved, refused
+        rows = checking.result()
+        with services.engine.begin() as conn:
+            saved += validation.save_rows(
+                conn, rows=rows, fingerprint=info.trust_fingerprint, run_id=run_id, at=info.logical_date
+            )
+        refused += sum(1 for row in rows if not row[2])  # the row's `ok`
+
+    with pool, services.engine.connect() as reading:
+        previous: Checking | None = None
+        for chunk in validation.pending_chunks(
+            reading, fingerprint=info.trust_fingerprint, at=info.logical_date, shard=shard, shards=shards
+        ):
+            current = pool.submit(chunk, encode=validation.verdict_rows)
+            if previous is not None:
+                save(previous)
+            previous = current
+        if previous is not None:
+            save(previous)
     log.info("shard %d/%d: validated %d values, %d refused", shard, shards, saved, refused)
     return {"validated": saved, "refused": refused}
 

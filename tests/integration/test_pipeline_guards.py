@@ -16,7 +16,6 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from certsync.certificates.parallel import ValidationPool
 from certsync.certificates.validate import Validator
 from certsync.config import ConfigError, EnvSource, load_settings
 from certsync.failures import RunFailed, Unavailable
@@ -181,56 +180,6 @@ def test_saved_verdicts_hold_every_field_and_a_retry_replaces_them(settled, db, 
     expected = sorted(validation.verdict_rows(verdicts))
     assert [(bytes(r[0]), *r[1:13]) for r in stored] == expected
     assert {(r[13], r[14]) for r in stored} == {(run_id, lab_at)}
-
-
-def test_validation_processes_read_and_save_their_own_ranges(settled, db, lab_at) -> None:
-    """A stage with many values to check splits them between its validation processes by range:
-    each reads its values and saves their verdicts on connections of its own. Together they store
-    exactly the rows one process checking every value would."""
-    fingerprint = "ranges-test"
-    with settled.engine.connect() as conn:
-        items = [i for c in validation.pending_chunks(conn, fingerprint=fingerprint, at=lab_at, shard=0, shards=1) for i in c]  # fmt: skip
-        run_id = conn.execute(sa.text("SELECT max(run_id) FROM certsync.sync_run")).scalar_one()
-    validator = Validator(trust=settled.settings.trust.load())
-    expected = sorted(
-        validation.verdict_rows(validator.check(attribute=a, value=v, at=lab_at) for a, v in items)
-    )
-    with ValidationPool(trust=settled.settings.trust, at=lab_at, processes=2) as pool:
-        parts = [
-            pool.run(validation.validate_shard, dsn=settled.dsn, fingerprint=fingerprint, at=lab_at,
-                     run_id=run_id, shard=shard, shards=2)
-            for shard in range(2)
-        ]  # fmt: skip
-        counts = [part.result() for part in parts]
-    stored = db.execute(
-        "SELECT sha256, attribute, ok, reason, rule, detail, subject, issuer, serial, not_before, not_after,"
-        " valid_until, emails FROM certsync.cert_verdict WHERE trust_fingerprint = %s ORDER BY sha256, attribute",
-        (fingerprint,),
-    ).fetchall()
-    db.execute("DELETE FROM certsync.cert_verdict WHERE trust_fingerprint = %s", (fingerprint,))
-    assert all(saved for saved, _ in counts)  # both processes had a range to check
-    assert sum(saved for saved, _ in counts) == len(items) == len(stored)
-    assert sum(refused for _, refused in counts) == sum(1 for row in expected if not row[2]) > 0
-    assert [(bytes(r[0]), *r[1:]) for r in stored] == expected
-
-
-def test_pending_at_least_counts_users_values_without_a_verdict(settled, db, lab_at) -> None:
-    """The stage's choice between checking here and spreading the work: the count stops at the
-    limit, counts each user's value, and leaves out values whose verdict holds."""
-    held = db.execute("SELECT count(*) FROM certsync.source_value").fetchone()[0]
-
-    def at_least(fingerprint: str, count: int, at=lab_at) -> bool:
-        with settled.engine.connect() as conn:
-            return validation.pending_at_least(
-                conn, fingerprint=fingerprint, at=at, shard=0, shards=1, count=count
-            )
-
-    assert at_least("no-verdict-yet", held) and not at_least("no-verdict-yet", held + 1)
-    # The settled run validated every value an hour before: with its trust configuration nothing
-    # is pending, and the hour before it, when none of its verdicts held yet, everything is.
-    settled_at, fingerprint = lab_at + timedelta(days=1), settled.settings.trust.load().fingerprint
-    assert not at_least(fingerprint, 1, at=settled_at + timedelta(hours=1))
-    assert at_least(fingerprint, held, at=settled_at - timedelta(hours=1))
 
 
 @pytest.mark.parametrize("some", [False, True], ids=["every user", "every other user"])

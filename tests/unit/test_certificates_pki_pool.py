@@ -62,9 +62,8 @@ def test_pool_gives_the_same_verdicts_in_order(tmp_path: Path):
 
 
 def test_pool_encodes_in_the_workers_and_overlaps_chunks(tmp_path: Path):
-    """A caller that holds the values (the validate bench's `--no-database`): chunks submitted
-    before the previous one is read back, each batch's verdicts turned into stored rows in the
-    worker; the rows are those of the one-process verdicts."""
+    """The pipeline's way: chunks submitted before the previous one is read back, each batch's
+    verdicts turned into stored rows in the worker; the rows are those of the one-process verdicts."""
     pki = Pki(algorithm="rsa", seed=3)
     expired = pki.issue(email="old@example.org", not_after=pki.now - timedelta(days=1),
                         not_before=pki.now - timedelta(days=30))  # fmt: skip

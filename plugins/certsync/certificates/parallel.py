@@ -1,15 +1,13 @@
 """Validate many values on a process pool (the verifier holds the GIL, so threads do not help).
 
-Only bytes, the picklable TrustSpec and the results cross the process boundary, or, with `run`, a
-task that reads its own values and keeps its own results; each worker loads the trust configuration
-once and keeps one Validator, so its verified-intermediate cache is reused.
+Only bytes, the picklable TrustSpec and the results cross the process boundary; each worker loads
+the trust configuration once and keeps one Validator, so its verified-intermediate cache is reused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import logging
 import multiprocessing
 import os
@@ -18,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from certsync.certificates.trust import TrustConfigError, TrustSpec
 from certsync.certificates.validate import Validator
@@ -27,7 +25,6 @@ from certsync.certificates.verdict import Verdict
 log = logging.getLogger(__name__)
 
 _worker_validator: Validator | None = None
-T = TypeVar("T")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -59,10 +56,6 @@ def _check_batch(
     check = _worker_validator.check
     verdicts = [check(attribute=attribute, value=value, at=at) for attribute, value in batch]
     return encode(verdicts) if encode is not None else verdicts
-
-
-def _run_task(task: Callable[..., T], at: datetime, kwargs: dict[str, Any]) -> T:
-    return task(check=functools.partial(_check_batch, at=at), **kwargs)
 
 
 # Turns a batch's verdicts into what the caller keeps (e.g. rows to store), in the worker: a
@@ -135,15 +128,6 @@ class ValidationPool:
                 for i in range(0, len(items), size)
             ]
         return Checking(futures)
-
-    def run(self, task: Callable[..., T], /, **kwargs: Any) -> Future[T]:
-        """Start `task(check=..., **kwargs)` on one of the workers and return at once; `check` turns
-        (attribute, value) pairs into their verdicts with that worker's Validator. For work that
-        reads its own values and keeps its own results (a range of the database): then neither
-        crosses a pipe. `task` must be a module-level function, and its arguments picklable."""
-        workers = self._workers()
-        with _main_not_rerun():
-            return workers.submit(_run_task, task, self._at, kwargs)
 
     def _workers(self) -> ProcessPoolExecutor:
         if self._pool is None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 
 import psycopg
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from certsync.certificates.verdict import Verdict, VerdictRow, verdict_rows
-from certsync.store.db import copy_rows, create_engine
+from certsync.store.db import copy_rows
 
 # Values in the source view with no verdict that holds at the run's time for this trust
 # configuration. A verdict holds from the time it was made (checked_at) until valid_until; verdicts
@@ -19,26 +19,17 @@ from certsync.store.db import copy_rows, create_engine
 # A shard is a range of the values' SHA-256 (by first byte), which PostgreSQL estimates from the
 # column's statistics: a computed shard key (first byte modulo the shards) it took for 0.5% of the
 # values, and looked each up in the verdicts on its own (1.0 s for 190,000 values, 0.25 s hashed).
-PENDING_WHERE = """
-WHERE NOT EXISTS (
-    SELECT FROM certsync.cert_verdict c
-    WHERE c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = %(fp)s
-      AND c.checked_at <= %(at)s AND (c.valid_until IS NULL OR %(at)s < c.valid_until))
-  AND v.sha256 >= %(low)s {below}
-"""
-# In the order of cert_verdict's key, so that the verdicts' inserts go to its index in order too: in
-# a hash's order each lands on another page (and after a checkpoint writes that page whole to the
-# WAL), which cost PostgreSQL 0.4-0.9 CPU s more for 184,786 values.
-PENDING = f"""
+PENDING = """
 SELECT p.attribute, b.value
-FROM (SELECT DISTINCT v.attribute, v.sha256 FROM certsync.source_value v {PENDING_WHERE}) p
+FROM (SELECT DISTINCT v.attribute, v.sha256
+      FROM certsync.source_value v
+      WHERE NOT EXISTS (
+          SELECT FROM certsync.cert_verdict c
+          WHERE c.sha256 = v.sha256 AND c.attribute = v.attribute AND c.trust_fingerprint = %(fp)s
+            AND c.checked_at <= %(at)s AND (c.valid_until IS NULL OR %(at)s < c.valid_until))
+        AND v.sha256 >= %(low)s {below}) p
 JOIN certsync.cert_blob b ON b.sha256 = p.sha256
-ORDER BY p.sha256
-"""  # noqa: S608 - constant text
-# Counts users' values, not distinct ones, and stops at the limit: no DISTINCT to finish first.
-PENDING_AT_LEAST = f"""
-SELECT count(*) FROM (SELECT FROM certsync.source_value v {PENDING_WHERE} LIMIT %(limit)s) p
-"""  # noqa: S608 - constant text
+"""
 
 # Verdicts arrive by COPY straight into cert_verdict. Only a retried try can find a verdict of the
 # same value and check time there (its earlier try saved it): then the COPY fails, and the chunk
@@ -88,11 +79,14 @@ def pending_chunks(
     """(attribute, value) pairs to validate, `size` at a time from a server-side cursor, so memory
     does not grow with the directory; a value is content-addressed, so each comes once. Fetched
     STATEMENT_ROWS at a time."""
-    params, below = _shard_bounds(shard, shards)
+    params: dict[str, object] = {"fp": fingerprint, "at": at, "low": bytes([shard * 256 // shards])}
+    high, below = (shard + 1) * 256 // shards, ""
+    if high < 256:  # the last shard has no upper bound
+        params["high"], below = bytes([high]), "AND v.sha256 < %(high)s"
     # The driver's own binary cursor: a certificate travels as its bytes, not hex-encoded by the
     # server and decoded by the client, and as a plain tuple, not a SQLAlchemy row.
     with conn.connection.driver_connection.cursor(name="certsync_pending", binary=True) as rows:
-        rows.execute(PENDING.format(below=below), {"fp": fingerprint, "at": at, **params})
+        rows.execute(PENDING.format(below=below), params)
         chunk: list[tuple[str, bytes]] = []
         while page := rows.fetchmany(min(STATEMENT_ROWS, size - len(chunk))):
             chunk += page
@@ -101,60 +95,6 @@ def pending_chunks(
                 chunk = []
         if chunk:
             yield chunk
-
-
-def pending_at_least(
-    conn: Connection, *, fingerprint: str, at: datetime, shard: int, shards: int, count: int
-) -> bool:
-    """Whether `count` or more of the shard's values (users' values: one held by two users counts
-    twice) lack a verdict valid at `at`; the count stops there."""
-    params, below = _shard_bounds(shard, shards)
-    statement = PENDING_AT_LEAST.format(below=below)
-    with conn.connection.driver_connection.cursor() as cur:
-        found = cur.execute(statement, {"fp": fingerprint, "at": at, "limit": count, **params}).fetchone()
-    return found is not None and found[0] >= count
-
-
-def _shard_bounds(shard: int, shards: int) -> tuple[dict[str, bytes], str]:
-    """The query parameters and condition of a shard's range of SHA-256 (by first byte). The
-    shards `shard * n` to `shard * n + n - 1` of `shards * n` split shard `shard` of `shards`."""
-    params, high, below = {"low": bytes([shard * 256 // shards])}, (shard + 1) * 256 // shards, ""
-    if high < 256:  # the last shard has no upper bound
-        params["high"], below = bytes([high]), "AND v.sha256 < %(high)s"
-    return params, below
-
-
-Check = Callable[[Sequence[tuple[str, bytes]]], list[Verdict]]
-
-
-def validate_shard(
-    *, check: Check, dsn: str, fingerprint: str, at: datetime, run_id: int, shard: int, shards: int
-) -> tuple[int, int]:
-    """check_and_save on connections of its own: run in a validation process by
-    ValidationPool.run, so the values and their verdicts never cross a pipe."""
-    engine = create_engine(dsn)
-    try:
-        return check_and_save(
-            engine, check=check, fingerprint=fingerprint, at=at, run_id=run_id, shard=shard, shards=shards
-        )
-    finally:
-        engine.dispose()
-
-
-def check_and_save(
-    engine: Engine, *, check: Check, fingerprint: str, at: datetime, run_id: int, shard: int, shards: int
-) -> tuple[int, int]:
-    """Read, `check` and save the shard's pending values a chunk at a time; returns how many were
-    saved and how many of those refused. Each chunk's verdicts are committed before the next chunk
-    is read, so a killed try keeps them and the next validates only what is still pending."""
-    saved = refused = 0
-    with engine.connect() as reading:
-        for chunk in pending_chunks(reading, fingerprint=fingerprint, at=at, shard=shard, shards=shards):
-            rows = verdict_rows(check(chunk))
-            with engine.begin() as conn:
-                saved += save_rows(conn, rows=rows, fingerprint=fingerprint, run_id=run_id, at=at)
-            refused += sum(1 for row in rows if not row[2])  # the row's `ok`
-    return saved, refused
 
 
 def save_rows(
@@ -181,15 +121,7 @@ def save_rows(
     return len(rows)
 
 
-__all__ = [
-    "check_and_save",
-    "pending_at_least",
-    "pending_chunks",
-    "save_rows",
-    "save_verdicts",
-    "validate_shard",
-    "verdict_rows",
-]
+__all__ = ["pending_chunks", "save_rows", "save_verdicts", "verdict_rows"]
 
 
 def save_verdicts(
